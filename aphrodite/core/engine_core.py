@@ -1,0 +1,204 @@
+"""The engine-core process: scheduler + KV-cache manager driving the workers.
+
+One thread, one loop: drain frontend frames (blocking only when idle) -> schedule ->
+send STEP -> while the workers compute, keep reading frontend frames -> take RESULT ->
+update requests -> send one STEP_OUTPUTS frame for the whole step. No torch here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+import traceback
+
+import zmq
+
+from aphrodite.config import EngineConfig
+from aphrodite.core.kv_cache_manager import KVCacheManager
+from aphrodite.core.request import Request
+from aphrodite.core.scheduler import Scheduler, SchedulerOutput
+from aphrodite.executor.executor import Executor, WorkerFailure
+from aphrodite.protocol import Frame, decode, encode
+
+logger = logging.getLogger("aphrodite.engine")
+
+PARENT_CHECK_S = 1.0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, ctx: zmq.Context, ipc_dir: str):
+        self.config = config
+        self.executor = Executor(config, ctx, ipc_dir)
+        info = self.executor.ready
+        self.max_model_len = info["max_model_len"]
+        self.eos_token_ids = info["eos_token_ids"]
+        self.kv = KVCacheManager(info["num_kv_blocks"], config.block_size,
+                                 config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs,
+                                   config.max_num_batched_tokens, self.max_model_len)
+        self.ready_info = {**info, "block_size": config.block_size}
+
+    # ---- frontend frames ---------------------------------------------------------------------
+    def handle(self, frame: Frame, body) -> bool:
+        """Apply one frontend frame; False means shut down."""
+        if frame is Frame.ADD:
+            self.scheduler.add_request(
+                Request.from_add_frame(body, self.eos_token_ids, self.max_model_len))
+        elif frame is Frame.ABORT:
+            self.scheduler.abort(body["request_ids"])
+        elif frame is Frame.UTILITY:
+            self.pending_utility.append(body)
+        elif frame is Frame.SHUTDOWN:
+            return False
+        return True
+
+    def run_utility(self, body) -> dict:
+        method = body.get("method")
+        if method == "reset_prefix_cache":
+            return {"call_id": body["call_id"], "result": self.kv.reset_prefix_cache()}
+        if method == "stats":
+            return {"call_id": body["call_id"], "result": self.stats()}
+        return {"call_id": body["call_id"], "result": None, "error": f"unknown method {method!r}"}
+
+    # ---- outputs -----------------------------------------------------------------------------
+    def stats(self, step: SchedulerOutput | None = None, num_generated: int = 0) -> dict:
+        num_prompt = 0
+        if step is not None:
+            for rid, n in step.num_scheduled_tokens.items():
+                req = self.scheduler.requests.get(rid)
+                if req is not None:
+                    start = req.num_computed_tokens - n
+                    num_prompt += max(0, min(start + n, len(req.prompt_token_ids)) - start)
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.kv.usage,
+            "num_kv_blocks": self.kv.num_blocks,
+            "prefix_cache_queries": self.kv.prefix_queries,
+            "prefix_cache_hits": self.kv.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_prompt_tokens": num_prompt,
+            "num_generation_tokens": num_generated,
+        }
+
+    def collect_outputs(self, updated: list[Request], logprobs: dict) -> list[dict]:
+        outputs = {}
+        for req in updated:
+            entry = {"request_id": req.request_id, "new_token_ids": req.output_token_ids[-1:],
+                     "finish_reason": req.finish_reason, "stop_reason": req.stop_reason,
+                     "num_cached_tokens": req.num_cached_tokens}
+            if req.request_id in logprobs:
+                entry["logprobs"] = [logprobs[req.request_id]]
+            outputs[req.request_id] = entry
+        for req in self.scheduler.pop_finished():
+            if req.request_id not in outputs:
+                outputs[req.request_id] = {
+                    "request_id": req.request_id, "new_token_ids": [],
+                    "finish_reason": req.finish_reason, "stop_reason": req.stop_reason,
+                    "num_cached_tokens": req.num_cached_tokens}
+        return list(outputs.values())
+
+    # ---- main loop -----------------------------------------------------------------------------
+    def run(self, inbox: zmq.Socket, outbox: zmq.Socket, parent_pid: int) -> None:
+        self.pending_utility: list[dict] = []
+        poller = zmq.Poller()
+        poller.register(inbox, zmq.POLLIN)
+        poller.register(self.executor.result_socket, zmq.POLLIN)
+        in_flight: SchedulerOutput | None = None
+        step_started = 0.0
+        last_parent_check = time.monotonic()
+        timeout_s = self.config.worker_timeout_s
+        dirty = False          # something changed that the frontend has not been told
+
+        while True:
+            if in_flight is None and self.scheduler.has_unfinished():
+                step = self.scheduler.schedule()
+                if step.num_scheduled_tokens:
+                    self.executor.send(Frame.STEP, step)
+                    in_flight, step_started = step, time.monotonic()
+            if in_flight is None and dirty:
+                outbox.send(encode(Frame.STEP_OUTPUTS, {
+                    "outputs": self.collect_outputs([], {}), "stats": self.stats(),
+                    "timestamp": time.time()}))
+                dirty = False
+
+            if in_flight is not None:
+                wait_ms = 100      # woken early by the RESULT frame
+            elif self.scheduler.has_unfinished():
+                wait_ms = 10       # nothing fitted this step; retry soon, do not spin
+            else:
+                wait_ms = 1000     # idle: block on the frontend
+            events = dict(poller.poll(wait_ms))
+
+            if inbox in events:
+                while True:
+                    try:
+                        message = inbox.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if not self.handle(*decode(message)):
+                        return
+                    dirty = True
+                for body in self.pending_utility:
+                    outbox.send(encode(Frame.UTILITY_RESULT, self.run_utility(body)))
+                self.pending_utility.clear()
+
+            if self.executor.result_socket in events:
+                result = self.executor.recv_result()
+                updated = self.scheduler.update_from_output(in_flight, result["sampled"])
+                outbox.send(encode(Frame.STEP_OUTPUTS, {
+                    "outputs": self.collect_outputs(updated, result.get("logprobs", {})),
+                    "stats": self.stats(in_flight, len(updated)),
+                    "timestamp": time.time()}))
+                in_flight, dirty = None, False
+            elif in_flight is not None:
+                self.executor.check_alive()
+                if time.monotonic() - step_started > timeout_s:
+                    raise WorkerFailure(f"a model step took longer than {timeout_s:.0f} s "
+                                        "(APHRODITE_ENGINE_ITERATION_TIMEOUT_S)")
+
+            now = time.monotonic()
+            if now - last_parent_check > PARENT_CHECK_S:
+                last_parent_check = now
+                if os.getppid() != parent_pid:
+                    logger.warning("frontend process is gone; shutting down")
+                    return
+
+
+def run_engine_core(config_dict: dict, input_addr: str, output_addr: str,
+                    parent_pid: int) -> None:
+    """Process main, spawned by the frontend (aphrodite.frontend.engine_process)."""
+    logging.basicConfig(level=os.environ.get("APHRODITE_LOG_LEVEL", "INFO"),
+                        format="%(levelname)s %(asctime)s engine %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the frontend decides when we stop
+    config = EngineConfig.from_dict(config_dict)
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(input_addr)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.setsockopt(zmq.LINGER, 2000)
+    outbox.connect(output_addr)
+    ipc_dir = tempfile.mkdtemp(prefix="aphrodite-core-")
+    engine = None
+    exit_code = 0
+    try:
+        engine = EngineCore(config, ctx, ipc_dir)
+        outbox.send(encode(Frame.READY, engine.ready_info))
+        engine.run(inbox, outbox, parent_pid)
+    except Exception as exc:
+        exit_code = 1
+        detail = str(exc) if isinstance(exc, WorkerFailure) else traceback.format_exc()
+        logger.error("engine core failed: %s", detail)
+        outbox.send(encode(Frame.DEAD, {"message": detail}))
+    finally:
+        if engine is not None:
+            engine.executor.shutdown()
+        inbox.close(0)
+        outbox.close()
+        ctx.term()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+    raise SystemExit(exit_code)

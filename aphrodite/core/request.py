@@ -1,0 +1,84 @@
+"""Per-request state held by the engine core (token ids only; the core never sees text)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: dict          # SamplingParams.to_dict(); forwarded to the workers untouched
+    max_tokens: int
+    min_tokens: int = 0
+    stop_token_ids: frozenset[int] = frozenset()
+    eos_token_ids: frozenset[int] = frozenset()   # empty when ignore_eos
+    arrival_time: float = 0.0
+
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0     # prompt tokens served from the prefix cache on first admission
+    num_preemptions: int = 0
+    # Chained prefix-cache keys, one per full block of known tokens, extended lazily.
+    block_hashes: list[int] = field(default_factory=list)
+    # How many of this request's tokens the workers hold (tokens are sent once).
+    num_tokens_sent: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | None = None
+
+    @classmethod
+    def from_add_frame(cls, body: dict, eos_token_ids: list[int], max_model_len: int) -> "Request":
+        params = body["sampling_params"]
+        prompt = body["prompt_token_ids"]
+        max_tokens = params.get("max_tokens")
+        room = max_model_len - len(prompt)
+        return cls(
+            request_id=body["request_id"],
+            prompt_token_ids=prompt,
+            sampling_params=params,
+            max_tokens=room if max_tokens is None else min(max_tokens, room),
+            min_tokens=params.get("min_tokens") or 0,
+            stop_token_ids=frozenset(params.get("stop_token_ids") or ()),
+            eos_token_ids=frozenset() if params.get("ignore_eos") else frozenset(eos_token_ids),
+            arrival_time=body.get("arrival_time", 0.0),
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        """Add a sampled token and decide whether it ends the request (token-level stops only)."""
+        self.output_token_ids.append(token_id)
+        num_out = len(self.output_token_ids)
+        if num_out >= self.min_tokens:
+            if token_id in self.eos_token_ids:
+                self.finish("stop")
+                return
+            if token_id in self.stop_token_ids:
+                self.finish("stop", stop_reason=token_id)
+                return
+        if num_out >= self.max_tokens:
+            self.finish("length")
+
+    def finish(self, reason: str, stop_reason: int | None = None) -> None:
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason

@@ -1,0 +1,225 @@
+"""Model runner: the worker's persistent view of the batch, input preparation, forward, sampling.
+
+The engine core sends a diff each step (new requests once, then new tokens and block
+ids); the runner keeps every request's tokens and block table between steps and turns
+a step into flat tensors with vectorised numpy, not per-token Python.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from aphrodite.config import EngineConfig
+from aphrodite.executor.attention import (AttentionMetadata, allocate_kv_caches,
+                                          kv_cache_bytes_per_block)
+from aphrodite.executor.models import get_model_class
+from aphrodite.executor.sampler import Sampler, SamplingRow
+from aphrodite.executor.weight_loader import iter_weights
+from aphrodite.model_files import eos_token_ids, load_config, max_model_len, resolve_model
+from aphrodite.sampling_params import SamplingParams
+
+logger = logging.getLogger("aphrodite.worker")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_KV_DEFAULT_FRACTION = 0.25
+CPU_KV_DEFAULT_CAP = 4 << 30
+
+
+def pick_device(config: EngineConfig, rank: int) -> str:
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    torch.cuda.set_device(rank)
+    return f"cuda:{rank}"
+
+
+def pick_dtype(config: EngineConfig, hf_config, device: str) -> torch.dtype:
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    if device == "cpu":
+        return torch.float32          # CPUs without native bf16 math run it slower
+    checkpoint = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+    if isinstance(checkpoint, str):
+        checkpoint = _DTYPES.get(checkpoint)
+    return checkpoint if checkpoint in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def _available_ram() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 << 30
+
+
+@dataclass
+class RequestState:
+    prompt_len: int
+    token_ids: list[int]               # prompt + output known so far
+    block_ids: list[int]
+    num_computed_tokens: int
+    row: SamplingRow
+    output_token_ids: list[int] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, device: str, rank: int = 0):
+        self.config = config
+        self.device = torch.device(device)
+        files = resolve_model(config.model)
+        self.hf_config = load_config(files)
+        self.dtype = pick_dtype(config, self.hf_config, device)
+        self.block_size = config.block_size
+        model_cls = get_model_class(self.hf_config)
+        with torch.device(self.device):
+            self.model = model_cls(self.hf_config, self.dtype, tp_rank=rank,
+                                   tp_size=config.tensor_parallel_size)
+        self.model.load_weights(iter_weights(files, progress=rank == 0))
+        self.model.eval()
+        self.eos_token_ids = eos_token_ids(files, self.hf_config, None)
+        self.vocab_size = self.hf_config.vocab_size
+        self.max_model_len = config.max_model_len or max_model_len(self.hf_config)
+        self.num_kv_blocks, self.kv_caches = self._allocate_kv_cache(rank)
+        # The pool must hold at least one sequence of max_model_len tokens.
+        self.max_model_len = min(self.max_model_len, self.num_kv_blocks * self.block_size)
+        self.sampler = Sampler(eos_token_ids=self.eos_token_ids)
+        self.requests: dict[str, RequestState] = {}
+
+    # ---- start-up ------------------------------------------------------------------------
+    def _kv_geometry(self) -> tuple[int, int, int]:
+        cfg = self.hf_config
+        num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        tp = self.config.tensor_parallel_size
+        return cfg.num_hidden_layers, max(1, num_kv_heads // tp), head_dim
+
+    def _allocate_kv_cache(self, rank: int) -> tuple[int, list[torch.Tensor]]:
+        layers, kv_heads, head_dim = self._kv_geometry()
+        per_block = kv_cache_bytes_per_block(layers, self.block_size, kv_heads, head_dim,
+                                             self.dtype)
+        if self.config.num_kv_blocks:
+            num_blocks = self.config.num_kv_blocks
+        elif self.device.type == "cpu":
+            budget = self.config.kv_cache_memory or min(
+                int(_available_ram() * CPU_KV_DEFAULT_FRACTION), CPU_KV_DEFAULT_CAP)
+            num_blocks = budget // per_block
+        else:
+            num_blocks = self._gpu_kv_budget() // per_block
+        if num_blocks < 1:
+            raise RuntimeError(f"no memory left for the KV cache ({per_block} bytes per block "
+                               "needed); raise --kv-cache-memory / --gpu-memory-utilization")
+        caches = allocate_kv_caches(layers, num_blocks, self.block_size, kv_heads, head_dim,
+                                    self.dtype, self.device)
+        return num_blocks, caches
+
+    def _gpu_kv_budget(self) -> int:
+        """What --gpu-memory-utilization leaves after weights and a max-size forward pass."""
+        torch.cuda.reset_peak_memory_stats()
+        tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        layers, kv_heads, head_dim = self._kv_geometry()
+        probe_blocks = -(-tokens // self.block_size)
+        probe = allocate_kv_caches(layers, probe_blocks, self.block_size, kv_heads, head_dim,
+                                   self.dtype, self.device)
+        probe_bytes = sum(t.numel() * t.element_size() for t in probe)
+        meta = AttentionMetadata.build(
+            np.array([tokens]), np.array([tokens]), np.arange(probe_blocks)[None, :],
+            np.arange(tokens), self.device)
+        with torch.inference_mode():
+            hidden = self.model(torch.zeros(tokens, dtype=torch.long, device=self.device),
+                                torch.arange(tokens, device=self.device), probe, meta)
+            self.model.compute_logits(hidden[-1:])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - probe_bytes
+        del probe, hidden
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return int(total * self.config.gpu_memory_utilization) - peak
+
+    def ready_info(self) -> dict:
+        return {"num_kv_blocks": self.num_kv_blocks, "max_model_len": self.max_model_len,
+                "vocab_size": self.vocab_size, "eos_token_ids": list(self.eos_token_ids),
+                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+
+    # ---- one step --------------------------------------------------------------------------
+    def _apply_diff(self, step: dict) -> None:
+        for rid in step["finished_req_ids"]:
+            self.requests.pop(rid, None)
+        for new in step["new_requests"]:
+            params = SamplingParams.from_dict(new["sampling_params"])
+            outputs = list(new["output_token_ids"])
+            prompt = new["prompt_token_ids"]
+            row = SamplingRow(params=params, prompt_token_ids=prompt,
+                              output_token_ids=outputs, state={})
+            self.requests[new["req_id"]] = RequestState(
+                prompt_len=len(prompt), token_ids=prompt + outputs,
+                block_ids=list(new["block_ids"]),
+                num_computed_tokens=new["num_computed_tokens"], row=row,
+                output_token_ids=outputs)
+        for cached in step["cached_requests"]:
+            state = self.requests[cached["req_id"]]
+            new_tokens = cached["new_token_ids"]
+            state.token_ids.extend(new_tokens)
+            state.output_token_ids.extend(new_tokens)
+            state.block_ids.extend(cached["new_block_ids"])
+            state.num_computed_tokens = cached["num_computed_tokens"]
+
+    @torch.inference_mode()
+    def execute(self, step: dict) -> dict:
+        self._apply_diff(step)
+        scheduled = step["num_scheduled_tokens"]
+        req_ids = list(scheduled)
+        states = [self.requests[rid] for rid in req_ids]
+        query_lens = np.fromiter(scheduled.values(), dtype=np.int64, count=len(req_ids))
+        starts = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64,
+                             count=len(states))
+        seq_lens = starts + query_lens
+        cu = np.zeros(len(req_ids) + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=cu[1:])
+
+        if int(query_lens.max()) == 1:
+            token_ids = np.fromiter((s.token_ids[p] for s, p in zip(states, starts)),
+                                    dtype=np.int64, count=len(states))
+        else:
+            token_ids = np.fromiter(
+                (t for s, a, b in zip(states, starts, seq_lens) for t in s.token_ids[a:b]),
+                dtype=np.int64, count=int(cu[-1]))
+        row_of_token = np.repeat(np.arange(len(req_ids)), query_lens)
+        positions = np.arange(cu[-1]) - cu[:-1][row_of_token] + starts[row_of_token]
+
+        max_blocks = max(len(s.block_ids) for s in states)
+        block_tables = np.zeros((len(states), max_blocks), dtype=np.int64)
+        for i, s in enumerate(states):
+            block_tables[i, :len(s.block_ids)] = s.block_ids
+        slot_mapping = (block_tables[row_of_token, positions // self.block_size]
+                        * self.block_size + positions % self.block_size)
+
+        meta = AttentionMetadata.build(query_lens, seq_lens, block_tables, slot_mapping,
+                                       self.device)
+        hidden = self.model(torch.from_numpy(token_ids).to(self.device),
+                            torch.from_numpy(positions).to(self.device), self.kv_caches, meta)
+
+        # Only requests whose known tokens are all computed produce a next token.
+        sampling = [i for i, s in enumerate(states) if seq_lens[i] == len(s.token_ids)]
+        if not sampling:
+            return {"sampled": {}}
+        logits = self.model.compute_logits(hidden[torch.from_numpy(cu[1:][sampling] - 1)
+                                                  .to(self.device)])
+        out = self.sampler(logits, [states[i].row for i in sampling])
+        sampled = {req_ids[i]: int(t) for i, t in zip(sampling, out.token_ids)}
+        result = {"sampled": sampled}
+        logprobs = {req_ids[i]: lp for i, lp in zip(sampling, out.logprobs) if lp is not None}
+        if logprobs:
+            result["logprobs"] = {rid: _logprobs_to_json(lp) for rid, lp in logprobs.items()}
+        return result
+
+
+def _logprobs_to_json(lp) -> dict:
+    """RowLogprobs -> plain dict for the RESULT frame."""
+    to_dict = getattr(lp, "to_dict", None)
+    if to_dict is not None:
+        return to_dict()
+    from dataclasses import asdict
+    return asdict(lp)

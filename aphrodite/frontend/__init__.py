@@ -1,0 +1,1 @@
+"""The HTTP frontend: OpenAI-compatible routes, engine client, detokeniser, metrics."""

@@ -1,0 +1,97 @@
+"""Starts the engine-core process and owns the two sockets to it.
+
+Shared by the offline LLM (blocking sockets) and the HTTP server (which wraps the same
+sockets for asyncio). The engine core spawns the workers; READY arrives once the model
+is loaded and the KV pool is sized.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+
+import zmq
+
+from aphrodite.config import EngineConfig
+from aphrodite.protocol import Frame, decode, encode
+
+
+class EngineStartError(RuntimeError):
+    pass
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class EngineProcess:
+    def __init__(self, config: EngineConfig, ctx: zmq.Context | None = None):
+        """Spawn the engine core; does not wait for it (see wait_ready)."""
+        from aphrodite.core.engine_core import run_engine_core
+        self.config = config
+        self.ctx = ctx or zmq.Context.instance()
+        self.ipc_dir = tempfile.mkdtemp(prefix="aphrodite-")
+        input_addr = f"ipc://{self.ipc_dir}/input"
+        output_addr = f"ipc://{self.ipc_dir}/output"
+        self.input_socket = self.ctx.socket(zmq.PUSH)
+        self.input_socket.setsockopt(zmq.LINGER, 0)
+        self.input_socket.bind(input_addr)
+        self.output_socket = self.ctx.socket(zmq.PULL)
+        self.output_socket.setsockopt(zmq.LINGER, 0)
+        self.output_socket.bind(output_addr)
+        mp = multiprocessing.get_context("spawn")
+        # Not a daemon: daemons may not have children, and the core spawns the workers.
+        self.proc = mp.Process(target=run_engine_core, name="aphrodite-engine-core",
+                               args=(config.to_dict(), input_addr, output_addr, os.getpid()))
+        self.proc.start()
+        self.ready: dict | None = None
+
+    @classmethod
+    def start(cls, config: EngineConfig, ctx: zmq.Context | None = None,
+              ready_timeout_s: float = 600) -> "EngineProcess":
+        engine = cls(config, ctx)
+        try:
+            engine.wait_ready(ready_timeout_s)
+        except BaseException:
+            engine.shutdown(timeout_s=2)
+            raise
+        return engine
+
+    def wait_ready(self, timeout_s: float = 600) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while not self.output_socket.poll(200):
+            if not self.proc.is_alive():
+                raise EngineStartError(
+                    f"engine core exited during start-up (exit code {self.proc.exitcode})")
+            if time.monotonic() > deadline:
+                raise EngineStartError(f"engine not ready after {timeout_s:.0f} s")
+        frame, body = decode(self.output_socket.recv())
+        if frame is Frame.DEAD:
+            raise EngineStartError(body.get("message", "engine failed to start"))
+        if frame is not Frame.READY:
+            raise EngineStartError(f"unexpected first frame {frame.name}")
+        self.ready = body
+        return body
+
+    def send(self, frame: Frame, body) -> None:
+        self.input_socket.send(encode(frame, body))
+
+    def shutdown(self, timeout_s: float = 10) -> None:
+        if self.proc.is_alive():
+            try:
+                self.send(Frame.SHUTDOWN, {})
+            except zmq.ZMQError:
+                pass
+            self.proc.join(timeout_s)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(2)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(2)
+        self.input_socket.close(0)
+        self.output_socket.close(0)
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)
