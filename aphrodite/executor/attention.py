@@ -1,0 +1,184 @@
+"""Pure-torch paged attention over a block-structured KV cache (CPU and any GPU).
+
+Cache layout per layer: [2 (key, value), num_blocks, block_size, num_kv_heads, head_dim]. A token's
+flat slot is block_id * block_size + offset; a sequence's block table lists its block ids in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_dim: int, dtype: torch.dtype, device) -> list[torch.Tensor]:
+    # Zeroed, not empty: padded block-table entries point at real blocks whose values are
+    # multiplied by zero attention weights, and 0 * NaN from uninitialised memory would be NaN.
+    return [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+            for _ in range(num_layers)]
+
+
+def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                             dtype: torch.dtype) -> int:
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return num_layers * 2 * block_size * num_kv_heads * head_dim * element_size
+
+
+@dataclass
+class PrefillSeq:
+    """A sequence with more than one new token (host-side ints, so the loop over them never syncs)."""
+    index: int          # row in the batch
+    token_start: int    # its first token in the flat batch
+    token_end: int
+    seq_len: int        # context length after this step (cached prefix + new tokens)
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor       # [T] long, flat cache slot per token; -1 = do not write
+    query_start_loc: torch.Tensor    # [B + 1] long
+    seq_lens: torch.Tensor           # [B] long, context length after this step
+    block_tables: torch.Tensor       # [B, max_blocks] long, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    num_decode_only: bool            # every sequence has exactly one new token
+    # Execution plan, worked out on the host in build() so the forward pass never syncs.
+    num_tokens: int = 0
+    write_token_idx: torch.Tensor | None = None  # tokens to write when some slots are -1
+    write_slots: torch.Tensor | None = None      # their slots (slot_mapping itself when all valid)
+    decode_seq_idx: torch.Tensor | None = None   # [Bd] batch rows with one new token
+    decode_token_idx: torch.Tensor | None = None  # [Bd] their tokens in the flat batch
+    decode_max_seq_len: int = 0
+    prefills: list[PrefillSeq] | None = None
+
+    @classmethod
+    def build(cls, query_lens: np.ndarray, seq_lens: np.ndarray, block_tables: np.ndarray,
+              slot_mapping: np.ndarray, device) -> "AttentionMetadata":
+        query_lens = np.asarray(query_lens, dtype=np.int64)
+        seq_lens = np.asarray(seq_lens, dtype=np.int64)
+        slot_mapping = np.asarray(slot_mapping, dtype=np.int64)
+        query_start_loc = np.zeros(len(query_lens) + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+        assert len(slot_mapping) == num_tokens, "one slot per scheduled token"
+
+        def to_device(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(device)
+
+        slots = to_device(slot_mapping)
+        write_token_idx = write_slots = None
+        valid = slot_mapping >= 0
+        if valid.all():
+            write_slots = slots
+        elif valid.any():
+            idx = np.flatnonzero(valid)
+            write_token_idx, write_slots = to_device(idx), to_device(slot_mapping[idx])
+
+        is_decode = query_lens == 1
+        decode_rows = np.flatnonzero(is_decode)
+        prefill_rows = np.flatnonzero(~is_decode & (query_lens > 0))
+        starts = query_start_loc[:-1]
+        prefills = [PrefillSeq(r, int(starts[r]), int(starts[r] + query_lens[r]), int(seq_lens[r]))
+                    for r in prefill_rows.tolist()]
+        return cls(
+            slot_mapping=slots,
+            query_start_loc=to_device(query_start_loc),
+            seq_lens=to_device(seq_lens),
+            block_tables=to_device(block_tables),
+            max_query_len=int(query_lens.max(initial=0)),
+            max_seq_len=int(seq_lens.max(initial=0)),
+            num_decode_only=bool(len(query_lens) > 0 and is_decode.all()),
+            num_tokens=num_tokens,
+            write_token_idx=write_token_idx,
+            write_slots=write_slots,
+            decode_seq_idx=to_device(decode_rows) if len(decode_rows) else None,
+            decode_token_idx=to_device(starts[decode_rows]) if len(decode_rows) else None,
+            decode_max_seq_len=int(seq_lens[decode_rows].max(initial=0)),
+            prefills=prefills,
+        )
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Store the new tokens' keys and values in their slots."""
+    if meta.write_slots is None:
+        return
+    if meta.write_token_idx is not None:
+        k, v = k.index_select(0, meta.write_token_idx), v.index_select(0, meta.write_token_idx)
+    kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+    kv_cache[0].view(-1, kv_heads, head_dim).index_copy_(0, meta.write_slots, k)
+    kv_cache[1].view(-1, kv_heads, head_dim).index_copy_(0, meta.write_slots, v)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attention for a flat batch of new tokens q/k/v [T, heads, head_dim] -> [T, heads, head_dim].
+
+    Writes k/v into the cache, then each new token attends to its sequence's context up to and
+    including itself: full over the cached prefix, causal within this step's chunk.
+    """
+    write_kv(k, v, kv_cache, meta)
+    if meta.num_decode_only:
+        return _decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale)
+    out = torch.empty_like(q)
+    if meta.decode_seq_idx is not None:
+        rows = meta.decode_seq_idx
+        out.index_copy_(0, meta.decode_token_idx, _decode_attention(
+            q.index_select(0, meta.decode_token_idx), kv_cache, meta.block_tables.index_select(0, rows),
+            meta.seq_lens.index_select(0, rows), meta.decode_max_seq_len, scale))
+    for seq in meta.prefills or ():
+        span = slice(seq.token_start, seq.token_end)
+        out[span] = _prefill_attention(q[span], k[span], v[span], kv_cache, meta.block_tables[seq.index],
+                                       seq.seq_len, scale)
+    return out
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """[..., num_blocks] block ids -> [..., num_blocks * block_size, kv_heads, head_dim]."""
+    _, block_size, kv_heads, head_dim = cache.shape
+    ids = block_table[..., :num_blocks]
+    gathered = cache.index_select(0, ids.reshape(-1))
+    return gathered.view(*ids.shape[:-1], num_blocks * block_size, kv_heads, head_dim)
+
+
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_lens: torch.Tensor, max_seq_len: int, scale: float) -> torch.Tensor:
+    """One new token per sequence: q [B, H, D] over each sequence's whole cached context."""
+    batch, heads, head_dim = q.shape
+    block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = heads // kv_heads
+    num_blocks = -(-max_seq_len // block_size)
+    keys = _gather_context(kv_cache[0], block_tables, num_blocks)     # [B, S, KVH, D]
+    values = _gather_context(kv_cache[1], block_tables, num_blocks)
+    # GQA without copying K/V per query head: a group of query heads shares one K/V head.
+    qg = q.view(batch, kv_heads, group, head_dim)
+    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)).float().mul_(scale)  # [B, KVH, G, S]
+    # Recomputed by every layer from seq_lens (no state kept on meta), so a captured CUDA graph
+    # replays it from the refilled seq_lens buffer.
+    beyond = torch.arange(keys.shape[1], device=q.device)[None, :] >= seq_lens[:, None]  # [B, S]
+    scores.masked_fill_(beyond[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    out = torch.matmul(probs, values.permute(0, 2, 1, 3))                  # [B, KVH, G, D]
+    return out.reshape(batch, heads, head_dim)
+
+
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                       block_table: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
+    """One sequence's chunk of L new tokens q/k/v [L, *, D] on top of seq_len - L cached ones."""
+    new = q.shape[0]
+    prefix = seq_len - new
+    if prefix == 0:  # nothing cached: the chunk's own keys are the whole context
+        keys, values, mask = k, v, None
+    else:
+        num_blocks = -(-seq_len // kv_cache.shape[2])
+        keys = _gather_context(kv_cache[0], block_table, num_blocks)[:seq_len]
+        values = _gather_context(kv_cache[1], block_table, num_blocks)[:seq_len]
+        # query i sits at position prefix + i and sees positions 0 ..= prefix + i
+        rows = torch.arange(new, device=q.device)[:, None] + prefix
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= rows
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+        attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)

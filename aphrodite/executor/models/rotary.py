@@ -1,0 +1,81 @@
+"""Rotary position embeddings (HF "rotate half" layout) with precomputed cos/sin tables."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from aphrodite.model_files import RopeSettings
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def inverse_frequencies(head_dim: int, rope: RopeSettings) -> torch.Tensor:
+    """Per-pair rotation speeds, computed exactly as transformers does (float32)."""
+    if rope.rope_type not in SUPPORTED_ROPE_TYPES:
+        raise NotImplementedError(
+            f"rope type {rope.rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (rope.theta ** exponents)
+    if rope.rope_type == "linear":
+        return inv_freq / rope.params["factor"]
+    if rope.rope_type == "llama3":
+        return _llama3_scaling(inv_freq, rope.params)
+    return inv_freq
+
+
+def _llama3_scaling(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
+    # Llama 3.1: slow (long-wavelength) frequencies are divided by `factor`, fast ones kept,
+    # and those in between interpolated smoothly.
+    factor = params["factor"]
+    low_freq_factor = params["low_freq_factor"]
+    high_freq_factor = params["high_freq_factor"]
+    old_context = params["original_max_position_embeddings"]
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_positions: int, rope: RopeSettings, dtype: torch.dtype):
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_positions = max_positions
+        self.dtype = dtype
+        self.base_inv_freq = inverse_frequencies(head_dim, rope)
+        self._build_tables(self.base_inv_freq)
+
+    def _build_tables(self, inv_freq: torch.Tensor) -> None:
+        # Tables are computed on the CPU (as transformers does) and then moved to the model's device.
+        device = self.cos.device if hasattr(self, "cos") else torch.get_default_device()
+        positions = torch.arange(self.max_positions, dtype=torch.float32, device="cpu")
+        angles = positions[:, None] * inv_freq[None, :].float()     # [P, head_dim / 2]
+        # Full-width tables with the sign of rotate-half folded into sin, so applying them is
+        # x * cos + swap_halves(x) * sin. Computed in float32, stored in the model dtype (as
+        # transformers does per step).
+        cos, sin = angles.cos(), angles.sin()
+        self.register_buffer("cos", torch.cat((cos, cos), -1).to(self.dtype).to(device), persistent=False)
+        self.register_buffer("sin", torch.cat((-sin, sin), -1).to(self.dtype).to(device), persistent=False)
+
+    def set_frequency_divisors(self, divisors: torch.Tensor) -> None:
+        """llama.cpp's `rope_freqs` tensor: per-frequency divisors (how GGUF stores Llama 3.1
+        scaling)."""
+        self._build_tables(self.base_inv_freq / divisors.float().cpu())
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for a batch's positions, [T, 1, head_dim]; done once per forward pass."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rotate x [T, heads, head_dim] by its tokens' positions; returns a new tensor."""
+        cos, sin = cos_sin
+        first, second = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((second, first), dim=-1) * sin

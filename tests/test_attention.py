@@ -1,0 +1,124 @@
+"""paged_attention against a dense per-sequence reference on random tensors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from aphrodite.executor.attention import (
+    AttentionMetadata,
+    allocate_kv_caches,
+    kv_cache_bytes_per_block,
+    paged_attention,
+)
+
+torch.set_num_threads(1)
+
+BLOCK_SIZE = 4
+NUM_BLOCKS = 40
+
+
+def dense_reference(q, keys, values, prefix, scale):
+    """q [L, H, D] at positions prefix.. prefix+L-1 over keys/values [N, KVH, D] (N = prefix + L)."""
+    group = q.shape[1] // keys.shape[1]
+    k = keys.repeat_interleave(group, dim=1).float()
+    v = values.repeat_interleave(group, dim=1).float()
+    scores = torch.einsum("lhd,nhd->hln", q.float(), k) * scale
+    query_pos = torch.arange(q.shape[0])[:, None] + prefix
+    visible = torch.arange(keys.shape[0])[None, :] <= query_pos
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("hln,nhd->lhd", scores.softmax(-1), v)
+
+
+def make_batch(spec, heads, kv_heads, head_dim, dtype, seed=0, unwritten=()):
+    """spec: list of (cached prefix length, new tokens). Returns everything paged_attention needs
+    plus each sequence's full keys/values for the reference. Sequences listed in `unwritten`
+    get slot -1 for their new tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    free_blocks = list(rng.permutation(NUM_BLOCKS))  # shuffled: tables are non-contiguous
+    cache = allocate_kv_caches(1, NUM_BLOCKS, BLOCK_SIZE, kv_heads, head_dim, dtype, "cpu")[0]
+    max_blocks = max(math.ceil((p + n) / BLOCK_SIZE) for p, n in spec)
+    tables = np.zeros((len(spec), max_blocks), dtype=np.int32)
+    qs, ks, vs, slots, full = [], [], [], [], []
+    for row, (prefix, new) in enumerate(spec):
+        total = prefix + new
+        blocks = [free_blocks.pop() for _ in range(math.ceil(total / BLOCK_SIZE))]
+        tables[row, : len(blocks)] = blocks
+        pos = np.arange(total)
+        seq_slots = np.array(blocks)[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+        keys = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
+        values = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
+        flat_k = cache[0].view(-1, kv_heads, head_dim)
+        flat_v = cache[1].view(-1, kv_heads, head_dim)
+        flat_k[torch.from_numpy(seq_slots[:prefix])] = keys[:prefix]   # the cached prefix
+        flat_v[torch.from_numpy(seq_slots[:prefix])] = values[:prefix]
+        qs.append(torch.randn(new, heads, head_dim, generator=gen).to(dtype))
+        ks.append(keys[prefix:])
+        vs.append(values[prefix:])
+        slots.append(np.full(new, -1) if row in unwritten else seq_slots[prefix:])
+        full.append((keys, values, seq_slots))
+    query_lens = np.array([n for _, n in spec])
+    seq_lens = np.array([p + n for p, n in spec])
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, np.concatenate(slots), "cpu")
+    return torch.cat(qs), torch.cat(ks), torch.cat(vs), cache, meta, full
+
+
+MIXED = [(8, 1), (0, 5), (7, 4), (0, 1), (13, 1), (4, 9)]   # decodes, fresh prefill, chunks on a prefix
+DECODES = [(8, 1), (0, 1), (13, 1), (21, 1), (3, 1)]
+
+
+@pytest.mark.parametrize("spec", [MIXED, DECODES, [(5, 6)]], ids=["mixed", "all-decode", "one-chunk"])
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)], ids=["gqa", "mha"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],
+                         ids=["fp32", "bf16"])
+def test_matches_dense_reference(spec, heads, kv_heads, dtype, tol):
+    head_dim = 16
+    scale = head_dim ** -0.5
+    q, k, v, cache, meta, full = make_batch(spec, heads, kv_heads, head_dim, dtype)
+    assert meta.num_decode_only == all(n == 1 for _, n in spec)
+    out = paged_attention(q, k, v, cache, meta, scale)
+    assert out.shape == q.shape and out.dtype == dtype
+    start = 0
+    for (prefix, new), (keys, values, seq_slots) in zip(spec, full):
+        ref = dense_reference(q[start:start + new], keys, values, prefix, scale)
+        torch.testing.assert_close(out[start:start + new].float(), ref, atol=tol, rtol=tol)
+        # the new tokens' keys/values landed in their slots
+        written = torch.from_numpy(seq_slots)
+        assert torch.equal(cache[0].view(-1, kv_heads, head_dim)[written], keys)
+        assert torch.equal(cache[1].view(-1, kv_heads, head_dim)[written], values)
+        start += new
+
+
+def test_slot_minus_one_is_not_written():
+    spec = [(4, 1), (0, 3), (6, 1)]
+    q, k, v, cache, meta, full = make_batch(spec, 4, 2, 8, torch.float32, unwritten={1})
+    before = cache.clone()
+    paged_attention(q, k, v, cache, meta, 8 ** -0.5)
+    changed = (cache != before).flatten(3).any(-1).any(0).flatten()   # per flat slot
+    expected = torch.zeros_like(changed)
+    for row in (0, 2):
+        prefix, new = spec[row]
+        expected[torch.from_numpy(full[row][2][prefix:])] = True
+    assert torch.equal(changed, expected)
+
+
+def test_metadata_build():
+    meta = AttentionMetadata.build(np.array([1, 4, 1]), np.array([9, 4, 2]),
+                                   np.array([[3, 5, 7], [1, 0, 0], [2, 0, 0]]),
+                                   np.array([27, 4, 5, 6, 7, 9]), "cpu")
+    assert meta.query_start_loc.tolist() == [0, 1, 5, 6]
+    assert meta.seq_lens.tolist() == [9, 4, 2]
+    assert meta.max_query_len == 4 and meta.max_seq_len == 9 and not meta.num_decode_only
+    assert meta.decode_seq_idx.tolist() == [0, 2] and meta.decode_token_idx.tolist() == [0, 5]
+    assert [(p.index, p.token_start, p.token_end, p.seq_len) for p in meta.prefills] == [(1, 1, 5, 4)]
+    assert meta.slot_mapping.dtype == torch.long and meta.block_tables.dtype == torch.long
+
+
+def test_cache_allocation_and_size():
+    caches = allocate_kv_caches(3, 10, 4, 2, 8, torch.bfloat16, "cpu")
+    assert len(caches) == 3 and caches[0].shape == (2, 10, 4, 2, 8)
+    assert not caches[0].any()
+    per_block = kv_cache_bytes_per_block(3, 4, 2, 8, torch.bfloat16)
+    assert per_block * 10 == sum(c.numel() * c.element_size() for c in caches)
