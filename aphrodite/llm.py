@@ -39,6 +39,7 @@ class LLM:
         self.vocab_size = self.engine.ready["vocab_size"]
         self._ids = itertools.count()
         self._dead: str | None = None
+        self.last_stats: dict = {}     # engine counters from the latest step (KV use, cache hits)
 
     # ---- public API ------------------------------------------------------------------------
     def generate(self, prompts: PromptType | Sequence[PromptType],
@@ -134,11 +135,12 @@ class LLM:
                     if entry is None:
                         continue
                     req, completion, detok = entry
-                    completion.token_ids.extend(output["new_token_ids"])
+                    finish = output["finish_reason"]
                     if output.get("logprobs"):
                         completion.logprobs = (completion.logprobs or []) + output["logprobs"]
-                    _, stopped_by = detok.add_tokens(output["new_token_ids"])
-                    finish = output["finish_reason"]
+                    # Ends on EOS or a stop token id: that token's text is not output.
+                    _, stopped_by = detok.add_tokens(output["new_token_ids"],
+                                                     ends_with_stop_token=finish == "stop")
                     if stopped_by is not None and finish is None:
                         self.engine.send(Frame.ABORT, {"request_ids": [output["request_id"]]})
                         finish, completion.stop_reason = "stop", stopped_by
@@ -148,6 +150,7 @@ class LLM:
                         continue
                     detok.finish()
                     completion.text = detok.text
+                    completion.token_ids = list(detok.token_ids)   # cut at a stop string
                     completion.finish_reason = finish
                     req.num_cached_tokens = output.get("num_cached_tokens", 0)
                     del live[output["request_id"]]
@@ -176,6 +179,7 @@ class LLM:
             self._dead = body.get("message", "engine failed")
             raise EngineDeadError(f"the engine failed: {self._dead}")
         if frame is Frame.STEP_OUTPUTS:
+            self.last_stats = body["stats"]
             return body["outputs"]
         return []
 

@@ -171,7 +171,7 @@ class EngineCore:
 
 def run_engine_core(config_dict: dict, input_addr: str, output_addr: str,
                     parent_pid: int) -> None:
-    """Process main, spawned by the frontend (aphrodite.frontend.engine_process)."""
+    """Process main, started by the frontend (aphrodite.frontend.engine_process)."""
     logging.basicConfig(level=os.environ.get("APHRODITE_LOG_LEVEL", "INFO"),
                         format="%(levelname)s %(asctime)s engine %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the frontend decides when we stop
@@ -202,3 +202,11 @@ def run_engine_core(config_dict: dict, input_addr: str, output_addr: str,
         ctx.term()
         shutil.rmtree(ipc_dir, ignore_errors=True)
     raise SystemExit(exit_code)
+
+
+if __name__ == "__main__":
+    import sys
+
+    import orjson
+    _input, _output, _parent, _config = sys.argv[1:5]
+    run_engine_core(orjson.loads(_config), _input, _output, int(_parent))

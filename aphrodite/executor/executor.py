@@ -63,7 +63,9 @@ class Executor:
             if frame is Frame.READY:
                 infos[body["rank"]] = body
         ready = dict(infos[0])
+        ready.pop("rank", None)
         ready["num_kv_blocks"] = min(info["num_kv_blocks"] for info in infos.values())
+        ready["worker_pids"] = [p.pid for p in self.procs]
         return ready
 
     def check_alive(self) -> None:
@@ -75,7 +77,12 @@ class Executor:
     def send(self, frame: Frame, body) -> None:
         message = encode(frame, body)
         for socket in self.step_sockets:
-            socket.send(message, copy=False)
+            try:
+                # Never block: a PUSH socket whose worker is gone would wait forever.
+                socket.send(message, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self.check_alive()
+                raise WorkerFailure("a worker stopped taking steps")
 
     def recv_result(self) -> dict:
         """Read one frame from rank 0 (call when result_socket is readable)."""
@@ -99,7 +106,7 @@ class Executor:
     def shutdown(self, timeout_s: float = 5.0) -> None:
         try:
             self.send(Frame.SHUTDOWN, {})
-        except zmq.ZMQError:
+        except (zmq.ZMQError, WorkerFailure):
             pass
         deadline = time.monotonic() + timeout_s
         for proc in self.procs:
@@ -108,3 +115,6 @@ class Executor:
             if proc.is_alive():
                 proc.kill()
                 proc.join(1)
+        # Unsent steps to a dead worker would otherwise block the context's term().
+        for socket in (*self.step_sockets, self.result_socket):
+            socket.close(linger=0)

@@ -81,20 +81,28 @@ class ModelRunner:
         self.model.eval()
         self.eos_token_ids = eos_token_ids(files, self.hf_config, None)
         self.vocab_size = self.hf_config.vocab_size
-        self.max_model_len = config.max_model_len or max_model_len(self.hf_config)
+        self.max_model_len = max_model_len(self.hf_config)
+        if config.max_model_len:
+            if config.max_model_len > self.max_model_len:
+                raise ValueError(f"max_model_len {config.max_model_len} exceeds what this model "
+                                 f"supports ({self.max_model_len} positions)")
+            self.max_model_len = config.max_model_len
         self.num_kv_blocks, self.kv_caches = self._allocate_kv_cache(rank)
         # The pool must hold at least one sequence of max_model_len tokens.
         self.max_model_len = min(self.max_model_len, self.num_kv_blocks * self.block_size)
         self.sampler = Sampler(eos_token_ids=self.eos_token_ids)
         self.requests: dict[str, RequestState] = {}
+        self.cuda_graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from aphrodite.executor.cuda_graphs import CudaGraphRunner
+            self.cuda_graphs = CudaGraphRunner(
+                self.model, self.kv_caches, self.block_size, self.max_model_len,
+                config.max_num_seqs, scratch_block=self.num_kv_blocks, device=self.device)
+            self.cuda_graphs.capture()
 
     # ---- start-up ------------------------------------------------------------------------
     def _kv_geometry(self) -> tuple[int, int, int]:
-        cfg = self.hf_config
-        num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        tp = self.config.tensor_parallel_size
-        return cfg.num_hidden_layers, max(1, num_kv_heads // tp), head_dim
+        return self.hf_config.num_hidden_layers, self.model.num_kv_heads, self.model.head_dim
 
     def _allocate_kv_cache(self, rank: int) -> tuple[int, list[torch.Tensor]]:
         layers, kv_heads, head_dim = self._kv_geometry()
@@ -111,8 +119,10 @@ class ModelRunner:
         if num_blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache ({per_block} bytes per block "
                                "needed); raise --kv-cache-memory / --gpu-memory-utilization")
-        caches = allocate_kv_caches(layers, num_blocks, self.block_size, kv_heads, head_dim,
-                                    self.dtype, self.device)
+        # On CUDA one extra block, never handed out, takes the writes of CUDA-graph padding.
+        extra = int(self.device.type == "cuda" and not self.config.enforce_eager)
+        caches = allocate_kv_caches(layers, num_blocks + extra, self.block_size, kv_heads,
+                                    head_dim, self.dtype, self.device)
         return num_blocks, caches
 
     def _gpu_kv_budget(self) -> int:
@@ -196,10 +206,16 @@ class ModelRunner:
         slot_mapping = (block_tables[row_of_token, positions // self.block_size]
                         * self.block_size + positions % self.block_size)
 
-        meta = AttentionMetadata.build(query_lens, seq_lens, block_tables, slot_mapping,
-                                       self.device)
-        hidden = self.model(torch.from_numpy(token_ids).to(self.device),
-                            torch.from_numpy(positions).to(self.device), self.kv_caches, meta)
+        if (self.cuda_graphs is not None and len(token_ids) == len(states)
+                and self.cuda_graphs.can_run(len(states), int(seq_lens.max()))):
+            hidden = self.cuda_graphs.run(token_ids, positions, slot_mapping, seq_lens,
+                                          block_tables)
+        else:
+            meta = AttentionMetadata.build(query_lens, seq_lens, block_tables, slot_mapping,
+                                           self.device)
+            hidden = self.model(torch.from_numpy(token_ids).to(self.device),
+                                torch.from_numpy(positions).to(self.device), self.kv_caches,
+                                meta)
 
         # Only requests whose known tokens are all computed produce a next token.
         sampling = [i for i, s in enumerate(states) if seq_lens[i] == len(s.token_ids)]

@@ -7,12 +7,14 @@ is loaded and the KV pool is sized.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
+import orjson
 import zmq
 
 from aphrodite.config import EngineConfig
@@ -27,10 +29,44 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class ChildProcess:
+    """A subprocess with the slice of multiprocessing.Process's API that we use.
+
+    The engine core is started as ``python -m aphrodite.core.engine_core`` rather than
+    with multiprocessing's spawn, which would re-import the user's __main__ script (and
+    start a second engine) whenever a script lacks an ``if __name__ == "__main__"`` guard.
+    """
+
+    def __init__(self, args: list[str]):
+        self._popen = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        self.pid = self._popen.pid
+        self.sentinel = os.pidfd_open(self.pid)    # readable once the process has exited
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def terminate(self) -> None:
+        if self.is_alive():
+            self._popen.terminate()
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self._popen.kill()
+
+
 class EngineProcess:
     def __init__(self, config: EngineConfig, ctx: zmq.Context | None = None):
-        """Spawn the engine core; does not wait for it (see wait_ready)."""
-        from aphrodite.core.engine_core import run_engine_core
+        """Start the engine core; does not wait for it (see wait_ready)."""
         self.config = config
         self.ctx = ctx or zmq.Context.instance()
         self.ipc_dir = tempfile.mkdtemp(prefix="aphrodite-")
@@ -42,11 +78,9 @@ class EngineProcess:
         self.output_socket = self.ctx.socket(zmq.PULL)
         self.output_socket.setsockopt(zmq.LINGER, 0)
         self.output_socket.bind(output_addr)
-        mp = multiprocessing.get_context("spawn")
-        # Not a daemon: daemons may not have children, and the core spawns the workers.
-        self.proc = mp.Process(target=run_engine_core, name="aphrodite-engine-core",
-                               args=(config.to_dict(), input_addr, output_addr, os.getpid()))
-        self.proc.start()
+        self.proc = ChildProcess([
+            sys.executable, "-m", "aphrodite.core.engine_core", input_addr, output_addr,
+            str(os.getpid()), orjson.dumps(config.to_dict()).decode()])
         self.ready: dict | None = None
 
     @classmethod
@@ -80,6 +114,8 @@ class EngineProcess:
         self.input_socket.send(encode(frame, body))
 
     def shutdown(self, timeout_s: float = 10) -> None:
+        if self.input_socket.closed:
+            return
         if self.proc.is_alive():
             try:
                 self.send(Frame.SHUTDOWN, {})
@@ -94,4 +130,5 @@ class EngineProcess:
             self.proc.join(2)
         self.input_socket.close(0)
         self.output_socket.close(0)
+        os.close(self.proc.sentinel)
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
