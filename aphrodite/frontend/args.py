@@ -1,0 +1,191 @@
+"""Command-line options of the server: one parser, split into EngineConfig + ServerOptions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from aphrodite.config import EngineConfig
+
+DEFAULT_PORT = 2242
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": 1 << 20,
+               "mib": 1 << 20, "mb": 10**6, "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
+               "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
+
+
+@dataclass
+class ServerOptions:
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    served_model_names: list[str] = field(default_factory=list)  # empty = the model's name
+    api_keys: list[str] = field(default_factory=list)
+    chat_template: str | None = None      # template text (a file given on the CLI is read)
+    response_role: str = "assistant"
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    allowed_origins: list[str] = field(default_factory=list)
+    disable_log_requests: bool = False
+    disable_log_stats: bool = False
+    log_stats_interval_s: float = 5.0
+    max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    shutdown_timeout_s: float = 10.0
+    engine_start_timeout_s: float = 600.0
+
+
+def parse_size(text: str) -> int:
+    """'4GiB', '512M', '2GB' or plain bytes -> bytes (K/M/G and KiB/MiB/GiB are binary)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4GiB, 512MiB or bytes)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _origins(values: list[str]) -> list[str]:
+    """--allowed-origins as a JSON list (vLLM style), comma-separated text or several values."""
+    origins: list[str] = []
+    for value in values:
+        value = value.strip()
+        if value.startswith("["):
+            origins.extend(json.loads(value))
+        else:
+            origins.extend(part.strip() for part in value.split(",") if part.strip())
+    return origins
+
+
+def _read_chat_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:  # neither a file nor a Jinja template: most likely a typo'd path
+        raise SystemExit(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+    return value
+
+
+def build_parser(prog: str, positional_model: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="OpenAI-compatible inference server with Aphrodite's extended samplers.")
+    model_help = ("HF model folder, a .gguf file or a hub id; default: the bundled "
+                  "SmolLM2-135M-Instruct GGUF")
+    if positional_model:
+        p.add_argument("model_positional", nargs="?", metavar="MODEL", help=model_help)
+    p.add_argument("--model", default=None, help=model_help)
+
+    srv = p.add_argument_group("server")
+    srv.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    srv.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    srv.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                     help="names clients may send as `model`; the first is used in responses "
+                          "and metrics (default: the --model value, or the default model's name)")
+    srv.add_argument("--api-keys", nargs="+", default=None, metavar="KEY",
+                     help="accepted API keys (Bearer or x-api-key header); also "
+                          "$APHRODITE_API_KEY (comma-separated). /health and /metrics stay open")
+    srv.add_argument("--chat-template", default=None,
+                     help="chat template file or inline Jinja text (default: the tokenizer's)")
+    srv.add_argument("--response-role", default="assistant",
+                     help="role of the generated chat message")
+    srv.add_argument("--ssl-keyfile", default=None, help="TLS private key file")
+    srv.add_argument("--ssl-certfile", default=None, help="TLS certificate file")
+    srv.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                     help='CORS origins: "*", a JSON list or comma-separated origins '
+                          "(default: no CORS headers)")
+    srv.add_argument("--disable-log-requests", action="store_true",
+                     help="do not log a line per request")
+    srv.add_argument("--disable-log-stats", action="store_true",
+                     help="do not log the throughput/KV-cache stats line every 5 s")
+    srv.add_argument("--max-request-body", type=parse_size, default=DEFAULT_MAX_BODY_BYTES,
+                     metavar="SIZE", help="largest accepted request body; larger ones get 413")
+    srv.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="on SIGTERM/SIGINT, how long in-flight requests may run before they "
+                          "are aborted")
+
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id "
+                     "(default: the model's own)")
+    eng.add_argument("--dtype", default="auto",
+                     choices=["auto", "half", "float16", "bfloat16", "float", "float32"],
+                     help="weight and activation dtype (auto: bfloat16/float16 on GPU, float32 on CPU)")
+    eng.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    eng.add_argument("--max-model-len", type=int, default=None,
+                     help="longest prompt + output in tokens (default: from the model config)")
+    eng.add_argument("--max-num-seqs", type=int, default=256,
+                     help="most sequences in one batch")
+    eng.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                     help="token budget of one engine step (prefill chunks + decodes)")
+    eng.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                     default=True, help="reuse KV blocks of identical prompt prefixes")
+    eng.add_argument("--kv-cache-memory", type=parse_size, default=None, metavar="SIZE",
+                     help="KV-cache pool size on CPU, e.g. 2GiB (default: a share of free RAM)")
+    eng.add_argument("--num-kv-blocks", type=int, default=None,
+                     help="fixed number of KV blocks, overriding the memory-based size")
+    eng.add_argument("--gpu-memory-utilization", type=float, default=0.90,
+                     help="share of GPU memory the engine may use (weights + activations + KV)")
+    eng.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                     help="number of GPUs (or CPU worker processes) to shard the model over")
+    eng.add_argument("--enforce-eager", nargs="?", const=True, default=False, type=parse_bool,
+                     help="disable CUDA graphs (GPU); takes an optional true/false")
+    eng.add_argument("--max-logprobs", type=int, default=20,
+                     help="largest logprobs / top_logprobs a request may ask for")
+    eng.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
+    eng.add_argument("--num-threads", type=int, default=None,
+                     help="torch threads per CPU worker (default: cores / workers)")
+    return p
+
+
+_DTYPES = {"half": "float16", "float": "float32"}
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "python -m aphrodite.server",
+               positional_model: bool = False) -> tuple[EngineConfig, ServerOptions]:
+    parser = build_parser(prog, positional_model)
+    a = parser.parse_args(argv)
+    model = a.model
+    if positional_model and a.model_positional is not None:
+        if model is not None and model != a.model_positional:
+            parser.error("give the model either as MODEL or as --model, not both")
+        model = a.model_positional
+    try:
+        config = EngineConfig(
+            model=model, tokenizer=a.tokenizer, dtype=_DTYPES.get(a.dtype, a.dtype),
+            device=a.device, max_model_len=a.max_model_len, block_size=a.block_size,
+            kv_cache_memory=a.kv_cache_memory, gpu_memory_utilization=a.gpu_memory_utilization,
+            num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs,
+            max_num_batched_tokens=a.max_num_batched_tokens,
+            enable_prefix_caching=a.enable_prefix_caching,
+            tensor_parallel_size=a.tensor_parallel_size, enforce_eager=a.enforce_eager,
+            num_threads=a.num_threads, seed=a.seed, max_logprobs=a.max_logprobs)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not 0 < a.gpu_memory_utilization <= 1:
+        parser.error("--gpu-memory-utilization must be in (0, 1]")
+    if (a.ssl_keyfile is None) != (a.ssl_certfile is None):
+        parser.error("--ssl-keyfile and --ssl-certfile go together")
+    api_keys = list(a.api_keys or [])
+    env_keys = os.environ.get("APHRODITE_API_KEY", "")
+    api_keys += [k.strip() for k in env_keys.split(",") if k.strip()]
+    options = ServerOptions(
+        host=a.host, port=a.port, served_model_names=list(a.served_model_name or []),
+        api_keys=api_keys, chat_template=_read_chat_template(a.chat_template),
+        response_role=a.response_role, ssl_keyfile=a.ssl_keyfile, ssl_certfile=a.ssl_certfile,
+        allowed_origins=_origins(a.allowed_origins),
+        disable_log_requests=a.disable_log_requests, disable_log_stats=a.disable_log_stats,
+        max_request_body_bytes=a.max_request_body, shutdown_timeout_s=a.shutdown_timeout)
+    return config, options

@@ -1,0 +1,173 @@
+"""Prometheus metrics (`aphrodite:*`, labelled with model_name) and the periodic stats line.
+
+Engine-level numbers come from the stats dict of each STEP_OUTPUTS frame; latencies are
+measured here, in the frontend, where the client sees them. Each server owns its own
+registry, so two servers in one process (tests) never share counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+logger = logging.getLogger("aphrodite.server")
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+                         0.75, 1.0, 2.5, 5.0, 10.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+               120.0, 240.0, 480.0)
+
+
+def _length_buckets(max_len: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to max_len."""
+    buckets, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_len:
+                return buckets
+            buckets.append(m * scale)
+        scale *= 10
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str, max_model_len: int):
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+
+        def gauge(name, doc):
+            return Gauge(f"aphrodite:{name}", doc, labels, registry=self.registry).labels(model_name)
+
+        def counter(name, doc):
+            return Counter(f"aphrodite:{name}", doc, labels, registry=self.registry).labels(model_name)
+
+        def histogram(name, doc, buckets):
+            return Histogram(f"aphrodite:{name}", doc, labels, buckets=buckets,
+                             registry=self.registry).labels(model_name)
+
+        self.num_running = gauge("num_requests_running", "Sequences in the running batch.")
+        self.num_waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Share of KV-cache blocks in use (0-1).")
+        self.prompt_tokens = counter("prompt_tokens", "Prefill tokens computed.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.preemptions = counter("num_preemptions", "Sequences preempted (recomputed later).")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self._success = Counter("aphrodite:request_success", "Finished sequences by finish reason.",
+                                ["model_name", "finished_reason"], registry=self.registry)
+        self._model_name = model_name
+        self.ttft = histogram("time_to_first_token_seconds", "Time to the first token.", TTFT_BUCKETS)
+        self.tpot = histogram("time_per_output_token_seconds",
+                              "Mean time per output token after the first, per sequence.",
+                              TOKEN_LATENCY_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between two tokens.",
+                             TOKEN_LATENCY_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", E2E_BUCKETS)
+        lengths = _length_buckets(max_model_len)
+        self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt length per request.", lengths)
+        self.request_generation_tokens = histogram("request_generation_tokens",
+                                                   "Generated tokens per sequence.", lengths)
+        # Cumulative engine counters, to turn them into increments.
+        self._last_cumulative = {"prefix_cache_queries": 0, "prefix_cache_hits": 0, "num_preemptions": 0}
+        # Totals for the stats line.
+        self.total_prompt_tokens = 0
+        self.total_generation_tokens = 0
+        self.latest: dict = {}
+
+    def on_step(self, stats: dict) -> None:
+        self.latest = stats
+        self.num_running.set(stats.get("num_running", 0))
+        self.num_waiting.set(stats.get("num_waiting", 0))
+        self.kv_usage.set(stats.get("kv_cache_usage", 0.0))
+        prompt, generated = stats.get("num_prompt_tokens", 0), stats.get("num_generation_tokens", 0)
+        self.prompt_tokens.inc(prompt)
+        self.generation_tokens.inc(generated)
+        self.total_prompt_tokens += prompt
+        self.total_generation_tokens += generated
+        for key, counter in (("prefix_cache_queries", self.prefix_queries),
+                             ("prefix_cache_hits", self.prefix_hits),
+                             ("num_preemptions", self.preemptions)):
+            value = stats.get(key, 0)
+            if value > self._last_cumulative[key]:
+                counter.inc(value - self._last_cumulative[key])
+            self._last_cumulative[key] = value
+
+    def on_first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def on_inter_token(self, seconds: float, num_tokens: int) -> None:
+        per_token = seconds / max(num_tokens, 1)
+        for _ in range(num_tokens):
+            self.itl.observe(per_token)
+
+    def on_sequence_finished(self, state, seq, now: float) -> None:
+        """`state`/`seq`: the client's RequestState and sequence (arrival, token times)."""
+        num_out = len(seq.detokenizer.token_ids)
+        self._success.labels(self._model_name, seq.finish_reason).inc()
+        self.e2e.observe(now - state.arrival_time)
+        self.request_generation_tokens.observe(num_out)
+        if seq.index == 0:
+            self.request_prompt_tokens.observe(len(state.prompt_token_ids))
+        if num_out > 1 and seq.first_token_time is not None:
+            self.tpot.observe((seq.last_token_time - seq.first_token_time) / (num_out - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class StatsLogger:
+    """Logs the throughput / queue / KV line every `interval_s` while the engine is busy."""
+
+    def __init__(self, metrics: ServerMetrics, memory_bytes: Callable[[], int],
+                 interval_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        self.metrics = metrics
+        self.memory_bytes = memory_bytes
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last_time = clock()
+        self._last_prompt = 0
+        self._last_generation = 0
+        self._last_queries = 0
+        self._last_hits = 0
+
+    def line(self) -> str | None:
+        """The stats line for the interval since the last call; None when nothing happened."""
+        m, now = self.metrics, self.clock()
+        stats = m.latest
+        elapsed = max(now - self._last_time, 1e-9)
+        prompt = m.total_prompt_tokens - self._last_prompt
+        generated = m.total_generation_tokens - self._last_generation
+        queries = stats.get("prefix_cache_queries", 0)
+        hits = stats.get("prefix_cache_hits", 0)
+        d_queries, d_hits = queries - self._last_queries, hits - self._last_hits
+        self._last_time, self._last_prompt, self._last_generation = now, m.total_prompt_tokens, m.total_generation_tokens
+        self._last_queries, self._last_hits = queries, hits
+        running, waiting = stats.get("num_running", 0), stats.get("num_waiting", 0)
+        if not (prompt or generated or running or waiting):
+            return None
+        hit_rate = 100.0 * d_hits / d_queries if d_queries > 0 else 0.0
+        return (f"Avg prompt throughput: {prompt / elapsed:.1f} tokens/s, "
+                f"Avg generation throughput: {generated / elapsed:.1f} tokens/s, "
+                f"Running: {running} reqs, Waiting: {waiting} reqs, "
+                f"KV cache usage: {100.0 * stats.get('kv_cache_usage', 0.0):.1f}%, "
+                f"Prefix cache hit rate: {hit_rate:.1f}%, "
+                f"Memory usage: {self.memory_bytes() / 1e9:.2f} GB")
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                text = self.line()
+            except Exception:  # the log line must never take the server down
+                logger.exception("stats logging failed")
+                continue
+            if text is not None:
+                logger.info(text)

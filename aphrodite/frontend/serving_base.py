@@ -1,0 +1,223 @@
+"""What the chat and completions handlers share: model names, tokenisation off the event
+loop, turning a request into SamplingParams, length checks, SSE and logprob formatting."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+import orjson
+from aiohttp import web
+
+from aphrodite.frontend.async_engine import AsyncEngineClient
+from aphrodite.frontend.errors import APIError, bad_request, model_not_found
+from aphrodite.frontend.openai_protocol import ChatMessage
+from aphrodite.sampling_params import SamplingParamError, SamplingParams
+
+
+@dataclass
+class ServingContext:
+    client: AsyncEngineClient
+    tokenizer: Any
+    model_names: list[str]          # served names; the first one is reported in responses
+    chat_template: str | None       # --chat-template text, else the tokenizer's own
+    response_role: str
+    max_logprobs: int
+    # One thread: HF tokenizers are not safe to use from several threads at once, and a
+    # long prompt must not stall the event loop while it is tokenised.
+    tokenizer_pool: ThreadPoolExecutor
+
+    @property
+    def max_model_len(self) -> int:
+        return self.client.max_model_len
+
+
+class OpenAIServing:
+    def __init__(self, ctx: ServingContext):
+        self.ctx = ctx
+        self._token_texts: dict[int, str] = {}
+
+    # ---- model names and ids ---------------------------------------------------------------
+    def check_model(self, name: str | None) -> str:
+        """The name to report in the response; 404 when the server does not serve `name`."""
+        if name is None or name in self.ctx.model_names:
+            return name or self.ctx.model_names[0]
+        raise model_not_found(name)
+
+    @staticmethod
+    def new_id(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex}"
+
+    @staticmethod
+    def now() -> int:
+        return int(time.time())
+
+    # ---- tokenisation ------------------------------------------------------------------------
+    async def in_tokenizer_thread(self, fn: Callable, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.ctx.tokenizer_pool, lambda: fn(*args, **kwargs))
+
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return await self.in_tokenizer_thread(
+            self.ctx.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+    async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                          continue_final_message: bool = False, chat_template: str | None = None,
+                          template_kwargs: dict | None = None) -> str:
+        template = chat_template or self.ctx.chat_template
+        if template is None and not getattr(self.ctx.tokenizer, "chat_template", None):
+            raise bad_request("This model has no chat template; start the server with "
+                              "--chat-template or use /v1/completions.")
+        conversation = [{"role": m.role, "content": m.text(),
+                         **({"name": m.name} if m.name else {})} for m in messages]
+        if continue_final_message and add_generation_prompt:
+            raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
+                              param="continue_final_message")
+        try:
+            return await self.in_tokenizer_thread(
+                self.ctx.tokenizer.apply_chat_template, conversation, chat_template=template,
+                tokenize=False, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, **(template_kwargs or {}))
+        except APIError:
+            raise
+        except Exception as exc:  # a template's raise_exception(), bad roles, Jinja errors
+            raise bad_request(f"The chat template failed on these messages: {exc}",
+                              param="messages") from exc
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.ctx.client.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"Token id {bad[0]} is outside the vocabulary (0..{vocab - 1}).",
+                              param=param)
+
+    def check_length(self, prompt_len: int, param: str) -> None:
+        """400 unless the prompt leaves room for at least one generated token. A max_tokens
+        beyond the room left is not an error: generation stops at the context length
+        (finish_reason "length")."""
+        limit = self.ctx.max_model_len
+        if prompt_len == 0:
+            raise bad_request("The prompt is empty.", param=param)
+        if prompt_len >= limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens, but the {param} "
+                f"{'have' if param == 'messages' else 'has'} {prompt_len} tokens, which leaves "
+                f"no room for a completion. Please shorten the {param}.",
+                param=param, code="context_length_exceeded")
+
+    # ---- sampling parameters -----------------------------------------------------------------
+    def sampling_params(self, request, *, max_tokens: int | None, logprobs: int | None,
+                        extra: dict | None = None) -> SamplingParams:
+        """One place where a request becomes validated SamplingParams (400 on bad values)."""
+        fields = request.sent_sampler_fields()
+        stop = request.stop
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+            if getattr(request, name) is not None:
+                fields[name] = getattr(request, name)
+        fields.update(n=request.n, max_tokens=max_tokens, logprobs=logprobs,
+                      seed=None if request.seed == -1 else request.seed,
+                      stop=[stop] if isinstance(stop, str) else list(stop or []))
+        if request.logit_bias:
+            fields["logit_bias"] = request.logit_bias
+        fields.update(extra or {})
+        try:
+            params = SamplingParams(**fields)
+            params.validate(self.ctx.client.vocab_size, self.ctx.max_logprobs)
+            params.resolve_token_strings(self.ctx.tokenizer)
+        except SamplingParamError as exc:
+            raise bad_request(str(exc.message), param=exc.param) from exc
+        except (TypeError, ValueError) as exc:
+            raise bad_request(str(exc)) from exc
+        return params
+
+    # ---- output formatting -------------------------------------------------------------------
+    def token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self.ctx.tokenizer.decode([token_id])
+            self._token_texts[token_id] = text
+        return text
+
+    @staticmethod
+    def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        if cached:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        return usage
+
+
+async def start_sse(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    return response
+
+
+async def send_event(response: web.StreamResponse, payload: dict) -> None:
+    await response.write(b"data: " + orjson.dumps(payload) + b"\n\n")
+
+
+async def send_done(response: web.StreamResponse) -> None:
+    await response.write(b"data: [DONE]\n\n")
+
+
+def json_response(payload: dict, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json")
+
+
+def parse_logprobs(entry: dict) -> tuple[int, float, list[tuple[int, float]]]:
+    """One engine logprobs entry -> (sampled token id, its logprob, [(top id, logprob)])."""
+    top = [(int(t), float(lp)) for t, lp in zip(entry["top_token_ids"], entry["top_logprobs"])]
+    return int(entry["token_id"]), float(entry["logprob"]), top
+
+
+_END = object()
+
+
+async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+    """Interleave several async iterators as (iterator index, item).
+
+    Each iterator is drained by its own task through a one-slot queue, so a slow consumer
+    holds the producers back (and the engine client merges their deltas meanwhile).
+    Closing the merged iterator closes every source (which aborts their requests).
+    """
+    if len(streams) == 1:  # the usual case: no task or queue hop per delta
+        async with aclosing(streams[0]) as only:
+            async for item in only:
+                yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue(maxsize=1)
+
+    async def pump(index: int, source: AsyncIterator) -> None:
+        try:
+            async with aclosing(source) as items:
+                async for item in items:
+                    await queue.put((index, item, None))
+            await queue.put((index, _END, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await queue.put((index, _END, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if item is _END:
+                remaining -= 1
+                continue
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

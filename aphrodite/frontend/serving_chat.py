@@ -1,0 +1,140 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+
+from aiohttp import web
+
+from aphrodite.frontend.engine_process import EngineDeadError
+from aphrodite.frontend.errors import bad_request, engine_unavailable
+from aphrodite.frontend.openai_protocol import ChatCompletionRequest
+from aphrodite.frontend.serving_base import (OpenAIServing, json_response, parse_logprobs,
+                                             send_done, send_event, start_sse)
+
+
+class ChatServing(OpenAIServing):
+    async def create(self, http_request: web.Request, body: ChatCompletionRequest) -> web.StreamResponse:
+        model = self.check_model(body.model)
+        self._reject_unsupported(body)
+        prompt = await self.render_chat(body.messages, body.add_generation_prompt,
+                                        body.continue_final_message, body.chat_template,
+                                        body.chat_template_kwargs)
+        prompt_ids = await self.encode(prompt, add_special_tokens=body.add_special_tokens)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        if max_tokens is not None and max_tokens < 1:
+            raise bad_request(f"{param} must be at least 1, got {max_tokens}", param=param)
+        self.check_length(len(prompt_ids), "messages")
+        if max_tokens is None:  # chat default: as long as the context allows
+            max_tokens = self.ctx.max_model_len - len(prompt_ids)
+        params = self.sampling_params(
+            body, max_tokens=max_tokens,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+        request_id = self.new_id("chatcmpl")
+        outputs = self.ctx.client.generate(request_id, prompt_ids, params)
+        try:
+            if body.stream:
+                return await self._stream(http_request, body, model, request_id, prompt_ids,
+                                          outputs)
+            return await self._complete(body, model, request_id, prompt_ids, outputs)
+        finally:
+            await outputs.aclose()   # aborts the request unless it finished
+
+    def _reject_unsupported(self, body: ChatCompletionRequest) -> None:
+        if body.tools:
+            raise bad_request("Tool calling is not supported by this server.", param="tools")
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise bad_request("Only response_format {\"type\": \"text\"} is supported.",
+                              param="response_format")
+        if body.stream_options is not None and not body.stream:
+            raise bad_request("stream_options is only allowed with stream=true.",
+                              param="stream_options")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_request("top_logprobs requires logprobs=true.", param="top_logprobs")
+        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= self.ctx.max_logprobs:
+            raise bad_request(f"top_logprobs must be in [0, {self.ctx.max_logprobs}] "
+                              "(the server's --max-logprobs).", param="top_logprobs")
+
+    def _logprobs_content(self, entries: list[dict]) -> list[dict]:
+        content = []
+        for entry in entries:
+            token_id, logprob, top = parse_logprobs(entry)
+            text = self.token_text(token_id)
+            content.append({
+                "token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
+                "top_logprobs": [{"token": self.token_text(t), "logprob": lp,
+                                  "bytes": list(self.token_text(t).encode("utf-8"))}
+                                 for t, lp in top]})
+        return content
+
+    async def _complete(self, body, model, request_id, prompt_ids, outputs) -> web.Response:
+        n = body.n
+        texts, logprobs = [""] * n, [[] for _ in range(n)]
+        finish, stop_reason, tokens = [None] * n, [None] * n, [0] * n
+        cached = 0
+        async with aclosing(outputs) as stream:
+            async for deltas in stream:
+                for d in deltas:
+                    texts[d.index] += d.text
+                    tokens[d.index] += len(d.token_ids)
+                    if d.logprobs:
+                        logprobs[d.index].extend(d.logprobs)
+                    if d.finish_reason is not None:
+                        finish[d.index], stop_reason[d.index] = d.finish_reason, d.stop_reason
+                        cached = max(cached, d.num_cached_tokens)
+        choices = [{
+            "index": i,
+            "message": {"role": self.ctx.response_role, "content": texts[i]},
+            "logprobs": {"content": self._logprobs_content(logprobs[i])} if body.logprobs else None,
+            "finish_reason": finish[i], "stop_reason": stop_reason[i]} for i in range(n)]
+        return json_response({
+            "id": request_id, "object": "chat.completion", "created": self.now(), "model": model,
+            "choices": choices,
+            "usage": self.usage(len(prompt_ids), sum(tokens), cached)})
+
+    async def _stream(self, http_request, body, model, request_id, prompt_ids, outputs
+                      ) -> web.StreamResponse:
+        response = await start_sse(http_request)
+        created = self.now()
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        continuous = include_usage and body.stream_options.continuous_usage_stats
+        completion_tokens = 0
+
+        def chunk(choice: dict) -> dict:
+            payload = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                       "model": model, "choices": [choice]}
+            if include_usage:
+                payload["usage"] = (self.usage(len(prompt_ids), completion_tokens)
+                                    if continuous else None)
+            return payload
+
+        async with aclosing(outputs) as stream:
+            try:
+                for i in range(body.n):
+                    await send_event(response, chunk({
+                        "index": i, "delta": {"role": self.ctx.response_role, "content": ""},
+                        "logprobs": None, "finish_reason": None}))
+                async for deltas in stream:
+                    for d in deltas:
+                        completion_tokens += len(d.token_ids)
+                        if not d.text and d.finish_reason is None and not d.logprobs:
+                            continue  # held back (possible stop string) or mid-character
+                        choice = {"index": d.index, "delta": {"content": d.text} if d.text else {},
+                                  "logprobs": {"content": self._logprobs_content(d.logprobs)}
+                                  if d.logprobs else None,
+                                  "finish_reason": d.finish_reason}
+                        if d.finish_reason is not None:
+                            choice["stop_reason"] = d.stop_reason
+                        await send_event(response, chunk(choice))
+            except EngineDeadError as exc:
+                await send_event(response, engine_unavailable(str(exc)).body())
+                await send_done(response)
+                return response
+        if include_usage:
+            await send_event(response, {
+                "id": request_id, "object": "chat.completion.chunk", "created": created,
+                "model": model, "choices": [],
+                "usage": self.usage(len(prompt_ids), completion_tokens)})
+        await send_done(response)
+        return response

@@ -1,0 +1,211 @@
+"""`python -m aphrodite.server`: the OpenAI-compatible HTTP server.
+
+Life cycle: spawn the engine core (which loads the model and spawns the workers) while
+the tokenizer loads here, then serve HTTP until SIGTERM/SIGINT or until the engine dies.
+On a signal: refuse new requests, give in-flight ones the grace period, abort the rest,
+stop the engine, exit 0. On engine death: in-flight requests get 503 errors, /health
+says 503, and the process exits 1 so a supervisor (systemd) restarts it. Either way no
+child process outlives the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import ssl
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from aphrodite.config import EngineConfig
+from aphrodite.frontend.args import ServerOptions, parse_args
+
+logger = logging.getLogger("aphrodite.server")
+
+EXIT_OK, EXIT_ENGINE_DEAD, EXIT_START_FAILED = 0, 1, 2
+DEATH_GRACE_S = 1.0   # time for handlers to send their 503s before the server stops
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("APHRODITE_LOG_LEVEL", "INFO"), stream=sys.stdout,
+                        format="%(levelname)s %(asctime)s %(message)s", datefmt="%m-%d %H:%M:%S")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class Server:
+    def __init__(self, config: EngineConfig, options: ServerOptions):
+        self.config = config
+        self.options = options
+        self.stop_requested = asyncio.Event()
+        self.hurry = asyncio.Event()          # a second signal: skip the grace period
+        self.engine_dead = asyncio.Event()
+        self.stats_task: asyncio.Task | None = None
+
+    async def run(self) -> int:
+        from aphrodite.frontend.process_tree import ProcessTree
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        tree = ProcessTree()
+        try:
+            return await self._run(tree)
+        finally:
+            tree.kill_remaining()
+
+    def _on_signal(self, sig: int) -> None:
+        if self.stop_requested.is_set():
+            logger.warning("Second %s: aborting in-flight requests now", signal.Signals(sig).name)
+            self.hurry.set()
+            return
+        logger.info("Received %s: shutting down", signal.Signals(sig).name)
+        self.stop_requested.set()
+
+    async def _run(self, tree) -> int:
+        from aphrodite.frontend.engine_process import EngineProcess
+
+        started = await self._start_engine(EngineProcess, tree)
+        if started is None:
+            return EXIT_OK if self.stop_requested.is_set() else EXIT_START_FAILED
+        engine, tokenizer, files = started
+        client, api, runner = await self._start_http(engine, tokenizer, files, tree)
+        try:
+            stop = asyncio.ensure_future(self.stop_requested.wait())
+            dead = asyncio.ensure_future(self.engine_dead.wait())
+            await asyncio.wait([stop, dead], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            dead.cancel()
+            api.shutting_down = True
+            if self.engine_dead.is_set():
+                await asyncio.sleep(DEATH_GRACE_S)
+                return EXIT_ENGINE_DEAD
+            await self._drain(client, runner)
+            return EXIT_OK
+        finally:
+            if self.stats_task is not None:
+                self.stats_task.cancel()
+            await runner.cleanup()
+            await client.close(timeout_s=10)
+            logger.info("Server stopped")
+
+    async def _start_engine(self, engine_cls, tree):
+        """(engine, tokenizer, files), or None when start-up failed or a signal came first."""
+        from aphrodite.model_files import load_tokenizer, resolve_model
+
+        loop = asyncio.get_running_loop()
+        try:
+            files = await loop.run_in_executor(None, resolve_model, self.config.model)
+            engine = engine_cls(self.config)
+        except Exception as exc:
+            logger.error("Start-up failed: %s", exc)
+            return None
+        tree.track(engine.proc.pid)
+        logger.info("Engine core process: pid %d; loading the model", engine.proc.pid)
+        # The tokenizer loads here while the engine core loads the model.
+        tokenizer_load = loop.run_in_executor(None, load_tokenizer, files, self.config.tokenizer)
+        engine_ready = loop.run_in_executor(None, engine.wait_ready,
+                                            self.options.engine_start_timeout_s)
+        startup = asyncio.gather(tokenizer_load, engine_ready, return_exceptions=True)
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        await asyncio.wait([startup, stop], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        tree.snapshot()   # the workers exist by now (or never will)
+        failures = [r for r in startup.result() if isinstance(r, BaseException)] \
+            if startup.done() else []
+        if not self.stop_requested.is_set() and not failures:
+            tokenizer, ready = startup.result()
+            logger.info("Engine ready: %s", ", ".join(f"{k}={v}" for k, v in ready.items()))
+            return engine, tokenizer, files
+        for failure in failures:
+            logger.error("Start-up failed: %s", failure)
+        # wait_ready may still be polling the engine's socket in its thread: end the engine
+        # process so that it returns, and only then close the sockets.
+        if engine.proc.is_alive():
+            engine.proc.terminate()
+        await startup
+        tree.snapshot()
+        await loop.run_in_executor(None, engine.shutdown, 5)
+        return None
+
+    async def _start_http(self, engine, tokenizer, files, tree):
+        from aphrodite.frontend.api_server import ApiServer
+        from aphrodite.frontend.async_engine import AsyncEngineClient
+        from aphrodite.frontend.metrics import ServerMetrics, StatsLogger
+        from aphrodite.frontend.process_tree import gpu_memory_bytes
+        from aphrodite.frontend.serving_base import ServingContext
+
+        names = self.options.served_model_names or [files.name]
+        metrics = ServerMetrics(names[0], engine.ready["max_model_len"])
+        client = AsyncEngineClient(engine, tokenizer, metrics,
+                                   log_requests=not self.options.disable_log_requests)
+        client.start(on_dead=lambda reason: self.engine_dead.set())
+        ctx = ServingContext(client=client, tokenizer=tokenizer, model_names=names,
+                             chat_template=self.options.chat_template,
+                             response_role=self.options.response_role,
+                             max_logprobs=self.config.max_logprobs,
+                             tokenizer_pool=ThreadPoolExecutor(1, thread_name_prefix="tokenizer"))
+        api = ApiServer(ctx, self.options, metrics, model_root=files.name)
+        runner = web.AppRunner(api.build_app(), handler_cancellation=True, access_log=None,
+                               shutdown_timeout=2.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self.options.host, self.options.port,
+                           ssl_context=self._ssl_context(), shutdown_timeout=2.0)
+        await site.start()
+        if not self.options.disable_log_stats:
+            on_gpu = str(engine.ready.get("device", "cpu")).startswith("cuda")
+
+            def memory() -> int:
+                if on_gpu:
+                    used = client.latest_stats.get("gpu_memory_bytes") or gpu_memory_bytes(tree.pids())
+                    if used:
+                        return used
+                return tree.rss_bytes()
+
+            stats = StatsLogger(metrics, memory, self.options.log_stats_interval_s)
+            self.stats_task = asyncio.ensure_future(stats.run())
+        scheme = "https" if self.options.ssl_certfile else "http"
+        logger.info("Serving %s on %s://%s:%d (OpenAI API under /v1)", ", ".join(names), scheme,
+                    self.options.host, self.options.port)
+        return client, api, runner
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.options.ssl_certfile:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.options.ssl_certfile, self.options.ssl_keyfile)
+        return context
+
+    async def _drain(self, client, runner) -> None:
+        """Stop accepting, let in-flight requests finish for the grace period, abort the rest."""
+        for site in list(runner.sites):
+            await site.stop()
+        deadline = asyncio.get_running_loop().time() + self.options.shutdown_timeout_s
+        while (client.num_in_flight and not self.hurry.is_set()
+               and asyncio.get_running_loop().time() < deadline):
+            await asyncio.sleep(0.05)
+        if client.num_in_flight:
+            logger.info("Aborting %d requests still running after %.0f s", client.num_in_flight,
+                        self.options.shutdown_timeout_s)
+            client.abort_all()
+            await asyncio.sleep(0.2)   # let the handlers write their final chunks
+
+
+def run_server(config: EngineConfig, options: ServerOptions) -> int:
+    try:
+        import uvloop
+    except ImportError:  # Windows; uvloop is a dependency elsewhere
+        return asyncio.run(Server(config, options).run())
+    return uvloop.run(Server(config, options).run())
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    config, options = parse_args(argv)
+    sys.exit(run_server(config, options))
+
+
+if __name__ == "__main__":
+    main()

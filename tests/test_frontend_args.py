@@ -1,0 +1,102 @@
+"""Command-line parsing into EngineConfig + ServerOptions."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from aphrodite.frontend.args import parse_args, parse_size
+from server_utils import REPO_ROOT
+
+
+def test_defaults():
+    config, options = parse_args([])
+    assert config.model is None                      # the bundled default model
+    assert (options.host, options.port) == ("0.0.0.0", 2242)
+    assert options.served_model_names == [] and options.api_keys == []
+    assert config.enable_prefix_caching is True and config.enforce_eager is False
+
+
+def test_engine_options_map_to_config(tmp_path):
+    config, options = parse_args([
+        "--model", "/models/x.gguf", "--max-model-len", "4096", "--dtype", "half",
+        "--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--block-size", "32",
+        "--no-enable-prefix-caching", "--kv-cache-memory", "1.5GiB", "--gpu-memory-utilization",
+        "0.8", "-tp", "2", "--enforce-eager", "--max-logprobs", "5", "--tokenizer", "tok"])
+    assert config.model == "/models/x.gguf" and config.tokenizer == "tok"
+    assert config.max_model_len == 4096 and config.dtype == "float16"
+    assert (config.max_num_seqs, config.max_num_batched_tokens, config.block_size) == (8, 512, 32)
+    assert config.enable_prefix_caching is False
+    assert config.kv_cache_memory == int(1.5 * 2**30)
+    assert config.gpu_memory_utilization == 0.8 and config.tensor_parallel_size == 2
+    assert config.enforce_eager is True and config.max_logprobs == 5
+
+
+def test_enforce_eager_takes_an_explicit_value():
+    assert parse_args(["--enforce-eager", "false"])[0].enforce_eager is False
+    assert parse_args(["--enforce-eager", "true"])[0].enforce_eager is True
+
+
+def test_server_options(tmp_path, monkeypatch):
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+    monkeypatch.setenv("APHRODITE_API_KEY", "env-key")
+    _, options = parse_args([
+        "--served-model-name", "meta-llama/Llama-3.1-70B-Instruct", "alias",
+        "--api-keys", "k1", "k2", "--chat-template", str(template),
+        "--allowed-origins", '["https://a.example"]', "https://b.example,https://c.example"])
+    assert options.served_model_names == ["meta-llama/Llama-3.1-70B-Instruct", "alias"]
+    assert options.api_keys == ["k1", "k2", "env-key"]
+    assert options.chat_template == "{{ messages[0]['content'] }}"
+    assert options.allowed_origins == ["https://a.example", "https://b.example", "https://c.example"]
+
+
+def test_inline_chat_template_and_typo_path():
+    assert parse_args(["--chat-template", "{{ x }}"])[1].chat_template == "{{ x }}"
+    with pytest.raises(SystemExit):
+        parse_args(["--chat-template", "no/such/template.jinja"])
+
+
+@pytest.mark.parametrize("argv", [["--dtype", "int3"], ["--block-size", "0"],
+                                  ["--gpu-memory-utilization", "1.5"],
+                                  ["--ssl-keyfile", "k.pem"], ["--kv-cache-memory", "lots"]])
+def test_bad_values_exit_with_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("text,expected", [("1024", 1024), ("4GiB", 4 << 30), ("512M", 512 << 20),
+                                           ("2GB", 2 * 10**9), ("1.5k", 1536)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+def test_parse_size_rejects_nonsense():
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_size("4 bananas")
+
+
+def test_positional_model_for_aphrodite_run():
+    config, _ = parse_args(["my/model", "--port", "9000"], positional_model=True)
+    assert config.model == "my/model"
+    with pytest.raises(SystemExit):
+        parse_args(["a", "--model", "b"], positional_model=True)
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "-m", "aphrodite.server", "--help"],
+                                     [sys.executable, "-m", "aphrodite.cli", "run", "--help"]])
+def test_help_documents_every_option(command):
+    text = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
+                          check=True, timeout=60).stdout
+    for flag in ["--model", "--host", "--port", "--served-model-name", "--api-keys",
+                 "--max-model-len", "--dtype", "--tokenizer", "--chat-template", "--max-num-seqs",
+                 "--max-num-batched-tokens", "--block-size", "--enable-prefix-caching",
+                 "--no-enable-prefix-caching", "--kv-cache-memory", "--gpu-memory-utilization",
+                 "--tensor-parallel-size", "--enforce-eager", "--max-logprobs",
+                 "--disable-log-requests", "--disable-log-stats", "--ssl-keyfile",
+                 "--ssl-certfile", "--allowed-origins"]:
+        assert flag in text, flag
