@@ -138,6 +138,8 @@ class LLM:
                     finish = output["finish_reason"]
                     if output.get("logprobs"):
                         completion.logprobs = (completion.logprobs or []) + output["logprobs"]
+                    if "prompt_logprobs" in output and req.prompt_logprobs is None:
+                        req.prompt_logprobs = [None, *output["prompt_logprobs"]]
                     # Ends on EOS or a stop token id: that token's text is not output.
                     _, stopped_by = detok.add_tokens(output["new_token_ids"],
                                                      ends_with_stop_token=finish == "stop")

@@ -23,3 +23,6 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first
+    # (nothing predicts it); entries are dicts like CompletionOutput.logprobs' items.
+    prompt_logprobs: list[dict | None] | None = None

@@ -93,6 +93,10 @@ class EngineCore:
                      "num_cached_tokens": req.num_cached_tokens}
             if req.request_id in logprobs:
                 entry["logprobs"] = [logprobs[req.request_id]]
+            # Prompt logprobs are gathered over the prefill chunks and sent once, with the
+            # first generated token.
+            if req.wants_prompt_logprobs and len(req.output_token_ids) == 1:
+                entry["prompt_logprobs"] = req.prompt_logprobs
             outputs[req.request_id] = entry
         for req in self.scheduler.pop_finished():
             if req.request_id not in outputs:
@@ -101,6 +105,15 @@ class EngineCore:
                     "finish_reason": req.finish_reason, "stop_reason": req.stop_reason,
                     "num_cached_tokens": req.num_cached_tokens}
         return list(outputs.values())
+
+    def add_prompt_logprobs(self, step: SchedulerOutput, chunks: dict[str, list[dict]]) -> None:
+        for rid, entries in chunks.items():
+            req = self.scheduler.requests.get(rid)
+            if req is None or req.is_finished:
+                continue          # aborted while the step ran
+            # The scheduler advanced num_computed_tokens past this step's chunk when planning it.
+            req.add_prompt_logprobs(req.num_computed_tokens - step.num_scheduled_tokens[rid],
+                                    entries)
 
     # ---- main loop -----------------------------------------------------------------------------
     def run(self, inbox: zmq.Socket, outbox: zmq.Socket, parent_pid: int) -> None:
@@ -149,6 +162,8 @@ class EngineCore:
 
             if self.executor.result_socket in events:
                 result = self.executor.recv_result()
+                if "prompt_logprobs" in result:
+                    self.add_prompt_logprobs(in_flight, result["prompt_logprobs"])
                 updated = self.scheduler.update_from_output(in_flight, result["sampled"])
                 outbox.send(encode(Frame.STEP_OUTPUTS, {
                     "outputs": self.collect_outputs(updated, result.get("logprobs", {})),

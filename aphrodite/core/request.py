@@ -34,6 +34,8 @@ class Request:
     num_tokens_sent: int = 0
     finish_reason: str | None = None
     stop_reason: int | None = None
+    # Entries for prompt tokens 1, 2, ... gathered over prefill chunks (when asked for).
+    prompt_logprobs: list[dict] = field(default_factory=list)
 
     @classmethod
     def from_add_frame(cls, body: dict, eos_token_ids: list[int], max_model_len: int) -> "Request":
@@ -59,6 +61,15 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.sampling_params.get("prompt_logprobs") is not None
+
+    def add_prompt_logprobs(self, chunk_start: int, entries: list[dict]) -> None:
+        """Entries for prompt tokens chunk_start + 1, ... from one prefill chunk. A recompute
+        after preemption repeats positions already held; those are skipped."""
+        self.prompt_logprobs.extend(entries[len(self.prompt_logprobs) - chunk_start:])
 
     @property
     def is_finished(self) -> bool:

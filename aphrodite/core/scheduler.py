@@ -46,8 +46,11 @@ class SchedulerOutput:
     cached_requests: list[CachedRequestData] = field(default_factory=list)
     # Scheduled token counts, in batch order; requests not listed do not run this step.
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
-    # Requests the workers must drop (finished, aborted or preempted).
+    # Requests the workers must forget (finished or aborted).
     finished_req_ids: list[str] = field(default_factory=list)
+    # Requests preempted by recompute: the workers drop their tokens and blocks but keep
+    # their sampler state (mirostat's mu) for when they come back as new requests.
+    preempted_req_ids: list[str] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -65,6 +68,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._dropped: list[str] = []     # to tell the workers at the next step
+        self._preempted: list[str] = []   # likewise
         self._step_id = 0
         self.num_preemptions = 0
 
@@ -107,7 +111,7 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        if req.num_tokens_sent:
+        if req.num_tokens_sent or req.num_preemptions:   # the workers may keep its state
             self._dropped.append(req.request_id)
         self.kv.free(req)
 
@@ -141,14 +145,16 @@ class Scheduler:
                 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             hits, num_hit_tokens = [], 0
-            if req.num_computed_tokens == 0:
+            # Prompt logprobs need every prompt position computed, so no prefix-cache hits.
+            look_up = req.num_computed_tokens == 0 and not req.wants_prompt_logprobs
+            if look_up:
                 hits, num_hit_tokens = self.kv.get_computed_blocks(req)
             num_new = min(req.num_tokens - req.num_computed_tokens - num_hit_tokens, budget)
             new_blocks = self.kv.allocate_slots(req, num_new, hits)
             if new_blocks is None:
                 break
             self.waiting.popleft()
-            if req.num_preemptions == 0 and req.num_computed_tokens == 0:
+            if look_up and req.num_preemptions == 0:
                 req.num_cached_tokens = num_hit_tokens
                 self.kv.record_prefix_lookup(len(req.prompt_token_ids), num_hit_tokens)
             req.num_computed_tokens += num_hit_tokens
@@ -157,8 +163,9 @@ class Scheduler:
             self._schedule(req, num_new, new_blocks, out)
             budget -= num_new
 
-        out.finished_req_ids = self._dropped
-        self._dropped = []
+        if out.num_scheduled_tokens:   # an empty step is not sent: keep the lists for the next
+            out.finished_req_ids, out.preempted_req_ids = self._dropped, self._preempted
+            self._dropped, self._preempted = [], []
         return out
 
     def _schedule(self, req: Request, num_new: int, new_blocks: list[int],
@@ -182,7 +189,7 @@ class Scheduler:
         self.running.remove(req)
         self.kv.free(req)
         if req.num_tokens_sent:
-            self._dropped.append(req.request_id)
+            self._preempted.append(req.request_id)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
         req.num_tokens_sent = 0

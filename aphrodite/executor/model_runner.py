@@ -18,6 +18,7 @@ from aphrodite.executor.attention import (AttentionMetadata, allocate_kv_caches,
                                           kv_cache_bytes_per_block)
 from aphrodite.executor.models import get_model_class
 from aphrodite.executor.sampler import Sampler, SamplingRow
+from aphrodite.executor.sampling.logprobs import summarise
 from aphrodite.executor.weight_loader import iter_weights
 from aphrodite.model_files import eos_token_ids, load_config, max_model_len, resolve_model
 from aphrodite.sampling_params import SamplingParams
@@ -27,6 +28,9 @@ logger = logging.getLogger("aphrodite.worker")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_DEFAULT_FRACTION = 0.25
 CPU_KV_DEFAULT_CAP = 4 << 30
+# Prompt logprobs materialise [positions, vocab] float32 logits; this many positions at a
+# time bounds that memory for long prefill chunks.
+PROMPT_LOGPROBS_ROWS = 256
 
 
 def pick_device(config: EngineConfig, rank: int) -> str:
@@ -92,6 +96,9 @@ class ModelRunner:
         self.max_model_len = min(self.max_model_len, self.num_kv_blocks * self.block_size)
         self.sampler = Sampler(eos_token_ids=self.eos_token_ids)
         self.requests: dict[str, RequestState] = {}
+        # Sampler state (mirostat's mu) of preempted requests, until they are recomputed.
+        self.preempted_states: dict[str, dict] = {}
+        self.reports_results = rank == 0      # only rank 0 replies, so only it needs logprobs
         self.cuda_graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             from aphrodite.executor.cuda_graphs import CudaGraphRunner
@@ -155,14 +162,21 @@ class ModelRunner:
 
     # ---- one step --------------------------------------------------------------------------
     def _apply_diff(self, step: dict) -> None:
+        for rid in step.get("preempted_req_ids", ()):
+            state = self.requests.pop(rid, None)
+            if state is not None:
+                self.preempted_states[rid] = state.row.state
         for rid in step["finished_req_ids"]:
             self.requests.pop(rid, None)
+            self.preempted_states.pop(rid, None)
         for new in step["new_requests"]:
             params = SamplingParams.from_dict(new["sampling_params"])
             outputs = list(new["output_token_ids"])
             prompt = new["prompt_token_ids"]
-            row = SamplingRow(params=params, prompt_token_ids=prompt,
-                              output_token_ids=outputs, state={})
+            # A recomputed request carries on with its sampler state; its token history
+            # cache stays valid, since the engine core keeps the tokens generated so far.
+            row = SamplingRow(params=params, prompt_token_ids=prompt, output_token_ids=outputs,
+                              state=self.preempted_states.pop(new["req_id"], {}))
             self.requests[new["req_id"]] = RequestState(
                 prompt_len=len(prompt), token_ids=prompt + outputs,
                 block_ids=list(new["block_ids"]),
@@ -217,19 +231,51 @@ class ModelRunner:
                                 torch.from_numpy(positions).to(self.device), self.kv_caches,
                                 meta)
 
+        result: dict = {"sampled": {}}
+        if self.reports_results:
+            prompt_logprobs = self._prompt_logprobs(hidden, req_ids, states, starts, seq_lens, cu)
+            if prompt_logprobs:
+                result["prompt_logprobs"] = prompt_logprobs
         # Only requests whose known tokens are all computed produce a next token.
         sampling = [i for i, s in enumerate(states) if seq_lens[i] == len(s.token_ids)]
         if not sampling:
-            return {"sampled": {}}
+            return result
         logits = self.model.compute_logits(hidden[torch.from_numpy(cu[1:][sampling] - 1)
                                                   .to(self.device)])
         out = self.sampler(logits, [states[i].row for i in sampling])
-        sampled = {req_ids[i]: int(t) for i, t in zip(sampling, out.token_ids)}
-        result = {"sampled": sampled}
+        result["sampled"] = {req_ids[i]: int(t) for i, t in zip(sampling, out.token_ids)}
         logprobs = {req_ids[i]: lp for i, lp in zip(sampling, out.logprobs) if lp is not None}
         if logprobs:
             result["logprobs"] = {rid: _logprobs_to_json(lp) for rid, lp in logprobs.items()}
         return result
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, req_ids: list[str],
+                         states: list[RequestState], starts: np.ndarray, seq_lens: np.ndarray,
+                         cu: np.ndarray) -> dict[str, list[dict]]:
+        """Logprobs of the prompt tokens this step's chunk predicts, for the rows that ask.
+
+        The hidden state at position q predicts token q + 1, so a chunk of positions
+        [start, end) yields the entries of prompt tokens start + 1 .. min(end, prompt_len - 1):
+        log_softmax of the raw logits in float32, the token's rank and the top-N."""
+        out = {}
+        for i, state in enumerate(states):
+            top_n = state.row.params.prompt_logprobs
+            last = min(int(seq_lens[i]), state.prompt_len - 1)   # last prompt token predicted
+            if top_n is None or last <= starts[i]:
+                continue
+            first_row = int(cu[i])
+            count = last - int(starts[i])
+            targets = torch.tensor(state.token_ids[int(starts[i]) + 1:last + 1],
+                                   device=self.device)
+            entries = []
+            for a in range(0, count, PROMPT_LOGPROBS_ROWS):
+                b = min(a + PROMPT_LOGPROBS_ROWS, count)
+                logprobs = self.model.compute_logits(
+                    hidden[first_row + a:first_row + b]).float().log_softmax(-1)
+                entries += [lp.to_dict() for lp in summarise(logprobs, targets[a:b],
+                                                             [top_n] * (b - a))]
+            out[req_ids[i]] = entries
+        return out
 
 
 def _logprobs_to_json(lp) -> dict:

@@ -37,6 +37,8 @@ class SequenceDelta:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0        # prompt tokens served from the prefix cache
+    # Engine entries for prompt tokens 1.. (params.prompt_logprobs); only in the first delta.
+    prompt_logprobs: list[dict] | None = None
 
 
 @dataclass
@@ -48,6 +50,7 @@ class _Sequence:
     pending_text: str = ""
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[dict] = field(default_factory=list)
+    pending_prompt_logprobs: list[dict] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     delivered_finish: bool = False
@@ -56,13 +59,16 @@ class _Sequence:
     last_token_time: float | None = None
 
     def take(self) -> SequenceDelta | None:
-        if not self.pending_ids and not self.pending_text and (
+        if not self.pending_ids and not self.pending_text and \
+                self.pending_prompt_logprobs is None and (
                 self.finish_reason is None or self.delivered_finish):
             return None
         delta = SequenceDelta(self.index, self.pending_text, self.pending_ids,
                               self.pending_logprobs if self.want_logprobs else None,
-                              self.finish_reason, self.stop_reason, self.num_cached_tokens)
+                              self.finish_reason, self.stop_reason, self.num_cached_tokens,
+                              self.pending_prompt_logprobs)
         self.pending_text, self.pending_ids, self.pending_logprobs = "", [], []
+        self.pending_prompt_logprobs = None
         self.delivered_finish = self.finish_reason is not None
         return delta
 
@@ -304,6 +310,8 @@ class AsyncEngineClient:
         seq.pending_ids.extend(new_ids[:kept])
         if seq.want_logprobs and out.get("logprobs"):
             seq.pending_logprobs.extend(out["logprobs"][:kept])
+        if "prompt_logprobs" in out:
+            seq.pending_prompt_logprobs = out["prompt_logprobs"]
         seq.pending_text += text
         stopped_here = stop_string is not None and finish is None
         if stopped_here:

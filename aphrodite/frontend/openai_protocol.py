@@ -137,6 +137,7 @@ class CompletionRequest(_CommonRequest):
     max_tokens: Optional[Int] = 16
     echo: bool = False
     logprobs: Optional[Int] = None
+    prompt_logprobs: Optional[Int] = None      # vLLM's extension: per-prompt-token logprobs
     best_of: Optional[Int] = None
     suffix: Optional[str] = None
     add_special_tokens: bool = True

@@ -130,7 +130,7 @@ class OpenAIServing:
             params.validate(self.ctx.client.vocab_size, self.ctx.max_logprobs)
             params.resolve_token_strings(self.ctx.tokenizer)
         except SamplingParamError as exc:
-            raise bad_request(str(exc.message), param=exc.param) from exc
+            raise bad_request(str(exc), param=exc.param) from exc   # "top_p: must be ..."
         except (TypeError, ValueError) as exc:
             raise bad_request(str(exc)) from exc
         return params

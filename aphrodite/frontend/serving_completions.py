@@ -16,8 +16,10 @@ from aphrodite.frontend.serving_base import (OpenAIServing, json_response, merge
 class _Choice:
     """Accumulated text, logprobs and offsets of one choice."""
 
-    def __init__(self, echo_text: str):
+    def __init__(self, prompt_ids: list[int], echo_text: str):
+        self.prompt_ids = prompt_ids
         self.echo_text = echo_text    # sent with the first delta
+        self.prompt_logprobs = None   # the extended prompt_logprobs field, once it arrives
         self.text = ""
         self.num_tokens = 0
         self.offset = 0               # text_offset of the next token
@@ -36,9 +38,13 @@ class CompletionServing(OpenAIServing):
             raise bad_request(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         for ids, _ in prompts:
             self.check_length(len(ids), "prompt")
-        params = self.sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
+        params = self.sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs,
+                                      extra={"prompt_logprobs": body.prompt_logprobs})
+        if body.echo and body.logprobs is not None:   # echoed prompt tokens get logprobs too
+            params.prompt_logprobs = max(params.prompt_logprobs or 0, body.logprobs)
         request_id = self.new_id("cmpl")
-        choices = [_Choice(text if body.echo else "") for _, text in prompts for _ in range(body.n)]
+        choices = [_Choice(ids, text if body.echo else "")
+                   for ids, text in prompts for _ in range(body.n)]
         num_prompt_tokens = sum(len(ids) for ids, _ in prompts)
         streams = []
         try:
@@ -61,11 +67,14 @@ class CompletionServing(OpenAIServing):
             async for j, deltas in merged:
                 for d in deltas:
                     index = j * n + d.index
-                    self._apply(choices[index], d, logprobs[index] if logprobs else None)
+                    self._apply(body, choices[index], d, logprobs[index] if logprobs else None)
         payload_choices = [{"index": i, "text": c.echo_text + c.text,
                             "logprobs": logprobs[i] if logprobs else None,
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                            for i, c in enumerate(choices)]
+        if body.prompt_logprobs is not None:
+            for payload, c in zip(payload_choices, choices):
+                payload["prompt_logprobs"] = c.prompt_logprobs
         return json_response({
             "id": request_id, "object": "text_completion", "created": self.now(), "model": model,
             "choices": payload_choices,
@@ -82,9 +91,6 @@ class CompletionServing(OpenAIServing):
         if body.stream_options is not None and not body.stream:
             raise bad_request("stream_options is only allowed with stream=true.",
                               param="stream_options")
-        if body.echo and body.logprobs is not None:
-            raise bad_request("echo together with logprobs (prompt logprobs) is not supported.",
-                              param="echo")
 
     async def _prompt_ids(self, body: CompletionRequest) -> list[tuple[list[int], str]]:
         """Each prompt as (token ids, text); the text is only needed for echo."""
@@ -112,26 +118,50 @@ class CompletionServing(OpenAIServing):
     def _empty_logprobs() -> dict:
         return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
-    def _apply(self, choice: _Choice, delta, logprobs: dict | None) -> dict | None:
+    def _apply(self, body: CompletionRequest, choice: _Choice, delta,
+               logprobs: dict | None) -> dict | None:
         """Folds a delta into the choice; returns the delta's own logprobs block."""
         choice.text += delta.text
         choice.num_tokens += len(delta.token_ids)
         if delta.finish_reason is not None:
             choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
             choice.cached = delta.num_cached_tokens
-        if logprobs is None or not delta.logprobs:
+        rows = []     # (token id, logprob, top alternatives); None where nothing predicts it
+        if delta.prompt_logprobs is not None:
+            if body.prompt_logprobs is not None:
+                choice.prompt_logprobs = self._prompt_logprobs_field(
+                    delta.prompt_logprobs, body.prompt_logprobs)
+            if body.echo:
+                rows.append((choice.prompt_ids[0], None, None))
+                rows += [parse_logprobs(e) for e in delta.prompt_logprobs]
+        rows += [parse_logprobs(e) for e in delta.logprobs or ()]
+        if logprobs is None or not rows:
             return None
         own = self._empty_logprobs()
-        for entry in delta.logprobs:
-            token_id, logprob, top = parse_logprobs(entry)
+        for token_id, logprob, top in rows:
             text = self.token_text(token_id)
+            top_texts = None if top is None else \
+                {self.token_text(t): lp for t, lp in top[:body.logprobs]}
             for block in (logprobs, own):
                 block["tokens"].append(text)
                 block["token_logprobs"].append(logprob)
-                block["top_logprobs"].append({self.token_text(t): lp for t, lp in top})
+                block["top_logprobs"].append(top_texts)
                 block["text_offset"].append(choice.offset)
             choice.offset += len(text)
         return own
+
+    def _prompt_logprobs_field(self, entries: list[dict], top_n: int) -> list[dict | None]:
+        """vLLM's prompt_logprobs: per prompt token (None for the first), the token and its
+        top_n alternatives as {token id: {logprob, rank, decoded_token}}."""
+        out: list[dict | None] = [None]
+        for entry in entries:
+            token_id, logprob, top = parse_logprobs(entry)
+            position = {str(t): {"logprob": lp, "rank": rank, "decoded_token": self.token_text(t)}
+                        for rank, (t, lp) in enumerate(top[:top_n], start=1)}
+            position[str(token_id)] = {"logprob": logprob, "rank": int(entry["rank"]),
+                                       "decoded_token": self.token_text(token_id)}
+            out.append(position)
+        return out
 
     async def _stream(self, http_request, body, model, request_id, streams, choices,
                       num_prompt_tokens) -> web.StreamResponse:
@@ -151,7 +181,7 @@ class CompletionServing(OpenAIServing):
                     for d in deltas:
                         index = j * n + d.index
                         choice = choices[index]
-                        own_logprobs = self._apply(choice, d, self._empty_logprobs()
+                        own_logprobs = self._apply(body, choice, d, self._empty_logprobs()
                                                    if want_logprobs else None)
                         text = choice.echo_text + d.text
                         choice.echo_text = ""
@@ -159,6 +189,8 @@ class CompletionServing(OpenAIServing):
                             continue
                         event = {"index": index, "text": text, "logprobs": own_logprobs,
                                  "finish_reason": d.finish_reason}
+                        if d.prompt_logprobs is not None and body.prompt_logprobs is not None:
+                            event["prompt_logprobs"] = choice.prompt_logprobs
                         if d.finish_reason is not None:
                             event["stop_reason"] = d.stop_reason
                         payload = {"id": request_id, "object": "text_completion",
