@@ -6,9 +6,7 @@ torch threads. Every rank receives each STEP frame; only rank 0 answers with a R
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
-import multiprocessing.connection
 import os
 import time
 
@@ -16,9 +14,6 @@ import zmq
 
 from aphrodite.config import EngineConfig
 from aphrodite.protocol import Frame, decode, encode
-
-logger = logging.getLogger("aphrodite.executor")
-
 
 class WorkerFailure(RuntimeError):
     """A worker died, hung or reported a fatal error."""
@@ -46,10 +41,6 @@ class Executor:
             proc.start()
             self.procs.append(proc)
         self.ready = self._wait_ready()
-
-    @property
-    def sentinels(self) -> list[int]:
-        return [p.sentinel for p in self.procs]
 
     def _wait_ready(self) -> dict:
         infos: dict[int, dict] = {}
@@ -92,16 +83,6 @@ class Executor:
         if frame is not Frame.RESULT:
             raise WorkerFailure(f"unexpected frame {frame.name} from a worker")
         return body
-
-    def execute(self, step_body, timeout_s: float) -> dict:
-        """Send one STEP and wait for its RESULT (used where nothing else must be polled)."""
-        self.send(Frame.STEP, step_body)
-        deadline = time.monotonic() + timeout_s
-        while not self.result_socket.poll(100):
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise WorkerFailure(f"a model step took longer than {timeout_s:.0f} s")
-        return self.recv_result()
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         try:
