@@ -15,6 +15,7 @@ import zmq
 from aphrodite.config import EngineConfig
 from aphrodite.protocol import Frame, decode, encode
 
+
 class WorkerFailure(RuntimeError):
     """A worker died, hung or reported a fatal error."""
 
