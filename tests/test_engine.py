@@ -12,7 +12,6 @@ import pytest
 
 from aphrodite import LLM, SamplingParams
 from aphrodite.frontend.engine_process import EngineDeadError
-from aphrodite.model_files import load_tokenizer, resolve_model
 
 pytestmark = pytest.mark.slow
 
@@ -28,16 +27,6 @@ QUESTIONS = CHATS + [
     "Tell me a joke about cats.", "What is a prime number?", "Suggest a name for a dog.",
     "How many legs does a spider have?", "What does a compiler do?", "Translate 'hello' to French.",
 ]
-
-
-@pytest.fixture(scope="module")
-def files():
-    return resolve_model(None)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(files):
-    return load_tokenizer(files)
 
 
 def chat_ids(tokenizer, question):

@@ -17,7 +17,6 @@ from aphrodite import LLM, SamplingParams
 from aphrodite.core.kv_cache_manager import KVCacheManager
 from aphrodite.core.request import Request
 from aphrodite.core.scheduler import Scheduler
-from aphrodite.model_files import load_tokenizer, resolve_model
 from server_utils import shared_server
 
 TOL = 1e-3
@@ -51,16 +50,6 @@ def test_prompt_logprob_requests_skip_the_prefix_cache():
 
 
 # ---- offline engine --------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def files():
-    return resolve_model(None)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(files):
-    return load_tokenizer(files)
-
 
 @pytest.fixture(scope="module")
 def prompt_ids(tokenizer):
