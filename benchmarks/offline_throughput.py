@@ -56,16 +56,20 @@ def run_aphrodite(llm, prompts, lengths) -> float:
 def run_transformers(model, tokenizer, prompts, lengths, group: int = 32) -> float:
     import torch
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = model.device
     start = time.perf_counter()
     for g in range(0, len(prompts), group):
         batch, want = prompts[g:g + group], lengths[g:g + group]
         width = max(map(len, batch))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch],
+                            device=device)
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                            max_new_tokens=max(want), min_new_tokens=max(want),
                            pad_token_id=pad)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -74,6 +78,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: the bundled SmolLM2 GGUF")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--group", type=int, default=32, help="transformers' batch size")
     ap.add_argument("--workload", default="both", choices=["equal", "mixed", "both"])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--single-stream-tokens", type=int, default=128,
@@ -88,11 +94,14 @@ def main() -> None:
     tokenizer = load_tokenizer(files)
     prompts = make_prompts(tokenizer, args.num_prompts)
     workloads = ["equal", "mixed"] if args.workload == "both" else [args.workload]
-    results = {"machine": f"{platform.processor() or platform.machine()}, "
-                          f"{os.cpu_count()} cores", "dtype": args.dtype,
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    if args.device == "cuda":
+        import torch
+        machine = torch.cuda.get_device_name()
+    results = {"machine": machine, "dtype": args.dtype,
                "threads": args.threads, "num_prompts": args.num_prompts, "runs": {}}
 
-    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads,
+    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, device=args.device,
               max_num_seqs=max(64, args.num_prompts), max_num_batched_tokens=2048)
     run_aphrodite(llm, prompts[:4], [8] * 4)                         # warm-up
     for w in workloads:
@@ -112,12 +121,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         kwargs = {"gguf_file": files.gguf_file} if files.gguf_file else {}
         model = AutoModelForCausalLM.from_pretrained(
-            files.path, dtype=getattr(torch, args.dtype), **kwargs).eval()
+            files.path, dtype=getattr(torch, args.dtype), **kwargs).eval().to(args.device)
         run_transformers(model, tokenizer, prompts[:2], [8, 8])      # warm-up
         for w in workloads:
             lengths = output_lengths(w, len(prompts))
             results["runs"][w]["transformers_s"] = run_transformers(
-                model, tokenizer, prompts, lengths)
+                model, tokenizer, prompts, lengths, args.group)
         if args.single_stream_tokens:
             results["runs"]["single"]["transformers_s"] = run_transformers(
                 model, tokenizer, prompts[:1], [args.single_stream_tokens], group=1)

@@ -7,6 +7,7 @@ flat slot is block_id * block_size + offset; a sequence's block table lists its 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
@@ -147,6 +148,9 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
                       seq_lens: torch.Tensor, max_seq_len: int, scale: float) -> torch.Tensor:
     """One new token per sequence: q [B, H, D] over each sequence's whole cached context."""
     batch, heads, head_dim = q.shape
+    if q.is_cuda and _triton_decode_usable(head_dim):
+        from aphrodite.executor.triton_attention import paged_decode_attention
+        return paged_decode_attention(q, kv_cache, block_tables, seq_lens, max_seq_len, scale)
     block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = heads // kv_heads
     num_blocks = -(-max_seq_len // block_size)
@@ -162,6 +166,18 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     out = torch.matmul(probs, values.permute(0, 2, 1, 3))                  # [B, KVH, G, D]
     return out.reshape(batch, heads, head_dim)
+
+
+@cache
+def _triton_decode_usable(head_dim: int) -> bool:
+    """The Triton kernel needs a power-of-two head size; without Triton the torch path runs."""
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
