@@ -1,275 +1,300 @@
-"""Serving benchmark: concurrent streaming clients against an OpenAI-compatible server.
+"""Serving benchmark: our server against baselines, same prompts, same run, one at a time.
 
-    # against a running server
-    python benchmarks/serving.py --base-url http://localhost:2242 --num-prompts 200 --concurrency 32
-    # start our server here, benchmark it, stop it, then run the offline engine on the
-    # same requests with the same engine options, and report server / offline throughput
-    python benchmarks/serving.py --launch-server --offline \
-        --engine-args "--max-model-len 1024 --kv-cache-memory 2GiB" --num-prompts 64
+    # default: launch our server, then transformers (batched, then sequential), each in turn
+    python benchmarks/serving.py --json serving.json
+    # add llama.cpp's OpenAI server on the same GGUF (launched here, only during its turn)
+    python benchmarks/serving.py --baseline-name llama.cpp \
+        --baseline-cmd "python -m llama_cpp.server --model {gguf} --host 127.0.0.1 \\
+                        --port {port} --n_threads {threads} --n_ctx 8192"
+    # a server that is already running (we cannot stop it: make sure it is idle meanwhile)
+    python benchmarks/serving.py --baseline-url http://127.0.0.1:8080
 
-Requests are token-id prompts of --input-len random (seeded) ordinary tokens, sent to
-/v1/completions with ignore_eos and max_tokens=--output-len, so every request produces
-exactly the same amount of work on the server and offline. Reported per run: request
-and token throughput; TTFT (first streamed token), TPOT ((latency - TTFT) / (tokens - 1)
-per request), ITL (every gap between streamed chunks) and end-to-end latency, each as
-mean / p50 / p99. The server and the offline engine run one after the other, never at
-the same time.
+Workloads (see serving_workloads.py): fixed, mixed, shared-prefix (our server with prefix
+caching on and off) and long. Each (workload, concurrency) run sends the same seeded requests
+to every backend through the same closed-loop streaming client; backends run one after the
+other and each launched server is stopped before the next starts. See benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
 import json
 import os
-import random
 import shlex
 import signal
 import socket
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import aiohttp
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
+from serving_client import Endpoint, run_level  # noqa: E402
+from serving_report import load_average, machine_description, print_table  # noqa: E402
+from serving_workloads import (WordSource, default_specs, level_requests,  # noqa: E402
+                               warmup_requests)
 
-@dataclass
-class RequestResult:
-    ok: bool
-    output_tokens: int = 0
-    ttft: float = 0.0
-    latency: float = 0.0
-    itl: list[float] = field(default_factory=list)
-    error: str = ""
-
-
-def make_prompts(vocab_size: int, special_ids: set[int], n: int, length: int,
-                 seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    ordinary = [t for t in range(min(vocab_size, 32000)) if t not in special_ids]
-    return [[rng.choice(ordinary) for _ in range(length)] for _ in range(n)]
+OURS = "aphrodite"
+OURS_NO_PREFIX = "aphrodite-no-prefix-cache"
 
 
-async def one_request(session, url, model, prompt, output_len, headers) -> RequestResult:
-    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    result = RequestResult(ok=False)
-    last = None
-    try:
-        async with session.post(url, json=body, headers=headers) as r:
-            if r.status != 200:
-                result.error = f"HTTP {r.status}: {(await r.text())[:200]}"
-                return result
-            async for raw in r.content:
-                line = raw.strip()
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    result.output_tokens = chunk["usage"]["completion_tokens"]
-                if not chunk.get("choices") or not chunk["choices"][0].get("text"):
-                    continue
-                now = time.perf_counter()
-                if last is None:
-                    result.ttft = now - start
-                else:
-                    result.itl.append(now - last)
-                last = now
-        result.latency = time.perf_counter() - start
-        result.ok = result.output_tokens > 0
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        result.error = repr(exc)
-    return result
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-async def run_clients(base_url, model, prompts, output_len, concurrency, api_key):
-    url = f"{base_url}/v1/completions"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limit = asyncio.Semaphore(concurrency)
+class Launched:
+    """A server process that lives for one backend's turn, in its own process group."""
 
-    async def limited(session, prompt):
-        async with limit:
-            return await one_request(session, url, model, prompt, output_len, headers)
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=None)) as session:
-        start = time.perf_counter()
-        results = await asyncio.gather(*(limited(session, p) for p in prompts))
-        return results, time.perf_counter() - start
-
-
-def summarise(values: list[float]) -> dict:
-    if not values:
-        return {"mean": None, "p50": None, "p99": None}
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-    return {"mean": statistics.fmean(ordered), "p50": statistics.median(ordered), "p99": pick(0.99)}
-
-
-def server_report(results: list[RequestResult], elapsed: float, input_len: int) -> dict:
-    ok = [r for r in results if r.ok]
-    output_tokens = sum(r.output_tokens for r in ok)
-    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
-    return {
-        "completed": len(ok), "failed": len(results) - len(ok),
-        "errors": sorted({r.error for r in results if not r.ok})[:5],
-        "duration_s": elapsed,
-        "request_throughput": len(ok) / elapsed,
-        "output_throughput": output_tokens / elapsed,
-        "total_token_throughput": (output_tokens + input_len * len(ok)) / elapsed,
-        "ttft_ms": {k: v and v * 1e3 for k, v in summarise([r.ttft for r in ok]).items()},
-        "tpot_ms": {k: v and v * 1e3 for k, v in summarise(tpot).items()},
-        "itl_ms": {k: v and v * 1e3 for k, v in summarise([g for r in ok for g in r.itl]).items()},
-        "e2e_ms": {k: v and v * 1e3 for k, v in summarise([r.latency for r in ok]).items()},
-    }
-
-
-def run_offline(engine_args: list[str], prompts, output_len) -> dict:
-    from aphrodite import LLM, SamplingParams
-    from aphrodite.frontend.args import parse_args
-
-    config, _ = parse_args(engine_args)
-    llm = LLM(**dataclasses.asdict(config))
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-        llm.generate([{"prompt_token_ids": p} for p in prompts[:2]],
-                     SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)   # warm-up
-        start = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        elapsed = time.perf_counter() - start
-    finally:
-        llm.shutdown()
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"duration_s": elapsed, "output_throughput": tokens / elapsed,
-            "request_throughput": len(prompts) / elapsed}
-
-
-class LaunchedServer:
-    """`python -m aphrodite.server` on a free port for the duration of the benchmark."""
-
-    def __init__(self, engine_args: list[str], log_path: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+    def __init__(self, argv: list[str], port: int, log_path: str):
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aphrodite.server", "--host", "127.0.0.1", "--port",
-             str(self.port), "--disable-log-requests", *engine_args],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.base_url = f"http://127.0.0.1:{port}"
 
-    def wait_ready(self, timeout_s: float = 900) -> None:
-        import urllib.request
+    def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}; "
+                                   f"see {self.log.name}")
             try:
-                with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{self.base_url}/v1/models", timeout=2) as r:
                     if r.status == 200:
                         return
             except OSError:
                 pass
             time.sleep(1)
-        raise TimeoutError("server did not become healthy")
+        raise TimeoutError(f"server not ready after {timeout_s:.0f} s; see {self.log.name}")
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
         self.log.close()
 
 
-def discover(base_url: str, api_key: str | None) -> tuple[str, int]:
-    import urllib.request
-    req = urllib.request.Request(f"{base_url}/v1/models",
-                                 headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+@dataclass
+class Backend:
+    name: str
+    argv: list[str] | None = None        # launched here; None = already running at url
+    url: str | None = None
+    port: int = 0
+    workloads: set[str] | None = None    # None = every workload
+    levels: set[int] | None = None       # None = every level of the workload
+    extra_body: dict = field(default_factory=dict)
+
+
+def model_name(base_url: str, api_key: str | None) -> str:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    req = urllib.request.Request(f"{base_url}/v1/models", headers=headers)
     with urllib.request.urlopen(req, timeout=30) as r:
-        card = json.load(r)["data"][0]
-    return card["id"], card.get("max_model_len", 0)
+        return json.load(r)["data"][0]["id"]
 
 
-def print_report(report: dict) -> None:
-    s = report["server"]
-    print(f"\n== server: {s['completed']} ok, {s['failed']} failed in {s['duration_s']:.1f} s "
-          f"(concurrency {report['concurrency']}, in {report['input_len']} / out "
-          f"{report['output_len']} tokens)")
-    print(f"request throughput  {s['request_throughput']:.2f} req/s")
-    print(f"output throughput   {s['output_throughput']:.1f} tokens/s")
-    print(f"total throughput    {s['total_token_throughput']:.1f} tokens/s")
-    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
-        v = s[name]
-        if v["mean"] is not None:
-            print(f"{name[:-3].upper():5} mean {v['mean']:9.1f} ms   p50 {v['p50']:9.1f} ms   "
-                  f"p99 {v['p99']:9.1f} ms")
-    if s["errors"]:
-        print("errors:", *s["errors"], sep="\n  ")
-    if "offline" in report:
-        o = report["offline"]
-        print(f"\n== offline LLM: {o['output_throughput']:.1f} output tokens/s in "
-              f"{o['duration_s']:.1f} s")
-        print(f"server / offline output throughput: {report['server_offline_ratio']:.3f}")
+def build_backends(args, gguf: str | None) -> list[Backend]:
+    engine = shlex.split(args.engine_args)
+    backends = []
+
+    def ours(name, extra, workloads=None):
+        port = free_port()
+        argv = [sys.executable, "-m", "aphrodite.server", "--host", "127.0.0.1", "--port",
+                str(port), "--disable-log-requests", *engine, *extra]
+        return Backend(name, argv, port=port, workloads=workloads)
+
+    wanted = set(args.backends.split(","))
+    if OURS in wanted:
+        backends.append(Backend(OURS, url=args.base_url.rstrip("/")) if args.base_url
+                        else ours(OURS, ["--enable-prefix-caching"]))
+    if OURS_NO_PREFIX in wanted and not args.base_url:
+        backends.append(ours(OURS_NO_PREFIX, ["--no-enable-prefix-caching"], {"shared-prefix"}))
+    for name, batch in (("hf-batched", args.hf_max_batch), ("hf-sequential", 1)):
+        if name in wanted:
+            port = free_port()
+            argv = [sys.executable, str(REPO / "benchmarks" / "baseline_server.py"), "--port",
+                    str(port), "--max-batch", str(batch), "--dtype", args.hf_dtype,
+                    "--threads", str(args.threads)] + (["--model", args.model] if args.model
+                                                       else [])
+            levels = set(args.sequential_levels) if name == "hf-sequential" else None
+            backends.append(Backend(name, argv, port=port, levels=levels))
+    extra = json.loads(args.baseline_body) if args.baseline_body else {}
+    if args.baseline_cmd:
+        port = free_port()
+        cmd = args.baseline_cmd.format(port=port, gguf=gguf or "", threads=args.threads)
+        backends.append(Backend(args.baseline_name, shlex.split(cmd), port=port,
+                                extra_body=extra))
+    elif args.baseline_url:
+        backends.append(Backend(args.baseline_name, url=args.baseline_url.rstrip("/"),
+                                extra_body=extra))
+    return backends
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--base-url", default="http://localhost:2242")
-    ap.add_argument("--api-key", default=os.environ.get("APHRODITE_API_KEY"))
-    ap.add_argument("--model", default=None, help="default: the server's first model")
-    ap.add_argument("--num-prompts", type=int, default=100)
-    ap.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--launch-server", action="store_true",
-                    help="start `python -m aphrodite.server ENGINE_ARGS` here for the run")
-    ap.add_argument("--offline", action="store_true",
-                    help="then run aphrodite.LLM with ENGINE_ARGS on the same requests")
-    ap.add_argument("--engine-args", default="",
-                    help="server/engine options for --launch-server and --offline, one string")
-    ap.add_argument("--server-log", default="benchmark-server.log")
-    ap.add_argument("--json", help="write the report here too")
-    args = ap.parse_args()
-    engine_args = shlex.split(args.engine_args)
-
-    from aphrodite.model_files import load_tokenizer, resolve_model
-    from aphrodite.frontend.args import parse_args
-    config, _ = parse_args(engine_args)
-    tokenizer = load_tokenizer(resolve_model(config.model), config.tokenizer)
-    prompts = make_prompts(len(tokenizer), set(tokenizer.all_special_ids), args.num_prompts,
-                           args.input_len, args.seed)
-
-    server = LaunchedServer(engine_args, args.server_log) if args.launch_server else None
+def run_backend(backend: Backend, plan: list[tuple], args) -> list[dict]:
+    """Every (workload, level) this backend takes part in; its server is up only meanwhile."""
+    todo = [(spec, c, reqs) for spec, c, reqs in plan
+            if (backend.workloads is None or spec.name in backend.workloads)
+            and (backend.levels is None or c in backend.levels)]
+    if not todo:
+        return []
+    server = None
+    if backend.argv:
+        server = Launched(backend.argv, backend.port, f"{args.log_prefix}-{backend.name}.log")
+    runs = []
     try:
-        base_url = server.base_url if server else args.base_url.rstrip("/")
         if server:
-            server.wait_ready()
-        model = args.model or discover(base_url, args.api_key)[0]
-        asyncio.run(run_clients(base_url, model, prompts[:2], 4, 2, args.api_key))  # warm-up
-        results, elapsed = asyncio.run(run_clients(base_url, model, prompts, args.output_len,
-                                                   args.concurrency, args.api_key))
+            t0 = time.perf_counter()
+            server.wait_ready(args.start_timeout)
+            print(f"[{backend.name}] ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        url = server.base_url if server else backend.url
+        ep = Endpoint(url, args.served_model or model_name(url, args.api_key), args.api_key,
+                      backend.extra_body)
+        run_level(ep, args.warmup, 2, args.request_timeout)
+        for spec, c, reqs in todo:
+            load = load_average()
+            stats = run_level(ep, reqs, c, args.request_timeout)
+            runs.append({"workload": spec.name, "concurrency": c, "backend": backend.name,
+                         "load_before": load, "stats": stats})
+            print(f"[{backend.name}] {spec.name} c={c}: {stats['output_tok_s']:.1f} tok/s, "
+                  f"{stats['errors']} errors, load {load}", flush=True)
     finally:
         if server:
             server.stop()
-    report = {"base_url": base_url, "model": model, "num_prompts": args.num_prompts,
-              "concurrency": args.concurrency, "input_len": args.input_len,
-              "output_len": args.output_len, "engine_args": engine_args,
-              "server": server_report(results, elapsed, args.input_len)}
-    if args.offline:
-        report["offline"] = run_offline(engine_args, prompts, args.output_len)
-        report["server_offline_ratio"] = (report["server"]["output_throughput"]
-                                          / report["offline"]["output_throughput"])
-    print_report(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    return runs
+
+
+def compare(runs: list[dict]) -> tuple[list[dict], list[str]]:
+    """Ratios of our throughput to each baseline's, per (workload, level)."""
+    by_key = {(r["workload"], r["concurrency"], r["backend"]): r for r in runs}
+    comparisons, notes = [], []
+    for r in runs:
+        if r["backend"] != OURS:
+            continue
+        w, c = r["workload"], r["concurrency"]
+        ours = r["stats"]["output_tok_s"]
+        row = {"workload": w, "concurrency": c, "ours_tok_s": ours, "ratios": {},
+               "ttft_p50_ms": r["stats"]["ttft_ms"]["p50"]}
+        for other in {x["backend"] for x in runs} - {OURS, OURS_NO_PREFIX}:
+            base, same = by_key.get((w, c, other)), True
+            if base is None and other == "hf-sequential":
+                # One request at a time: its throughput does not grow with concurrency.
+                base, same = by_key.get((w, 1, other)), False
+            if base and base["stats"]["output_tok_s"]:
+                row["ratios"][other] = {"ratio": ours / base["stats"]["output_tok_s"],
+                                        "same_prompts": same}
+                if base is by_key.get((w, c, other)):
+                    base["ours_over_this"] = row["ratios"][other]["ratio"]
+        off = by_key.get((w, c, OURS_NO_PREFIX))
+        if off and off["stats"]["ttft_ms"]["p50"] and row["ttft_p50_ms"]:
+            row["prefix_cache_ttft_speedup"] = off["stats"]["ttft_ms"]["p50"] / row["ttft_p50_ms"]
+        comparisons.append(row)
+    if any(not v["same_prompts"] for row in comparisons for v in row["ratios"].values()):
+        notes.append("hf-sequential ratios marked * use its concurrency-1 run (a one-at-a-time "
+                     "server's throughput does not depend on concurrency); run it at every "
+                     "level with --sequential-levels 1,16,64")
+    return comparisons, notes
+
+
+def print_comparisons(comparisons: list[dict]) -> None:
+    print("\nour output tok/s over each baseline's (same workload and concurrency):")
+    for row in comparisons:
+        parts = [f"{name} {v['ratio']:.2f}x{'' if v['same_prompts'] else '*'}"
+                 for name, v in sorted(row["ratios"].items())]
+        if "prefix_cache_ttft_speedup" in row:
+            parts.append(f"TTFT p50 prefix cache off/on {row['prefix_cache_ttft_speedup']:.2f}x")
+        print(f"  {row['workload']:<14} c={row['concurrency']:<3} {row['ours_tok_s']:8.1f} tok/s  "
+              + ", ".join(parts))
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--workloads", default="fixed,mixed,shared-prefix,long")
+    ap.add_argument("--levels", type=int_list, default=[1, 16, 64],
+                    help="concurrency levels (shared-prefix caps them at 16, long at 8)")
+    ap.add_argument("--min-requests", type=int, default=8,
+                    help="requests per run: max(this, concurrency x --requests-per-client)")
+    ap.add_argument("--requests-per-client", type=int, default=1)
+    ap.add_argument("--backends", default=f"{OURS},{OURS_NO_PREFIX},hf-batched,hf-sequential")
+    ap.add_argument("--sequential-levels", type=int_list, default=[1],
+                    help="levels at which hf-sequential runs (others reuse its level-1 figure)")
+    ap.add_argument("--model", default=None, help="default: the bundled SmolLM2 GGUF")
+    ap.add_argument("--engine-args", default="", help="extra options for our server, one string")
+    ap.add_argument("--base-url", default=None,
+                    help="benchmark our server already running here instead of launching one")
+    ap.add_argument("--api-key", default=os.environ.get("APHRODITE_API_KEY"))
+    ap.add_argument("--served-model", default=None, help="default: each server's first model")
+    ap.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--hf-max-batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="threads for the transformers and --baseline-cmd servers")
+    ap.add_argument("--baseline-url", default=None, help="any OpenAI-compatible server")
+    ap.add_argument("--baseline-cmd", default=None,
+                    help="command that starts an OpenAI-compatible server; {port}, {gguf} and "
+                         "{threads} are filled in")
+    ap.add_argument("--baseline-name", default="baseline")
+    ap.add_argument("--baseline-body", default=None,
+                    help="extra JSON for the baseline's requests, "
+                         "e.g. '{\"logit_bias\": {\"2\": -100}}'")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--request-timeout", type=float, default=1800)
+    ap.add_argument("--start-timeout", type=float, default=900)
+    ap.add_argument("--log-prefix", default=os.path.join(tempfile.gettempdir(), "serving-bench"),
+                    help="each launched server logs to PREFIX-BACKEND.log")
+    ap.add_argument("--json", help="write the report here too")
+    ap.add_argument("--length-scale", type=float, default=1.0,
+                    help="scale every prompt and output length (e.g. 0.1 for a quick check)")
+    args = ap.parse_args()
+    # `timeout` and schedulers send SIGTERM: unwind so launched servers are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.model:
+        args.engine_args = f"--model {shlex.quote(args.model)} {args.engine_args}"
+
+    from aphrodite.model_files import load_tokenizer, resolve_model
+    files = resolve_model(args.model)
+    words = WordSource(load_tokenizer(files))
+    specs = default_specs(args.levels, args.length_scale)
+    unknown = set(args.workloads.split(",")) - set(specs)
+    if unknown:
+        ap.error(f"unknown workloads {sorted(unknown)}; choose from {sorted(specs)}")
+    plan = []
+    for name in args.workloads.split(","):
+        spec = specs[name]
+        for c in spec.levels:
+            n = max(args.min_requests, c * args.requests_per_client)
+            plan.append((spec, c, level_requests(spec, words, c, n, args.seed)))
+    args.warmup = warmup_requests(words, args.seed)
+
+    report = {"machine": machine_description(), "threads": args.threads,
+              "dtype": f"ours: {args.engine_args or 'defaults'}; transformers {args.hf_dtype}",
+              "model": files.name, "seed": args.seed, "argv": sys.argv[1:],
+              "workloads": {spec.name: {"about": spec.about, "levels": spec.levels}
+                            for spec, _, _ in plan},
+              "runs": [], "comparisons": [], "notes": []}
+    gguf = os.path.join(files.path, files.gguf_file) if files.gguf_file else None
+    started = time.perf_counter()
+    for backend in build_backends(args, gguf):
+        report["runs"] += run_backend(backend, plan, args)
+        report["comparisons"], report["notes"] = compare(report["runs"])
+        report["wall_s"] = time.perf_counter() - started
+        if args.json:            # after every backend, so an interrupted run keeps its data
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+    print_table(report)
+    print_comparisons(report["comparisons"])
 
 
 if __name__ == "__main__":
