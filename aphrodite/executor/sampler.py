@@ -21,7 +21,7 @@ from typing import Iterable
 
 import torch
 
-from aphrodite.executor.sampling.compact import Part, expand, split_compact, to_vocab
+from aphrodite.executor.sampling.compact import Part, run_by_token_id, split_compact, to_vocab
 from aphrodite.executor.sampling.constraints import apply_constraints
 from aphrodite.executor.sampling.context import (SamplingRow, StepContext, put_rows,
                                                 run_on_rows, take_rows)
@@ -85,9 +85,10 @@ class Sampler:
             for part in parts:
                 part_rows = [rows[i] for i in part.members]
                 users = [j for j, row in enumerate(part_rows) if stage.uses(row.params)]
-                if users:
-                    if stage.by_token_id:
-                        part = expand(part, vocab)
+                if users and stage.by_token_id:
+                    part = run_by_token_id(part, vocab, lambda full: run_on_rows(
+                        stage.apply, full, users, part_rows, ctx))
+                elif users:
                     run_on_rows(stage.apply, part.logits, users, part_rows, ctx)
                     if stage.truncates and part.ids is None:
                         next_parts.extend(split_compact(part, vocab))

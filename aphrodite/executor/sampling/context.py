@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from aphrodite.executor.sampling.draw import RowRandom
@@ -41,9 +42,35 @@ def column(rows: list[SamplingRow], name: str, like: torch.Tensor,
 
 
 def count_true(mask: torch.Tensor) -> torch.Tensor:
-    """Number of True entries per row, [R, 1] int32 (summing bytes: torch's bool sum is slow
-    on CPUs)."""
+    """Number of True entries per row, [R, 1] int32 (torch's bool sum is slow on CPUs:
+    numpy's count there, summing bytes elsewhere)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.count_nonzero(mask.numpy(), axis=-1)
+                                .astype(np.int32)).unsqueeze(1)
     return mask.view(torch.uint8).sum(-1, keepdim=True, dtype=torch.int32)
+
+
+def in_play(logits: torch.Tensor) -> torch.Tensor:
+    """Mask of the tokens not removed (logit != -inf). (numpy compares several times faster
+    than torch on CPUs.)"""
+    if logits.device.type == "cpu":
+        return torch.from_numpy(logits.numpy() != float("-inf"))
+    return logits != float("-inf")
+
+
+def remove(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Set ``logits`` to -inf where ``mask`` holds, in place. (torch.where into the same
+    tensor: about twice as fast as masked_fill_ on CPUs.)"""
+    neg_inf = torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device)
+    return torch.where(mask, neg_inf, logits, out=logits)
+
+
+def remove_below(logits: torch.Tensor, key: torch.Tensor,
+                 threshold: torch.Tensor) -> torch.Tensor:
+    """Remove the tokens whose ``key`` [R, V] is < ``threshold`` [R, 1], in place."""
+    if key.device.type == "cpu":
+        return remove(logits, torch.from_numpy(key.numpy() < threshold.numpy()))
+    return remove(logits, key < threshold)
 
 
 def take_rows(t: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:

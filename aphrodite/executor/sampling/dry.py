@@ -34,7 +34,8 @@ def dry_penalties(history: np.ndarray, p, vocab_size: int) -> tuple[np.ndarray, 
         return none
     breakers = np.asarray(p.dry_sequence_breaker_ids, dtype=np.int64)
     last = h[-1]
-    if last in breakers:
+    ends = np.flatnonzero(h[:-1] == last)               # earlier occurrences of the last token
+    if ends.size == 0 or last in breakers:
         return none
     # A match cannot cross a breaker, so it is at most the breaker-free tail of h.
     breaks = np.flatnonzero(np.isin(h, breakers)) if breakers.size else breakers
@@ -43,7 +44,6 @@ def dry_penalties(history: np.ndarray, p, vocab_size: int) -> tuple[np.ndarray, 
     if max_len < p.dry_allowed_length:
         return none
 
-    ends = np.flatnonzero(h[:-1] == last)               # earlier occurrences of the last token
     lengths = np.ones(ends.size, dtype=np.int64)
     active = np.arange(ends.size)
     for k in range(1, max_len):

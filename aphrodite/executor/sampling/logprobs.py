@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from aphrodite.executor.sampling.context import count_true
+
 # -inf (a masked token) does not survive JSON; like the OpenAI servers, report it as -9999.
 LOGPROB_FLOOR = -9999.0
 
@@ -27,7 +29,9 @@ def summarise(logprobs: torch.Tensor, tokens: torch.Tensor,
               top_n: list[int]) -> list[RowLogprobs]:
     """One RowLogprobs per row of ``logprobs`` [R, V] for the sampled ``tokens`` [R]."""
     chosen = logprobs.gather(1, tokens.unsqueeze(1))
-    ranks = (logprobs > chosen).view(torch.uint8).sum(-1, dtype=torch.int64).add_(1)
+    ranks = count_true(logprobs > chosen if logprobs.device.type != "cpu"
+                       else torch.from_numpy(logprobs.numpy() > chosen.numpy())).add_(1)
+    ranks = ranks.squeeze(1)
     n_max = min(max(top_n), logprobs.shape[1])
     if n_max:
         top_values, top_ids = logprobs.topk(n_max, dim=-1)

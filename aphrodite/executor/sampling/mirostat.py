@@ -15,7 +15,8 @@ import math
 
 import torch
 
-NEG_INF = float("-inf")
+from aphrodite.executor.sampling.context import remove
+
 MU_KEY = "mirostat_mu"
 
 
@@ -30,9 +31,9 @@ def current_mu(row) -> float:
 def mirostat_truncate(logits: torch.Tensor, rows) -> torch.Tensor:
     mu = torch.tensor([current_mu(row) for row in rows], dtype=logits.dtype)
     surprise = logits.log_softmax(-1).div_(-math.log(2))
-    remove = surprise > mu.to(logits.device).unsqueeze(1)
-    remove.scatter_(1, logits.argmax(-1, keepdim=True), False)
-    return logits.masked_fill_(remove, NEG_INF)
+    too_surprising = surprise > mu.to(logits.device).unsqueeze(1)
+    too_surprising.scatter_(1, logits.argmax(-1, keepdim=True), False)
+    return remove(logits, too_surprising)
 
 
 def mirostat_update(rows, sampled_probs: list[float]) -> None:

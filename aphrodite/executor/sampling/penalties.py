@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
 
 from aphrodite.executor.sampling.constraints import mask_tokens
 from aphrodite.executor.sampling.context import column, run_on_rows
@@ -66,10 +65,13 @@ def ngram_bans(history: np.ndarray, n: int) -> np.ndarray:
     """Tokens that would complete an n-gram already present in ``history``."""
     if len(history) < n:
         return history[:0]
-    windows = sliding_window_view(history, n)
-    if n > 1:
-        windows = windows[(windows[:, :-1] == history[len(history) - n + 1:]).all(axis=1)]
-    return np.unique(windows[:, -1])
+    # Windows history[s:s+n] whose first n-1 tokens are the last n-1 tokens: each prefix
+    # token is only tested at the starts that matched so far.
+    last_start = len(history) - n
+    starts = np.arange(last_start + 1)
+    for k, token in enumerate(history[last_start + 1:]):
+        starts = starts[history[starts + k] == token]
+    return np.unique(history[starts + n - 1])
 
 
 def apply_no_repeat_ngram(logits: torch.Tensor, rows, ctx) -> torch.Tensor:

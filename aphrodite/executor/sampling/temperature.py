@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from aphrodite.executor.sampling.context import column, count_true, put_rows, take_rows
+from aphrodite.executor.sampling.context import (column, count_true, in_play, put_rows,
+                                                take_rows)
 from aphrodite.sampling_params import GREEDY_TEMPERATURE
 
 
@@ -21,8 +22,8 @@ def uses_temperature(p) -> bool:
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of softmax(logits) per row, [R, 1]; -inf logits contribute nothing."""
-    logp = logits.log_softmax(-1)
-    return -(logp.exp() * logp).nansum(-1, keepdim=True)
+    # softmax, not logp.exp(): exp of -inf is slow on CPUs
+    return -(logits.softmax(-1) * logits.log_softmax(-1)).nansum(-1, keepdim=True)
 
 
 def apply_temperature(logits: torch.Tensor, rows, ctx) -> torch.Tensor:
@@ -31,7 +32,7 @@ def apply_temperature(logits: torch.Tensor, rows, ctx) -> torch.Tensor:
     if dynamic:
         dyn_rows = [rows[j] for j in dynamic]
         sub, index = take_rows(logits, dynamic)
-        finite = count_true(sub > float("-inf")).to(logits.dtype)
+        finite = count_true(in_play(sub)).to(logits.dtype)
         max_entropy = finite.log()
         normalised = torch.where(finite > 1, entropy(sub) / max_entropy.clamp_min(1e-30),
                                  torch.zeros_like(max_entropy)).clamp_(0, 1)
