@@ -16,6 +16,7 @@ import os
 import signal
 import ssl
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -105,7 +106,7 @@ class Server:
         tree.track(engine.proc.pid)
         logger.info("Engine core process: pid %d; loading the model", engine.proc.pid)
         # The tokenizer loads here while the engine core loads the model.
-        tokenizer_load = loop.run_in_executor(None, load_tokenizer, files, self.config.tokenizer)
+        tokenizer_load = _in_daemon_thread(load_tokenizer, files, self.config.tokenizer)
         engine_ready = loop.run_in_executor(None, engine.wait_ready,
                                             self.options.engine_start_timeout_s)
         startup = asyncio.gather(tokenizer_load, engine_ready, return_exceptions=True)
@@ -122,10 +123,11 @@ class Server:
         for failure in failures:
             logger.error("Start-up failed: %s", failure)
         # wait_ready may still be polling the engine's socket in its thread: end the engine
-        # process so that it returns, and only then close the sockets.
+        # process so that it returns, and only then close the sockets. The tokenizer may
+        # go on loading in its daemon thread; exiting does not wait for it.
         if engine.proc.is_alive():
             engine.proc.terminate()
-        await startup
+        await asyncio.gather(engine_ready, return_exceptions=True)
         tree.snapshot()
         await loop.run_in_executor(None, engine.shutdown, 5)
         return None
@@ -141,6 +143,7 @@ class Server:
         metrics = ServerMetrics(names[0], engine.ready["max_model_len"])
         client = AsyncEngineClient(engine, tokenizer, metrics,
                                    log_requests=not self.options.disable_log_requests)
+        metrics.frontend_requests.set_function(lambda: client.num_in_flight)
         client.start(on_dead=lambda reason: self.engine_dead.set())
         ctx = ServingContext(client=client, tokenizer=tokenizer, model_names=names,
                              chat_template=self.options.chat_template,
@@ -179,9 +182,11 @@ class Server:
         return context
 
     async def _drain(self, client, runner) -> None:
-        """Stop accepting, let in-flight requests finish for the grace period, abort the rest."""
-        for site in list(runner.sites):
-            await site.stop()
+        """Let in-flight requests finish for the grace period, then abort the rest.
+
+        The listener stays open meanwhile: new requests get an explicit 503 (the API's
+        shutting_down gate) rather than a refused connection.
+        """
         deadline = asyncio.get_running_loop().time() + self.options.shutdown_timeout_s
         while (client.num_in_flight and not self.hurry.is_set()
                and asyncio.get_running_loop().time() < deadline):
@@ -191,6 +196,34 @@ class Server:
                         self.options.shutdown_timeout_s)
             client.abort_all()
             await asyncio.sleep(0.2)   # let the handlers write their final chunks
+
+
+def _in_daemon_thread(fn, *args) -> asyncio.Future:
+    """fn(*args) in a daemon thread. Unlike the default executor's threads, nothing joins it
+    at exit, so a signal during start-up need not wait for a slow load to finish."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:   # the loop is closed: the server is exiting
+            pass
+
+    threading.Thread(target=run, name=f"load-{fn.__name__}", daemon=True).start()
+    return future
 
 
 def run_server(config: EngineConfig, options: ServerOptions) -> int:

@@ -2,58 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import openai
-import psutil
 import pytest
 import requests
 
 from server_utils import REPO_ROOT, RemoteServer
+from test_server_faults import Client, no_process_left
 
 pytestmark = pytest.mark.slow   # starts the real server with the default model
 
 SMALL = ["--served-model-name", "smollm2", "--max-model-len", "256", "--kv-cache-memory", "64MiB", "--max-num-seqs", "8"]
-LONG_STREAM = {"model": "smollm2", "prompt": "Write a long story.", "max_tokens": 200,
-               "temperature": 1.0, "stream": True, "ignore_eos": True}
-
-
-def no_process_left(processes: list[psutil.Process], timeout_s: float = 5) -> list[int]:
-    """Pids of `processes` still running (zombies count as gone) after up to timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alive = [p.pid for p in processes
-                 if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.2)
-
-
-def read_stream_in_thread(url: str, body: dict, headers: dict, first_chunk: threading.Event,
-                          events: list, verify=True):
-    def run():
-        try:
-            with requests.post(url, json=body, headers=headers, stream=True, timeout=120,
-                               verify=verify) as r:
-                events.append(("status", r.status_code))
-                for line in r.iter_lines(decode_unicode=True):
-                    if line.startswith("data: "):
-                        data = line[6:]
-                        events.append(("data", data if data == "[DONE]" else json.loads(data)))
-                        first_chunk.set()
-        except requests.RequestException as exc:
-            events.append(("exception", exc))
-        first_chunk.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+STREAM = {"model": "smollm2", "prompt": "Write a long story.", "temperature": 1.0,
+          "stream": True, "ignore_eos": True}
 
 
 class TestApiKeysTlsCorsAndSigterm:
@@ -61,7 +27,7 @@ class TestApiKeysTlsCorsAndSigterm:
 
     @pytest.fixture(scope="class")
     def server(self, tmp_path_factory):
-        args = ["--api-keys", "sekrit", "--shutdown-timeout", "3",
+        args = ["--api-keys", "sekrit", "--shutdown-timeout", "120",
                 "--allowed-origins", "https://ui.example", *SMALL]
         tls_dir = tmp_path_factory.mktemp("tls") if shutil.which("openssl") else None
         with RemoteServer(args, env={"APHRODITE_API_KEY": "from-env"}, api_key="sekrit",
@@ -112,65 +78,39 @@ class TestApiKeysTlsCorsAndSigterm:
         with pytest.raises(openai.AuthenticationError):
             server.get_client(api_key="nope").models.list()
 
-    def test_sigterm_stops_in_flight_work_and_exits_zero(self, server):
-        first_chunk, events = threading.Event(), []
-        thread = read_stream_in_thread(server.url_for("v1", "completions"), LONG_STREAM,
-                                       server.headers(), first_chunk, events, server.verify)
-        assert first_chunk.wait(120)
+    def test_sigterm_drains_then_a_second_signal_aborts(self, server):
+        url = server.url_for("v1", "completions")
+        short = [Client(url, {**STREAM, "max_tokens": 12}, server.headers(), server.verify)
+                 for _ in range(2)]
+        # Batched with the short ones, it is still running when they end (200 > 12 steps).
+        long = Client(url, {**STREAM, "max_tokens": 200}, server.headers(), server.verify)
+        for client in (*short, long):
+            assert client.first_chunk.wait(120)
         server.remember_children()
         children = server.children()
         assert children, "the engine core and its worker should be children of the server"
-        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        server.wait_for_log("Received SIGTERM", timeout_s=10)
+        # Draining: a new request gets an explicit 503, in-flight ones run to their end.
+        refused = requests.post(url, json={**STREAM, "stream": False, "max_tokens": 1},
+                                headers=server.headers(), timeout=30, verify=server.verify)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "engine_unavailable"
+        for client in short:
+            client.join(120)
+            data = client.data()
+            assert data[-1] == "[DONE]"
+            finish = [d["choices"][0]["finish_reason"] for d in data[:-1] if d["choices"]]
+            assert finish[-1] == "length"
+        assert long.is_alive() and server.proc.poll() is None    # still draining
+        # A second signal skips the rest of the grace period: the long stream is aborted.
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout_s=30) == 0
-        assert time.monotonic() - started < 3 + 15     # grace period + engine shutdown
-        thread.join(30)
-        data = [d for kind, d in events if kind == "data"]
-        assert data[-1] == "[DONE]"                     # the stream was closed properly
-        finish = [d["choices"][0]["finish_reason"] for d in data[:-1] if d["choices"]]
-        assert finish[-1] in ("abort", "length")
-        assert no_process_left(children) == []
-
-
-def test_engine_death_fails_requests_and_exits_nonzero():
-    command = [sys.executable, "-m", "aphrodite.cli", "run"]
-    with RemoteServer(SMALL, command=command) as server:
-        first_chunk, events = threading.Event(), []
-        read_stream_in_thread(server.url_for("v1", "completions"), LONG_STREAM, {},
-                              first_chunk, events)
-        blocking: dict = {}
-
-        def non_streaming():
-            body = {**LONG_STREAM, "stream": False}
-            blocking["response"] = requests.post(server.url_for("v1", "completions"),
-                                                 json=body, timeout=120)
-
-        blocker = threading.Thread(target=non_streaming, daemon=True)
-        blocker.start()
-        assert first_chunk.wait(120)
-        server.remember_children()
-        children = server.children()
-        core = server.engine_core()
-        killed_at = time.monotonic()
-        core.kill()
-        # /health fails at once (503 while the server winds down, refused once it exited).
-        health = 200
-        while health == 200 and time.monotonic() - killed_at < 5:
-            try:
-                health = requests.get(server.url_for("health"), timeout=5).status_code
-            except requests.ConnectionError:
-                health = None
-        assert health in (503, None)
-        code = server.wait(timeout_s=10)
-        assert code != 0
-        assert time.monotonic() - killed_at < 10
-        blocker.join(10)
-        response = blocking["response"]
-        assert response.status_code == 503
-        assert response.json()["error"]["code"] == "engine_unavailable"
-        data = [d for kind, d in events if kind == "data"]
-        assert any(isinstance(d, dict) and "error" in d for d in data), data[-3:]
+        long.join(30)
+        data = long.data()
         assert data[-1] == "[DONE]"
+        finish = [d["choices"][0]["finish_reason"] for d in data[:-1] if d["choices"]]
+        assert finish[-1] == "abort"
         assert no_process_left(children) == []
 
 

@@ -21,18 +21,29 @@ from aphrodite.config import EngineConfig
 from aphrodite.core.kv_cache_manager import KVCacheManager
 from aphrodite.core.request import Request
 from aphrodite.core.scheduler import Scheduler, SchedulerOutput
-from aphrodite.executor.executor import Executor, WorkerFailure
+from aphrodite.executor.executor import Executor, ParentGone, WorkerFailure, die_with_parent
 from aphrodite.protocol import Frame, decode, encode
 
 logger = logging.getLogger("aphrodite.engine")
 
-PARENT_CHECK_S = 1.0
+PARENT_CHECK_S = 1.0      # how often the idle loop checks the frontend and the workers
+SEND_TIMEOUT_MS = 1000    # a frontend that stops reading is checked for life this often
+
+
+class Terminated(BaseException):
+    """SIGTERM: from the frontend's shutdown, or PDEATHSIG when the frontend died."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # let the clean-up run to its end
+    raise Terminated()
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, ctx: zmq.Context, ipc_dir: str):
+    def __init__(self, config: EngineConfig, ctx: zmq.Context, ipc_dir: str, parent_pid: int):
         self.config = config
-        self.executor = Executor(config, ctx, ipc_dir)
+        self.parent_pid = parent_pid
+        self.executor = Executor(config, ctx, ipc_dir, parent_pid)
         info = self.executor.ready
         self.max_model_len = info["max_model_len"]
         self.eos_token_ids = info["eos_token_ids"]
@@ -41,6 +52,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len)
         self.ready_info = {**info, "block_size": config.block_size}
+        self.num_worker_requests = 0      # as rank 0 last reported it
 
     # ---- frontend frames ---------------------------------------------------------------------
     def handle(self, frame: Frame, body) -> bool:
@@ -83,6 +95,10 @@ class EngineCore:
             "num_preemptions": self.scheduler.num_preemptions,
             "num_prompt_tokens": num_prompt,
             "num_generation_tokens": num_generated,
+            # Per-request state held here and in the workers (resource hygiene: both
+            # return to 0 once traffic stops).
+            "num_engine_requests": len(self.scheduler.requests),
+            "num_worker_requests": self.num_worker_requests,
         }
 
     def collect_outputs(self, updated: list[Request], logprobs: dict) -> list[dict]:
@@ -115,8 +131,31 @@ class EngineCore:
             req.add_prompt_logprobs(req.num_computed_tokens - step.num_scheduled_tokens[rid],
                                     entries)
 
+    def forget_step(self) -> SchedulerOutput | None:
+        """A step that runs nothing and only tells the workers which requests to drop.
+
+        The scheduler hands finished ids to the workers with the next real step; once
+        traffic stops there is none, and the workers would keep those requests' state.
+        """
+        finished, preempted = self.scheduler.take_forgotten()
+        if not (finished or preempted):
+            return None
+        return SchedulerOutput(step_id=0, finished_req_ids=finished, preempted_req_ids=preempted)
+
+    def emit(self, outbox: zmq.Socket, frame: Frame, body) -> None:
+        """Send to the frontend; if it stops reading, check that it still exists."""
+        message = encode(frame, body)
+        while True:
+            try:
+                outbox.send(message)      # SNDTIMEO bounds the wait
+                return
+            except zmq.Again:
+                if os.getppid() != self.parent_pid:
+                    raise ParentGone("the frontend exited") from None
+
     # ---- main loop -----------------------------------------------------------------------------
-    def run(self, inbox: zmq.Socket, outbox: zmq.Socket, parent_pid: int) -> None:
+    def run(self, inbox: zmq.Socket, outbox: zmq.Socket) -> bool:
+        """Serve until SHUTDOWN (returns True) or until the frontend is gone (False)."""
         self.pending_utility: list[dict] = []
         poller = zmq.Poller()
         poller.register(inbox, zmq.POLLIN)
@@ -133,10 +172,15 @@ class EngineCore:
                 if step.num_scheduled_tokens:
                     self.executor.send(Frame.STEP, step)
                     in_flight, step_started = step, time.monotonic()
+            if in_flight is None and not self.scheduler.has_unfinished():
+                step = self.forget_step()
+                if step is not None:
+                    self.executor.send(Frame.STEP, step)
+                    in_flight, step_started = step, time.monotonic()
             if in_flight is None and dirty:
-                outbox.send(encode(Frame.STEP_OUTPUTS, {
+                self.emit(outbox, Frame.STEP_OUTPUTS, {
                     "outputs": self.collect_outputs([], {}), "stats": self.stats(),
-                    "timestamp": time.time()}))
+                    "timestamp": time.time()})
                 dirty = False
 
             if in_flight is not None:
@@ -154,21 +198,22 @@ class EngineCore:
                     except zmq.Again:
                         break
                     if not self.handle(*decode(message)):
-                        return
+                        return True
                     dirty = True
                 for body in self.pending_utility:
-                    outbox.send(encode(Frame.UTILITY_RESULT, self.run_utility(body)))
+                    self.emit(outbox, Frame.UTILITY_RESULT, self.run_utility(body))
                 self.pending_utility.clear()
 
             if self.executor.result_socket in events:
                 result = self.executor.recv_result()
                 if "prompt_logprobs" in result:
                     self.add_prompt_logprobs(in_flight, result["prompt_logprobs"])
+                self.num_worker_requests = result.get("num_requests", 0)
                 updated = self.scheduler.update_from_output(in_flight, result["sampled"])
-                outbox.send(encode(Frame.STEP_OUTPUTS, {
+                self.emit(outbox, Frame.STEP_OUTPUTS, {
                     "outputs": self.collect_outputs(updated, result.get("logprobs", {})),
                     "stats": self.stats(in_flight, len(updated)),
-                    "timestamp": time.time()}))
+                    "timestamp": time.time()})
                 in_flight, dirty = None, False
             elif in_flight is not None:
                 self.executor.check_alive()
@@ -179,42 +224,65 @@ class EngineCore:
             now = time.monotonic()
             if now - last_parent_check > PARENT_CHECK_S:
                 last_parent_check = now
-                if os.getppid() != parent_pid:
+                if os.getppid() != self.parent_pid:
                     logger.warning("frontend process is gone; shutting down")
-                    return
+                    return False
+                self.executor.check_alive()     # a worker may die while we are idle
 
 
 def run_engine_core(config_dict: dict, input_addr: str, output_addr: str,
-                    parent_pid: int) -> None:
-    """Process main, started by the frontend (aphrodite.frontend.engine_process)."""
+                    parent_pid: int, follow_parent: bool = False) -> None:
+    """Process main, started by the frontend (aphrodite.frontend.engine_process).
+
+    follow_parent: the frontend started us from its main thread, so PR_SET_PDEATHSIG is
+    safe (it fires when the forking *thread* ends) and SIGTERMs us if the frontend dies.
+    """
     logging.basicConfig(level=os.environ.get("APHRODITE_LOG_LEVEL", "INFO"),
                         format="%(levelname)s %(asctime)s engine %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the frontend decides when we stop
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        if follow_parent:
+            die_with_parent(parent_pid, signal.SIGTERM)
+        elif os.getppid() != parent_pid:
+            raise ParentGone("the frontend exited before the engine core started")
+    except (ParentGone, Terminated):
+        raise SystemExit(0)
     config = EngineConfig.from_dict(config_dict)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.connect(input_addr)
     outbox = ctx.socket(zmq.PUSH)
     outbox.setsockopt(zmq.LINGER, 2000)
+    outbox.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
     outbox.connect(output_addr)
     ipc_dir = tempfile.mkdtemp(prefix="aphrodite-core-")
     engine = None
     exit_code = 0
+    orderly = False        # SHUTDOWN from the frontend: the workers get time to exit
     try:
-        engine = EngineCore(config, ctx, ipc_dir)
-        outbox.send(encode(Frame.READY, engine.ready_info))
-        engine.run(inbox, outbox, parent_pid)
+        engine = EngineCore(config, ctx, ipc_dir, parent_pid)
+        engine.emit(outbox, Frame.READY, engine.ready_info)
+        orderly = engine.run(inbox, outbox)
+    except (Terminated, ParentGone) as exc:
+        logger.warning("stopping at once: %s", exc or "SIGTERM")
+        outbox.setsockopt(zmq.LINGER, 0)           # nobody may be left to read
     except Exception as exc:
         exit_code = 1
         detail = str(exc) if isinstance(exc, WorkerFailure) else traceback.format_exc()
         logger.error("engine core failed: %s", detail)
-        outbox.send(encode(Frame.DEAD, {"message": detail}))
+        try:
+            outbox.send(encode(Frame.DEAD, {"message": detail}), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
     finally:
         if engine is not None:
-            engine.executor.shutdown()
+            engine.executor.shutdown(graceful=orderly)
         inbox.close(0)
         outbox.close()
-        ctx.term()
+        # destroy(), not term(): sockets of an Executor that failed half-built are still
+        # open, and term() would wait for them forever.
+        ctx.destroy(linger=0)
         shutil.rmtree(ipc_dir, ignore_errors=True)
     raise SystemExit(exit_code)
 
@@ -224,4 +292,5 @@ if __name__ == "__main__":
 
     import orjson
     _input, _output, _parent, _config = sys.argv[1:5]
-    run_engine_core(orjson.loads(_config), _input, _output, int(_parent))
+    run_engine_core(orjson.loads(_config), _input, _output, int(_parent),
+                    follow_parent=sys.argv[5:6] == ["follow-parent"])

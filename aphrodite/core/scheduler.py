@@ -164,9 +164,14 @@ class Scheduler:
             budget -= num_new
 
         if out.num_scheduled_tokens:   # an empty step is not sent: keep the lists for the next
-            out.finished_req_ids, out.preempted_req_ids = self._dropped, self._preempted
-            self._dropped, self._preempted = [], []
+            out.finished_req_ids, out.preempted_req_ids = self.take_forgotten()
         return out
+
+    def take_forgotten(self) -> tuple[list[str], list[str]]:
+        """Finished and preempted ids the workers have not been told about yet (and clear them)."""
+        forgotten = self._dropped, self._preempted
+        self._dropped, self._preempted = [], []
+        return forgotten
 
     def _schedule(self, req: Request, num_new: int, new_blocks: list[int],
                   out: SchedulerOutput) -> None:

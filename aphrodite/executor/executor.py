@@ -6,8 +6,10 @@ torch threads. Every rank receives each STEP frame; only rank 0 answers with a R
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import sys
 import time
 
 import zmq
@@ -20,9 +22,36 @@ class WorkerFailure(RuntimeError):
     """A worker died, hung or reported a fatal error."""
 
 
+class ParentGone(RuntimeError):
+    """The process that started this one has exited."""
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int, sig: int) -> None:
+    """Ask Linux to send `sig` to this process when its parent exits.
+
+    Polling getppid() alone misses a parent that dies while this process is blocked
+    (loading weights, a long step). The kernel ties the signal to the *thread* that
+    forked us, so callers only use it when the parent started us from its main thread.
+    Elsewhere (or if prctl fails) the getppid() polls remain the only guard.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:     # it died before prctl took effect
+        raise ParentGone(f"parent process {parent_pid} is gone")
+
+
 class Executor:
-    def __init__(self, config: EngineConfig, ctx: zmq.Context, ipc_dir: str):
+    def __init__(self, config: EngineConfig, ctx: zmq.Context, ipc_dir: str,
+                 parent_pid: int | None = None):
         self.config = config
+        self.parent_pid = parent_pid      # the frontend: stop waiting for workers if it goes
         self.world_size = config.tensor_parallel_size
         self.result_socket = ctx.socket(zmq.PULL)
         result_addr = f"ipc://{ipc_dir}/results"
@@ -47,6 +76,8 @@ class Executor:
         infos: dict[int, dict] = {}
         while len(infos) < self.world_size:
             self.check_alive()
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                raise ParentGone("the frontend exited while the workers were loading")
             if not self.result_socket.poll(200):
                 continue
             frame, body = decode(self.result_socket.recv())
@@ -85,18 +116,25 @@ class Executor:
             raise WorkerFailure(f"unexpected frame {frame.name} from a worker")
         return body
 
-    def shutdown(self, timeout_s: float = 5.0) -> None:
-        try:
-            self.send(Frame.SHUTDOWN, {})
-        except (zmq.ZMQError, WorkerFailure):
-            pass
-        deadline = time.monotonic() + timeout_s
-        for proc in self.procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
+    def shutdown(self, timeout_s: float = 5.0, graceful: bool = True) -> None:
+        """Stop the workers: SHUTDOWN and up to timeout_s to exit, then SIGKILL.
+
+        graceful=False (after a failure) kills at once: a hung or SIGSTOPped worker can
+        never act on SHUTDOWN, and SIGKILL is the one signal a stopped process obeys.
+        """
+        if graceful:
+            try:
+                self.send(Frame.SHUTDOWN, {})
+            except (zmq.ZMQError, WorkerFailure):
+                pass
+            deadline = time.monotonic() + timeout_s
+            for proc in self.procs:
+                proc.join(max(0.0, deadline - time.monotonic()))
         for proc in self.procs:
             if proc.is_alive():
                 proc.kill()
-                proc.join(1)
+        for proc in self.procs:
+            proc.join(2)
         # Unsent steps to a dead worker would otherwise block the context's term().
         for socket in (*self.step_sockets, self.result_socket):
             socket.close(linger=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import traceback
 
 import zmq
@@ -33,8 +34,31 @@ def _init_distributed(config: EngineConfig, rank: int, ipc_dir: str, device: str
                             rank=rank, world_size=config.tensor_parallel_size)
 
 
+def _num_request_states(runner) -> int:
+    """Requests the runner keeps state for (running, plus preempted ones' sampler state)."""
+    return len(runner.requests) + len(runner.preempted_states)
+
+
+def _run_step(runner, step: dict) -> dict:
+    if step["num_scheduled_tokens"]:
+        output = runner.execute(step)
+    else:
+        # An idle engine core sends a step with nothing to run only to have finished
+        # requests forgotten, so per-request state does not outlive the traffic.
+        runner._apply_diff(step)
+        output = {"sampled": {}}
+    output["num_requests"] = _num_request_states(runner)
+    return output
+
+
 def run_worker(config_dict: dict, rank: int, step_addr: str, result_addr: str,
                parent_pid: int, ipc_dir: str) -> None:
+    from aphrodite.executor.executor import ParentGone, die_with_parent
+    try:
+        # SIGKILL: a worker holds nothing that needs cleaning up, and may be stuck in a kernel.
+        die_with_parent(parent_pid, signal.SIGKILL)
+    except ParentGone:
+        return
     logging.basicConfig(level=os.environ.get("APHRODITE_LOG_LEVEL", "INFO"),
                         format=f"%(levelname)s %(asctime)s worker-{rank} %(message)s")
     config = EngineConfig.from_dict(config_dict)
@@ -63,7 +87,7 @@ def run_worker(config_dict: dict, rank: int, step_addr: str, result_addr: str,
             if frame is Frame.SHUTDOWN:
                 return
             if frame is Frame.STEP:
-                output = runner.execute(body)
+                output = _run_step(runner, body)
                 if rank == 0:
                     results.send(encode(Frame.RESULT, output))
     except Exception:

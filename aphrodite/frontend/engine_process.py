@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import orjson
@@ -78,9 +79,13 @@ class EngineProcess:
         self.output_socket = self.ctx.socket(zmq.PULL)
         self.output_socket.setsockopt(zmq.LINGER, 0)
         self.output_socket.bind(output_addr)
-        self.proc = ChildProcess([
-            sys.executable, "-m", "aphrodite.core.engine_core", input_addr, output_addr,
-            str(os.getpid()), orjson.dumps(config.to_dict()).decode()])
+        args = [sys.executable, "-m", "aphrodite.core.engine_core", input_addr, output_addr,
+                str(os.getpid()), orjson.dumps(config.to_dict()).decode()]
+        # PR_SET_PDEATHSIG fires when the thread that started the child ends, so the core
+        # may only ask for it when that thread is the main one (it lives as long as we do).
+        if threading.current_thread() is threading.main_thread():
+            args.append("follow-parent")
+        self.proc = ChildProcess(args)
         self.ready: dict | None = None
 
     @classmethod

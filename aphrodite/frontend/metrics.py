@@ -56,6 +56,13 @@ class ServerMetrics:
         self.num_running = gauge("num_requests_running", "Sequences in the running batch.")
         self.num_waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
         self.kv_usage = gauge("kv_cache_usage_perc", "Share of KV-cache blocks in use (0-1).")
+        # Per-request state in each process; all three return to 0 when traffic stops.
+        self.frontend_requests = gauge("frontend_requests",
+                                       "Client requests in flight in the frontend.")
+        self.engine_requests = gauge("engine_core_requests",
+                                     "Requests the engine core holds state for.")
+        self.worker_requests = gauge("worker_requests",
+                                     "Requests rank 0's model runner holds state for.")
         self.prompt_tokens = counter("prompt_tokens", "Prefill tokens computed.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.preemptions = counter("num_preemptions", "Sequences preempted (recomputed later).")
@@ -87,6 +94,8 @@ class ServerMetrics:
         self.num_running.set(stats.get("num_running", 0))
         self.num_waiting.set(stats.get("num_waiting", 0))
         self.kv_usage.set(stats.get("kv_cache_usage", 0.0))
+        self.engine_requests.set(stats.get("num_engine_requests", 0))
+        self.worker_requests.set(stats.get("num_worker_requests", 0))
         prompt, generated = stats.get("num_prompt_tokens", 0), stats.get("num_generation_tokens", 0)
         self.prompt_tokens.inc(prompt)
         self.generation_tokens.inc(generated)

@@ -56,14 +56,24 @@ class ProcessTree:
         return [p.pid for p in self._alive()]
 
     def kill_remaining(self, timeout_s: float = 3.0) -> None:
-        """SIGTERM, then SIGKILL, every descendant still running."""
+        """SIGTERM, then SIGKILL, every descendant still running.
+
+        A stopped (SIGSTOPped) process cannot act on SIGTERM, so it gets SIGKILL at once.
+        """
         alive = self._alive()
+        if alive:
+            # Most leave on their own once the engine core is gone (workers poll their parent,
+            # multiprocessing's resource tracker, which ignores SIGTERM, sees EOF).
+            _, alive = psutil.wait_procs(alive, timeout=1.0)
         if not alive:
             return
         logger.warning("Stopping leftover processes %s", [p.pid for p in alive])
         for proc in alive:
             try:
-                proc.terminate()
+                if proc.status() == psutil.STATUS_STOPPED:
+                    proc.kill()
+                else:
+                    proc.terminate()
             except psutil.Error:
                 pass
         _, still = psutil.wait_procs(alive, timeout=timeout_s)
