@@ -19,13 +19,16 @@ READY          engine core -> frontend: {"num_kv_blocks", "block_size", "max_mod
 STEP_OUTPUTS   {"outputs": [{"request_id", "new_token_ids": [int],
                 "finish_reason": null|"stop"|"length"|"abort", "stop_reason": null|int,
                 "logprobs"?: [...], "prompt_logprobs"?: [...], "num_cached_tokens": int}],
-                "stats": {...}, "timestamp": float}
+                "stats": {... "num_engine_requests", "num_worker_requests" ...},
+                "timestamp": float}
 UTILITY        {"call_id": int, "method": str, "args": [...]}
 UTILITY_RESULT {"call_id": int, "result": any, "error"?: str}
 DEAD           {"message": str}                  the sender is going down
 SHUTDOWN       {}
-STEP / RESULT  see aphrodite/core/scheduler.py (SchedulerOutput) and
-               aphrodite/executor/model_runner.py (ModelRunnerOutput).
+STEP           a SchedulerOutput (aphrodite/core/scheduler.py); one with no scheduled
+               tokens only tells the workers which requests to drop
+RESULT         {"sampled": {req_id: int}, "logprobs"?, "prompt_logprobs"?,
+                "num_requests": int}   (aphrodite/executor/model_runner.py)
 """
 
 from __future__ import annotations
