@@ -12,6 +12,7 @@ class EngineConfig:
     model: str | None = None            # HF folder, .gguf file or hub id; None = bundled default
     tokenizer: str | None = None        # defaults to the model's own tokenizer
     dtype: str = "auto"                 # auto | float32 | bfloat16 | float16
+    quantization: str = "auto"          # auto | none | int4 (GGUF Q4 weights kept int4 on CPU)
     device: str = "auto"                # auto | cpu | cuda
     max_model_len: int | None = None    # defaults to the model's max positions
     block_size: int = 16
@@ -43,6 +44,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantization not in ("auto", "none", "int4"):
+            raise ValueError(f"quantization must be auto, none or int4, got {self.quantization!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

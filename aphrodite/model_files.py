@@ -172,6 +172,37 @@ def _gguf_cache_dir(files: ModelFiles) -> Path:
     return cache_root() / "gguf" / hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+def gguf_weights_cache_path(files: ModelFiles, variant: str) -> Path:
+    """Where converted weights of a GGUF file live: keyed by the file's identity (path, size,
+    mtime) and a hash of its first MiB (header and metadata), plus `variant`, which names the
+    converter version and layout; a changed file or converter gets a new entry."""
+    stat = os.stat(files.gguf_path)
+    with open(files.gguf_path, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+    key = json.dumps([os.path.realpath(files.gguf_path), stat.st_size, stat.st_mtime_ns, head,
+                      variant])
+    return cache_root() / "weights" / hashlib.sha256(key.encode()).hexdigest()[:32] / "model.safetensors"
+
+
+def write_file_atomically(target: Path, write) -> bool:
+    """`write(tmp_path)` then rename into place: readers never see a half-written file.
+    Returns False (after a warning) where the cache folder is not writable."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return True
+    except OSError as exc:
+        logger.warning("Could not write the cache file %s: %s", target, exc)
+        return False
+
+
 def _save_to_cache(target: Path, save) -> None:
     """Write with `save(folder)` into a temporary folder, then rename it into place, so another
     process never reads a half-written cache entry."""

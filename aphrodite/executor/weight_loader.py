@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+import time
 from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from aphrodite.model_files import ModelFiles
+from aphrodite.executor.quantized_linear import (INT4_TYPES, QuantizedParts, QuantizedWeight,
+                                                 parts_from_gguf)
+from aphrodite.model_files import ModelFiles, gguf_weights_cache_path, write_file_atomically
+
+logger = logging.getLogger(__name__)
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
 _GGUF_LAYER_NAMES = {
@@ -108,7 +116,10 @@ def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _iter_gguf(path: str, progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_gguf(path: str, progress: bool, quantize: bool = False
+               ) -> Iterator[tuple[str, torch.Tensor | QuantizedParts]]:
+    """HF-named tensors of a GGUF file; with `quantize`, Q4_0/Q4_1 matrices come out as
+    int4 QuantizedParts instead of dequantised float32."""
     from gguf.quants import dequantize
 
     from aphrodite.executor.gguf_tensors import GGUFTensors
@@ -125,11 +136,158 @@ def _iter_gguf(path: str, progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
         name = gguf_to_hf_name(tensor.name)
         if name is None:
             continue
-        array = dequantize(tensor.data, tensor.tensor_type).reshape(tensor.shape)
+        heads = None
         if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-            array = unpermute_qk(array, n_heads)
+            heads = n_heads
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-            array = unpermute_qk(array, n_kv_heads)
+            heads = n_kv_heads
+        if quantize and tensor.tensor_type in INT4_TYPES and _QUANTIZED_NAME.match(name):
+            parts = parts_from_gguf(tensor.data, tensor.tensor_type, tensor.shape)
+            if heads is not None:   # the permutation moves whole rows: codes and scales alike
+                parts = parts.take_rows(unpermute_qk(np.arange(tensor.shape[0]), heads))
+            yield name, parts
+            continue
+        array = dequantize(tensor.data, tensor.tensor_type).reshape(tensor.shape)
+        if heads is not None:
+            array = unpermute_qk(array, heads)
         if not (array.flags.writeable and array.flags.c_contiguous):
             array = np.array(array)  # F32 tensors are views into the read-only memory map
         yield name, torch.from_numpy(array)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading into a model: converted-weights cache and weight-only quantisation
+
+# Bump when the converted layout or values change: old cache entries then miss.
+CONVERTER_VERSION = 1
+DENSE_CACHE_MAX_FILE = 1 << 30
+# Matrices the model multiplies with F.linear (its fused projections), by HF name.
+_QUANTIZED_NAME = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+
+
+# "auto" picks int4 only where decode batches stay small: the int4 kernels win single-stream
+# but lose to float32 from about 16 tokens per call (see quantized_linear.DENSE_ABOVE_TOKENS).
+AUTO_INT4_MAX_SEQS = 8
+
+
+def use_quantization(config, files: ModelFiles, device, model) -> bool:
+    """Weight-only int4 runs for GGUF models on CPU in float32 without tensor parallelism."""
+    if config.quantization == "none" or (config.quantization == "auto"
+                                         and config.max_num_seqs > AUTO_INT4_MAX_SEQS):
+        return False
+    supported = (files.is_gguf and torch.device(device).type == "cpu"
+                 and getattr(model, "dtype", None) == torch.float32
+                 and getattr(model, "tp_size", 1) == 1 and hasattr(model, "layers"))
+    if not supported and config.quantization == "int4":
+        logger.warning("--quantization int4 needs a GGUF model on CPU in float32 without tensor "
+                       "parallelism; loading dequantised weights instead")
+    return supported
+
+
+def load_model_weights(model, files: ModelFiles, config, device, progress: bool = True) -> None:
+    """Fill `model` with the checkpoint's weights.
+
+    GGUF files are converted once and the result cached as safetensors (see load_gguf_converted);
+    with quantisation on, the Q4 projection matrices then replace the model's float ones as
+    QuantizedWeight tensors, which the model's F.linear calls run with int4 kernels.
+    """
+    quantize = files.is_gguf and use_quantization(config, files, device, model)
+    # The cache is written from all converted tensors at once: for big dequantised GGUF
+    # models that would double peak memory, so those stream as before.
+    if not files.is_gguf or (not quantize and os.path.getsize(files.gguf_path) > DENSE_CACHE_MAX_FILE):
+        model.load_weights(iter_weights(files, progress))
+        return
+    tensors = load_gguf_converted(files, quantize, progress)
+    quantized = {n: t for n, t in tensors.items() if isinstance(t, QuantizedParts)}
+    dense = ((n, t) for n, t in tensors.items() if not isinstance(t, QuantizedParts))
+    # load_weights checks that every weight arrives; the quantised ones arrive as zero
+    # placeholders (a broadcast scalar, no memory) and are swapped out right after.
+    placeholders = ((n, torch.zeros(()).expand(p.shape)) for n, p in quantized.items())
+    model.load_weights(chain(dense, placeholders))
+    if quantized:
+        swap_in_quantized(model, quantized)
+
+
+def swap_in_quantized(model, quantized: dict[str, QuantizedParts]) -> None:
+    """Replace each layer's fused projection weights with QuantizedWeight tensors."""
+    fused = {"self_attn": {"qkv_weight": ("q_proj", "k_proj", "v_proj"), "o_weight": ("o_proj",)},
+             "mlp": {"gate_up_weight": ("gate_proj", "up_proj"), "down_weight": ("down_proj",)}}
+    for index, layer in enumerate(model.layers):
+        for block, targets in fused.items():
+            module = getattr(layer, block)
+            for attr, projections in targets.items():
+                names = [f"model.layers.{index}.{block}.{p}.weight" for p in projections]
+                if not all(n in quantized for n in names):
+                    continue
+                weight = QuantizedWeight(QuantizedParts.cat_rows([quantized[n] for n in names]))
+                if tuple(weight.shape) != tuple(getattr(module, attr).shape):
+                    raise ValueError(f"layer {index} {attr}: quantised shape {tuple(weight.shape)} "
+                                     f"!= {tuple(getattr(module, attr).shape)}")
+                module._parameters.pop(attr, None)   # a plain attribute from now on
+                setattr(module, attr, weight)
+
+
+def load_gguf_converted(files: ModelFiles, quantize: bool, progress: bool
+                        ) -> dict[str, torch.Tensor | QuantizedParts]:
+    """All HF-named tensors of a GGUF file, from the cache when a valid entry exists.
+
+    A missing, stale (other key) or unreadable entry means converting again and rewriting it."""
+    path = gguf_weights_cache_path(files, f"v{CONVERTER_VERSION}-{'int4' if quantize else 'dense'}")
+    if path.is_file():
+        start = time.perf_counter()
+        try:
+            tensors = _read_cache(path)
+            logger.info("Loaded converted weights from %s in %.1f s", path, time.perf_counter() - start)
+            return tensors
+        except Exception as exc:   # corrupt or foreign file: convert again
+            logger.warning("Ignoring unreadable weights cache %s (%s); converting again", path, exc)
+    start = time.perf_counter()
+    tensors = dict(_iter_gguf(files.gguf_path, progress, quantize))
+    logger.info("Converted the GGUF weights in %.1f s", time.perf_counter() - start)
+    if write_file_atomically(path, lambda tmp: _write_cache(tmp, tensors)):
+        logger.info("Cached the converted weights in %s", path)
+    return tensors
+
+
+_SEP = "::"   # cache entry names: "<hf name>" (dense) or "<hf name>::codes|scales|mins"
+
+
+def _write_cache(tmp: str, tensors: dict[str, torch.Tensor | QuantizedParts]) -> None:
+    from safetensors.numpy import save_file
+
+    arrays: dict[str, np.ndarray] = {}
+    kinds: dict[str, str] = {}
+    for name, value in tensors.items():
+        if isinstance(value, QuantizedParts):
+            kinds[name] = value.kind
+            codes = value.codes
+            if value.kind == "int4":   # two codes a byte on disk
+                codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+            arrays[name + _SEP + "codes"] = np.ascontiguousarray(codes)
+            arrays[name + _SEP + "scales"] = np.ascontiguousarray(value.scales)
+            if value.mins is not None:
+                arrays[name + _SEP + "mins"] = np.ascontiguousarray(value.mins)
+        else:
+            arrays[name] = value.numpy()
+    save_file(arrays, tmp, metadata={"converter": str(CONVERTER_VERSION), "kinds": json.dumps(kinds)})
+
+
+def _read_cache(path) -> dict[str, torch.Tensor | QuantizedParts]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        meta = f.metadata() or {}
+        if meta.get("converter") != str(CONVERTER_VERSION):
+            raise ValueError(f"converter version {meta.get('converter')!r}")
+        kinds = json.loads(meta["kinds"])
+        keys = set(f.keys())
+        tensors: dict[str, torch.Tensor | QuantizedParts] = {}
+        for name in sorted(k for k in keys if _SEP not in k):
+            tensors[name] = torch.from_numpy(f.get_tensor(name))
+        for name, kind in kinds.items():
+            codes = f.get_tensor(name + _SEP + "codes")
+            if kind == "int4":
+                codes = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(codes.shape[0], -1)
+            mins = f.get_tensor(name + _SEP + "mins") if name + _SEP + "mins" in keys else None
+            tensors[name] = QuantizedParts(kind, codes, f.get_tensor(name + _SEP + "scales"), mins)
+    return tensors

@@ -1,0 +1,192 @@
+"""Weight-only quantised execution (GGUF Q4_0/Q4_1 as int4, Q8_0 as int8 rows) and the
+converted-weights cache.
+
+References are independent: gguf's own dequantize for the block formats, float64 matmuls of the
+dequantised matrices for the kernels, the float32 (dequantised) model for greedy agreement.
+"""
+
+import os
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aphrodite.config import EngineConfig
+from aphrodite.executor.attention import AttentionMetadata, allocate_kv_caches
+from aphrodite.executor.models import get_model_class
+from aphrodite.executor import quantized_linear, weight_loader
+from aphrodite.executor.quantized_linear import QuantizedWeight, parts_from_gguf
+from aphrodite.executor.weight_loader import iter_weights, load_gguf_converted, load_model_weights
+from aphrodite.model_files import gguf_weights_cache_path, load_config, load_tokenizer, resolve_model
+
+torch.set_num_threads(1)
+Q = gguf.GGMLQuantizationType
+
+
+def quantized_matrix(kind, rows=96, cols=192, seed=0):
+    rng = np.random.default_rng(seed)
+    # Per-row offsets and outliers make the per-block minimums and scales differ.
+    values = (rng.standard_normal((rows, cols)) * 0.1 + rng.standard_normal((rows, 1)) * 0.05)
+    values[rng.random(values.shape) < 0.01] *= 8
+    raw = gguf.quants.quantize(values.astype(np.float32), kind)
+    return raw, gguf.quants.dequantize(raw, kind).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("kind", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_parts_dequantize_like_gguf(kind):
+    raw, reference = quantized_matrix(kind)
+    parts = parts_from_gguf(raw, kind, reference.shape)
+    if kind == Q.Q8_0:   # folded into one scale per row: at most half a row step away
+        step = np.abs(reference).max(axis=1, keepdims=True) / 127
+        assert np.all(np.abs(parts.dequantize() - reference) <= step / 2 + 1e-7)
+    else:                # int4 groups hold Q4_0 / Q4_1 blocks exactly
+        np.testing.assert_array_equal(parts.dequantize(), reference)
+
+
+@pytest.mark.parametrize("kind", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+def test_quantized_linear_matches_dequantized_matmul(kind, tokens):
+    raw, _ = quantized_matrix(kind, seed=tokens)
+    parts = parts_from_gguf(raw, kind, (96, 192))
+    weight = QuantizedWeight(parts)
+    bias = torch.randn(96)
+    x = torch.randn(tokens, 192)
+    expected = (x.double() @ torch.from_numpy(parts.dequantize()).double().T + bias.double())
+    out = F.linear(x, weight, bias)
+    if tokens > quantized_linear.DENSE_ABOVE_TOKENS:   # dequantised float32 path: rounding only
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert out.dtype == torch.float32 and out.shape == (tokens, 96)
+    # bfloat16 activations (and int4 scales) in the kernel: about 2^-9 relative per element.
+    rel = (out.double() - expected).norm() / expected.norm()
+    assert rel < 6e-3
+    # 3-D input keeps its leading dims; embedding rows are exact
+    assert torch.allclose(F.linear(x[None], weight, bias)[0], out)
+    ids = torch.tensor([[0, 95], [7, 7]])
+    assert torch.equal(F.embedding(ids, weight), torch.from_numpy(parts.dequantize())[ids])
+    # anything else sees the dense matrix
+    assert torch.equal(weight.sum(), torch.from_numpy(parts.dequantize()).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# The default model: quantised vs dequantised float32
+
+def build(files, quantization):
+    config = load_config(files)
+    model = get_model_class(config)(config, torch.float32)
+    if quantization == "none":   # the plain streaming loader: dequantised float32
+        model.load_weights(iter_weights(files, progress=False))
+    else:
+        load_model_weights(model, files, EngineConfig(quantization=quantization), "cpu",
+                           progress=False)
+    return model.eval()
+
+
+@torch.inference_mode()
+def next_token_argmax(model, tokens):
+    """Greedy choice after every prefix of `tokens`, in one prefill."""
+    blocks = -(-len(tokens) // 16)
+    caches = allocate_kv_caches(model.config.num_hidden_layers, blocks, 16, model.num_kv_heads,
+                                model.head_dim, torch.float32, "cpu")
+    meta = AttentionMetadata.build(np.array([len(tokens)]), np.array([len(tokens)]),
+                                   np.arange(blocks)[None], np.arange(len(tokens)), "cpu")
+    hidden = model(torch.tensor(tokens), torch.arange(len(tokens)), caches, meta)
+    return model.compute_logits(hidden).argmax(-1)
+
+
+CHATS = [
+    ("What is the capital of France?", "The capital of France is Paris, a city known for the "
+     "Eiffel Tower, its museums such as the Louvre, and its cafes along the Seine river."),
+    ("Write a short poem about the sea.", "The sea is wide and deep and blue,\nits waves roll in "
+     "and out anew;\nbeneath the moon the waters sigh,\nand seabirds wheel across the sky."),
+    ("Explain what a hash table is.", "A hash table stores key-value pairs. A hash function turns "
+     "each key into an index in an array, so lookups, inserts and deletes take constant time on "
+     "average, even with many entries."),
+    ("Give me three tips for studying.", "1. Study in short sessions with breaks.\n2. Remove "
+     "distractions such as your phone.\n3. Test yourself instead of only rereading your notes."),
+]
+
+
+def test_default_model_quantized_agrees_with_float(monkeypatch):
+    """Teacher-forced over 4 chats (prompt + answer, about 70 positions each): the quantised
+    model's greedy token equals the float model's at nearly every position.
+    Uses the normal cache folder, like the server: the converted tokenizer is usually there."""
+    # Every position through the int4 kernel, as in single-token decode steps (each output row
+    # depends on its input row only), instead of the dense path long prefills take.
+    monkeypatch.setattr(quantized_linear, "DENSE_ABOVE_TOKENS", 1 << 30)
+    files = resolve_model(None)
+    tokenizer = load_tokenizer(files)
+    dense, quantized = build(files, "none"), build(files, "int4")
+    layer = quantized.layers[0]
+    assert isinstance(layer.self_attn.qkv_weight, QuantizedWeight)
+    assert isinstance(layer.mlp.gate_up_weight, QuantizedWeight)
+    assert not isinstance(dense.layers[0].mlp.down_weight, QuantizedWeight)
+    agree = total = 0
+    for question, answer in CHATS:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                               add_generation_prompt=True, tokenize=False)
+        tokens = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+        a, b = next_token_argmax(dense, tokens), next_token_argmax(quantized, tokens)
+        agree += int((a == b).sum())
+        total += len(tokens)
+    print(f"teacher-forced greedy agreement {agree}/{total}")
+    assert agree / total >= 0.95, f"{agree}/{total}"
+
+
+def test_auto_quantizes_only_small_batch_cpu_gguf(tmp_path):
+    files = resolve_model(None)
+    config = load_config(files)
+    model = get_model_class(config)(config, torch.float32)
+    small = EngineConfig(max_num_seqs=weight_loader.AUTO_INT4_MAX_SEQS)
+    assert weight_loader.use_quantization(small, files, "cpu", model)
+    assert not weight_loader.use_quantization(EngineConfig(max_num_seqs=64), files, "cpu", model)
+    assert weight_loader.use_quantization(EngineConfig(quantization="int4", max_num_seqs=64),
+                                          files, "cpu", model)
+    assert not weight_loader.use_quantization(EngineConfig(quantization="none", max_num_seqs=1),
+                                              files, "cpu", model)
+    assert not weight_loader.use_quantization(small, files, "cuda", model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Converted-weights cache
+
+def test_second_load_reads_the_cache_and_a_changed_file_misses(tmp_path, monkeypatch):
+    monkeypatch.setenv("APHRODITE_CACHE_DIR", str(tmp_path / "cache"))
+    model_file = tmp_path / "model.gguf"
+    shutil.copyfile(resolve_model(None).gguf_path, model_file)
+    files = resolve_model(str(model_file))
+    first = load_gguf_converted(files, quantize=True, progress=False)
+    path = gguf_weights_cache_path(files, f"v{weight_loader.CONVERTER_VERSION}-int4")
+    assert path.is_file()
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted although a cache entry exists")
+    monkeypatch.setattr(weight_loader, "_iter_gguf", no_conversion)
+    second = load_gguf_converted(files, quantize=True, progress=False)
+    assert first.keys() == second.keys()
+    name = "model.layers.2.self_attn.q_proj.weight"
+    np.testing.assert_array_equal(first[name].codes, second[name].codes)
+    np.testing.assert_array_equal(first[name].mins, second[name].mins)
+    torch.testing.assert_close(first["model.embed_tokens.weight"], second["model.embed_tokens.weight"])
+
+    # Touching the file changes the key: the old entry is not used.
+    os.utime(model_file, ns=(1, 1))
+    with pytest.raises(AssertionError, match="converted although"):
+        load_gguf_converted(files, quantize=True, progress=False)
+
+
+def test_corrupt_cache_entry_falls_back_to_conversion(tmp_path, monkeypatch):
+    monkeypatch.setenv("APHRODITE_CACHE_DIR", str(tmp_path / "cache"))
+    files = resolve_model(None)
+    path = gguf_weights_cache_path(files, f"v{weight_loader.CONVERTER_VERSION}-int4")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a safetensors file")
+    tensors = load_gguf_converted(files, quantize=True, progress=False)
+    reference = dict(weight_loader._iter_gguf(files.gguf_path, False, True))
+    name = "model.layers.0.mlp.down_proj.weight"
+    np.testing.assert_array_equal(tensors[name].codes, reference[name].codes)
+    # and the entry was rewritten with good content
+    again = load_gguf_converted(files, quantize=True, progress=False)
+    np.testing.assert_array_equal(again[name].codes, reference[name].codes)
