@@ -16,6 +16,7 @@ from aphrodite.frontend.errors import (APIError, bad_request, engine_unavailable
                                        from_validation_error, internal_error, model_not_found,
                                        too_large, unauthorized)
 from aphrodite.frontend.metrics import CONTENT_TYPE, ServerMetrics
+from aphrodite.frontend.openapi import build_openapi
 from aphrodite.frontend.openai_protocol import (ChatCompletionRequest, CompletionRequest,
                                                 DetokenizeRequest, TokenizeRequest)
 from aphrodite.frontend.serving_base import OpenAIServing, ServingContext, json_response
@@ -25,8 +26,14 @@ from aphrodite.sampling_params import SAMPLER_SPECS
 
 logger = logging.getLogger("aphrodite.server")
 
-# Reachable without an API key: load balancers and Prometheus do not send one.
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+# Reachable without an API key: load balancers and Prometheus do not send one, and API
+# tools read the document before they are configured.
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json"})
+# The model that validates each POST route's body (and describes it in /openapi.json).
+BODY_MODELS = {"/v1/chat/completions": ChatCompletionRequest,
+               "/v1/completions": CompletionRequest,
+               "/v1/tokenize": TokenizeRequest,
+               "/v1/detokenize": DetokenizeRequest}
 
 
 class ApiServer:
@@ -38,10 +45,11 @@ class ApiServer:
         self.model_root = model_root
         self.created = int(time.time())
         self.shutting_down = False
-        self.chat = ChatServing(ctx)
-        self.completions = CompletionServing(ctx)
-        self.tokens = OpenAIServing(ctx)
+        self.chat = ChatServing(ctx, options)
+        self.completions = CompletionServing(ctx, options)
+        self.tokens = OpenAIServing(ctx, options)
         self._api_keys = [key.encode() for key in options.api_keys]
+        self._openapi: bytes | None = None     # built on first request, once routes are fixed
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=self.options.max_request_body_bytes,
@@ -49,6 +57,7 @@ class ApiServer:
         app.router.add_get("/health", self.health)
         app.router.add_get("/version", self.version)
         app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get("/openapi.json", self.openapi)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model_id:.+}", self.get_model)
         app.router.add_get("/v1/samplers", self.samplers)
@@ -141,38 +150,58 @@ class ApiServer:
 
     # ---- routes --------------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
+        """200 while the engine is alive and the server is not shutting down."""
         client = self.ctx.client
         if client.is_alive and not self.shutting_down:
             return web.Response(status=200)
         raise engine_unavailable(client.dead_reason or "the server is shutting down")
 
     async def version(self, request: web.Request) -> web.Response:
+        """The server's version."""
         return json_response({"version": __version__})
 
     async def prometheus(self, request: web.Request) -> web.Response:
+        """Prometheus metrics (text exposition format)."""
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
+    async def openapi(self, request: web.Request) -> web.Response:
+        """This OpenAPI 3.1 document."""
+        if self._openapi is None:
+            document = build_openapi(request.app, BODY_MODELS, OPEN_PATHS,
+                                     keys_required=bool(self._api_keys),
+                                     title="Aphrodite OpenAI-compatible API", version=__version__)
+            self._openapi = json_response(document).body
+        return web.Response(body=self._openapi, content_type="application/json")
+
     async def list_models(self, request: web.Request) -> web.Response:
+        """The served model names."""
         return json_response({"object": "list",
                               "data": [self._card(name) for name in self.ctx.model_names]})
 
     async def get_model(self, request: web.Request) -> web.Response:
+        """One served model by name."""
         name = request.match_info["model_id"]
         if name not in self.ctx.model_names:
             raise model_not_found(name)
         return json_response(self._card(name))
 
     async def samplers(self, request: web.Request) -> web.Response:
+        """Every sampler parameter with its type, default, range and effect."""
         return json_response({"object": "list", "data": [spec.to_dict() for spec in SAMPLER_SPECS]})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self.chat.create(request, await self._parse(request, ChatCompletionRequest))
+        """Chat completion (JSON, or server-sent events with stream=true)."""
+        body = await self._parse(request, BODY_MODELS["/v1/chat/completions"])
+        return await self.chat.create(request, body)
 
     async def text_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self.completions.create(request, await self._parse(request, CompletionRequest))
+        """Text completion (JSON, or server-sent events with stream=true)."""
+        body = await self._parse(request, BODY_MODELS["/v1/completions"])
+        return await self.completions.create(request, body)
 
     async def tokenize(self, request: web.Request) -> web.Response:
-        body = await self._parse(request, TokenizeRequest)
+        """Token ids of a prompt or of chat messages rendered with the chat template."""
+        body = await self._parse(request, BODY_MODELS["/v1/tokenize"])
         self.tokens.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("Send either `prompt` or `messages`.", param="prompt")
@@ -187,7 +216,8 @@ class ApiServer:
                               "max_model_len": self.ctx.max_model_len})
 
     async def detokenize(self, request: web.Request) -> web.Response:
-        body = await self._parse(request, DetokenizeRequest)
+        """Text of a list of token ids."""
+        body = await self._parse(request, BODY_MODELS["/v1/detokenize"])
         self.tokens.check_model(body.model)
         self.tokens.check_token_ids(body.tokens, "tokens")
         text = await self.tokens.in_tokenizer_thread(self.ctx.tokenizer.decode, body.tokens)

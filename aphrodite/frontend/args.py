@@ -12,6 +12,11 @@ from aphrodite.config import EngineConfig
 
 DEFAULT_PORT = 2242
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_QUEUE_LEN = 1024
+DEFAULT_MAX_N = 16
+DEFAULT_MAX_STOP_SEQUENCES = 32     # SillyTavern sends one per character name and more
+DEFAULT_MAX_STOP_LENGTH = 256
+DEFAULT_MAX_LOG_LEN = 1024
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": 1 << 20,
                "mib": 1 << 20, "mb": 10**6, "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
@@ -23,7 +28,7 @@ class ServerOptions:
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
     served_model_names: list[str] = field(default_factory=list)  # empty = the model's name
-    api_keys: list[str] = field(default_factory=list)
+    api_keys: list[str] = field(default_factory=list, repr=False)   # never in a log line
     chat_template: str | None = None      # template text (a file given on the CLI is read)
     response_role: str = "assistant"
     ssl_keyfile: str | None = None
@@ -35,6 +40,15 @@ class ServerOptions:
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     shutdown_timeout_s: float = 10.0
     engine_start_timeout_s: float = 600.0
+    # Admission control: sequences in flight beyond the engine's batch (max_num_seqs, copied
+    # from the engine options) are waiting; more than max_queue_len waiting -> 503.
+    max_num_seqs: int = 256
+    max_queue_len: int = DEFAULT_MAX_QUEUE_LEN
+    # Per-request caps (400 naming the limit).
+    max_n: int = DEFAULT_MAX_N
+    max_stop_sequences: int = DEFAULT_MAX_STOP_SEQUENCES
+    max_stop_length: int = DEFAULT_MAX_STOP_LENGTH
+    max_log_len: int = DEFAULT_MAX_LOG_LEN     # characters of a request's log line
 
 
 def parse_size(text: str) -> int:
@@ -52,6 +66,20 @@ def parse_bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _origins(values: list[str]) -> list[str]:
@@ -115,6 +143,20 @@ def build_parser(prog: str, positional_model: bool = False) -> argparse.Argument
     srv.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
                      help="on SIGTERM/SIGINT, how long in-flight requests may run before they "
                           "are aborted")
+
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--max-queue-len", type=_non_negative, default=DEFAULT_MAX_QUEUE_LEN,
+                     metavar="N", help="most sequences that may wait for a batch slot (in flight "
+                     "beyond --max-num-seqs); more get 503 with Retry-After")
+    lim.add_argument("--max-n", type=_positive, default=DEFAULT_MAX_N,
+                     help="largest `n` (choices per request)")
+    lim.add_argument("--max-stop-sequences", type=_non_negative,
+                     default=DEFAULT_MAX_STOP_SEQUENCES, metavar="N",
+                     help="most stop strings per request")
+    lim.add_argument("--max-stop-length", type=_positive, default=DEFAULT_MAX_STOP_LENGTH,
+                     metavar="CHARS", help="longest stop string")
+    lim.add_argument("--max-log-len", type=_non_negative, default=DEFAULT_MAX_LOG_LEN,
+                     metavar="CHARS", help="request log lines are cut to this many characters")
 
     eng = p.add_argument_group("engine")
     eng.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id "
@@ -187,5 +229,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m aphrodite.s
         response_role=a.response_role, ssl_keyfile=a.ssl_keyfile, ssl_certfile=a.ssl_certfile,
         allowed_origins=_origins(a.allowed_origins),
         disable_log_requests=a.disable_log_requests, disable_log_stats=a.disable_log_stats,
-        max_request_body_bytes=a.max_request_body, shutdown_timeout_s=a.shutdown_timeout)
+        max_request_body_bytes=a.max_request_body, shutdown_timeout_s=a.shutdown_timeout,
+        max_num_seqs=a.max_num_seqs, max_queue_len=a.max_queue_len, max_n=a.max_n,
+        max_stop_sequences=a.max_stop_sequences, max_stop_length=a.max_stop_length,
+        max_log_len=a.max_log_len)
     return config, options

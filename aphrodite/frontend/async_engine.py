@@ -166,6 +166,11 @@ class AsyncEngineClient:
     def num_in_flight(self) -> int:
         return len(self._requests)
 
+    @property
+    def num_unfinished_sequences(self) -> int:
+        """Sequences sent to the engine that have not finished (running or waiting there)."""
+        return len(self._by_engine_id)
+
     async def close(self, timeout_s: float = 10) -> None:
         """Stop the engine and its workers (blocking work runs in a thread)."""
         if self._closed:
@@ -239,9 +244,6 @@ class AsyncEngineClient:
             self._by_engine_id[seq.engine_id] = (state, seq)
             self._send(Frame.ADD, {"request_id": seq.engine_id, "prompt_token_ids": prompt_ids,
                                    "sampling_params": child.to_dict(), "arrival_time": now})
-        if self.log_requests:
-            logger.info("Received request %s: prompt_tokens=%d, params=%s", request_id,
-                        len(prompt_ids), _params_summary(params))
         return state
 
     def _send(self, frame: Frame, body: dict) -> None:
@@ -353,12 +355,6 @@ class AsyncEngineClient:
         logger.info("Finished request %s: prompt_tokens=%d, output_tokens=%d, finish=%s, "
                     "latency=%.3f s", state.request_id, len(state.prompt_token_ids),
                     state.num_output_tokens(), reasons, time.time() - state.arrival_time)
-
-
-def _params_summary(params) -> str:
-    data = params.to_dict()
-    defaults = type(params)().to_dict()
-    return str({k: v for k, v in data.items() if v != defaults.get(k)})
 
 
 def _ignore_result(future: asyncio.Future) -> None:

@@ -11,13 +11,15 @@ class APIError(Exception):
     """An error returned to the client; raised anywhere below a route handler."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type,
@@ -25,7 +27,7 @@ class APIError(Exception):
 
     def response(self) -> web.Response:
         return web.Response(status=self.status, body=orjson.dumps(self.body()),
-                            content_type="application/json")
+                            content_type="application/json", headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -51,6 +53,17 @@ def too_large(limit: int) -> APIError:
 def engine_unavailable(message: str) -> APIError:
     return APIError(503, f"The engine is not available: {message}", type="service_unavailable",
                     code="engine_unavailable")
+
+
+def limit_exceeded(param: str, message: str, option: str) -> APIError:
+    """A request beyond one of the server's per-request caps; the message names the limit."""
+    return bad_request(f"{message} (the server's {option}).", param=param, code="limit_exceeded")
+
+
+def server_overloaded(message: str, retry_after_s: int) -> APIError:
+    return APIError(503, f"The server is overloaded: {message}. Retry after {retry_after_s} s.",
+                    type="server_overloaded", code="server_overloaded",
+                    headers={"Retry-After": str(retry_after_s)})
 
 
 def internal_error(message: str) -> APIError:

@@ -122,6 +122,7 @@ class ChatCompletionRequest(_CommonRequest):
     max_completion_tokens: Optional[Int] = None
     logprobs: bool = False
     top_logprobs: Optional[Int] = None
+    prompt_logprobs: Optional[Int] = None      # vLLM's extension, as in CompletionRequest
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
@@ -154,3 +155,19 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: Optional[str] = None
     tokens: list[int]
+
+
+# ---- responses documented in /openapi.json ---------------------------------------------------
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    message: str
+    type: str
+    param: Optional[str]
+    code: Optional[str]
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx/5xx answer (errors.APIError)."""
+    model_config = ConfigDict(strict=True, extra="forbid")
+    error: ErrorDetail

@@ -4,6 +4,7 @@ loop, turning a request into SamplingParams, length checks, SSE and logprob form
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -14,10 +15,18 @@ from typing import Any, AsyncIterator, Callable
 import orjson
 from aiohttp import web
 
+from aphrodite.frontend.args import ServerOptions
 from aphrodite.frontend.async_engine import AsyncEngineClient
-from aphrodite.frontend.errors import APIError, bad_request, model_not_found
+from aphrodite.frontend.errors import (APIError, bad_request, limit_exceeded, model_not_found,
+                                       server_overloaded)
 from aphrodite.frontend.openai_protocol import ChatMessage
 from aphrodite.sampling_params import SamplingParamError, SamplingParams
+
+logger = logging.getLogger("aphrodite.server")
+
+# A queue slot frees up as soon as any running sequence finishes, which at the usual
+# tens of tokens per second per sequence is within about a second.
+RETRY_AFTER_S = 1
 
 
 @dataclass
@@ -38,8 +47,9 @@ class ServingContext:
 
 
 class OpenAIServing:
-    def __init__(self, ctx: ServingContext):
+    def __init__(self, ctx: ServingContext, options: ServerOptions):
         self.ctx = ctx
+        self.options = options
         self._token_texts: dict[int, str] = {}
 
     # ---- model names and ids ---------------------------------------------------------------
@@ -110,6 +120,53 @@ class OpenAIServing:
                 f"no room for a completion. Please shorten the {param}.",
                 param=param, code="context_length_exceeded")
 
+    # ---- per-request caps and admission control -----------------------------------------
+    def check_caps(self, request) -> None:
+        """400 for requests beyond the server's per-request limits (cheap: before tokenising)."""
+        o = self.options
+        if request.n > o.max_n:
+            raise limit_exceeded("n", f"n is {request.n}, but at most {o.max_n} choices are "
+                                 "allowed per request", "--max-n")
+        stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+        if len(stop) > o.max_stop_sequences:
+            raise limit_exceeded("stop", f"{len(stop)} stop sequences were sent, but at most "
+                                 f"{o.max_stop_sequences} are allowed", "--max-stop-sequences")
+        longest = max(stop, key=len, default="")
+        if len(longest) > o.max_stop_length:
+            raise limit_exceeded("stop", f"A stop sequence has {len(longest)} characters, but "
+                                 f"at most {o.max_stop_length} are allowed", "--max-stop-length")
+
+    def admit(self, num_sequences: int, param: str = "n") -> None:
+        """503 with Retry-After, before anything reaches the engine, when the new sequences
+        would leave more than --max-queue-len sequences waiting for a batch slot.
+
+        Call it right before generate() with no await in between: the count cannot change
+        under it, so a burst of concurrent requests cannot all pass the check at once."""
+        o = self.options
+        capacity = o.max_num_seqs + o.max_queue_len
+        if num_sequences > capacity:   # could never be admitted: the client must change it
+            raise limit_exceeded(param, f"The request needs {num_sequences} sequences, but at "
+                                 f"most {capacity} can be in flight", "--max-num-seqs + "
+                                 "--max-queue-len")
+        waiting_after = self.ctx.client.num_unfinished_sequences + num_sequences - o.max_num_seqs
+        if waiting_after > o.max_queue_len:
+            raise server_overloaded(f"admitting {num_sequences} more sequence(s) would leave "
+                                    f"{waiting_after} waiting for a batch slot, but the queue "
+                                    f"holds {o.max_queue_len} (--max-queue-len)", RETRY_AFTER_S)
+
+    def log_received(self, request_id: str, num_prompt_tokens: int,
+                     params: SamplingParams) -> None:
+        """One log line per request: sizes and the non-default parameters, never the prompt
+        text or headers (keys), cut to --max-log-len characters."""
+        if self.options.disable_log_requests:
+            return
+        line = (f"Received request {request_id}: prompt_tokens={num_prompt_tokens}, "
+                f"params={_params_summary(params)}")
+        limit = self.options.max_log_len
+        if len(line) > limit:
+            line = line[:limit] + f"... [{len(line) - limit} more characters]"
+        logger.info("%s", line)
+
     # ---- sampling parameters -----------------------------------------------------------------
     def sampling_params(self, request, *, max_tokens: int | None, logprobs: int | None,
                         extra: dict | None = None) -> SamplingParams:
@@ -142,6 +199,19 @@ class OpenAIServing:
             text = self.ctx.tokenizer.decode([token_id])
             self._token_texts[token_id] = text
         return text
+
+    def prompt_logprobs_field(self, entries: list[dict], top_n: int) -> list[dict | None]:
+        """vLLM's prompt_logprobs: per prompt token (None for the first), the token and its
+        top_n alternatives as {token id: {logprob, rank, decoded_token}}."""
+        out: list[dict | None] = [None]
+        for entry in entries:
+            token_id, logprob, top = parse_logprobs(entry)
+            position = {str(t): {"logprob": lp, "rank": rank, "decoded_token": self.token_text(t)}
+                        for rank, (t, lp) in enumerate(top[:top_n], start=1)}
+            position[str(token_id)] = {"logprob": logprob, "rank": int(entry["rank"]),
+                                       "decoded_token": self.token_text(token_id)}
+            out.append(position)
+        return out
 
     @staticmethod
     def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
@@ -176,6 +246,12 @@ def parse_logprobs(entry: dict) -> tuple[int, float, list[tuple[int, float]]]:
     """One engine logprobs entry -> (sampled token id, its logprob, [(top id, logprob)])."""
     top = [(int(t), float(lp)) for t, lp in zip(entry["top_token_ids"], entry["top_logprobs"])]
     return int(entry["token_id"]), float(entry["logprob"]), top
+
+
+def _params_summary(params: SamplingParams) -> str:
+    data = params.to_dict()
+    defaults = SamplingParams().to_dict()
+    return str({k: v for k, v in data.items() if v != defaults.get(k)})
 
 
 _END = object()

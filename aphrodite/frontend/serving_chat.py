@@ -17,6 +17,7 @@ class ChatServing(OpenAIServing):
     async def create(self, http_request: web.Request, body: ChatCompletionRequest) -> web.StreamResponse:
         model = self.check_model(body.model)
         self._reject_unsupported(body)
+        self.check_caps(body)
         prompt = await self.render_chat(body.messages, body.add_generation_prompt,
                                         body.continue_final_message, body.chat_template,
                                         body.chat_template_kwargs)
@@ -30,8 +31,11 @@ class ChatServing(OpenAIServing):
             max_tokens = self.ctx.max_model_len - len(prompt_ids)
         params = self.sampling_params(
             body, max_tokens=max_tokens,
-            logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            extra={"prompt_logprobs": body.prompt_logprobs})
         request_id = self.new_id("chatcmpl")
+        self.admit(body.n)
+        self.log_received(request_id, len(prompt_ids), params)
         outputs = self.ctx.client.generate(request_id, prompt_ids, params)
         try:
             if body.stream:
@@ -73,9 +77,12 @@ class ChatServing(OpenAIServing):
         texts, logprobs = [""] * n, [[] for _ in range(n)]
         finish, stop_reason, tokens = [None] * n, [None] * n, [0] * n
         cached = 0
+        prompt_logprobs = None
         async with aclosing(outputs) as stream:
             async for deltas in stream:
                 for d in deltas:
+                    if d.prompt_logprobs is not None and prompt_logprobs is None:
+                        prompt_logprobs = d.prompt_logprobs
                     texts[d.index] += d.text
                     tokens[d.index] += len(d.token_ids)
                     if d.logprobs:
@@ -88,10 +95,14 @@ class ChatServing(OpenAIServing):
             "message": {"role": self.ctx.response_role, "content": texts[i]},
             "logprobs": {"content": self._logprobs_content(logprobs[i])} if body.logprobs else None,
             "finish_reason": finish[i], "stop_reason": stop_reason[i]} for i in range(n)]
-        return json_response({
+        payload = {
             "id": request_id, "object": "chat.completion", "created": self.now(), "model": model,
             "choices": choices,
-            "usage": self.usage(len(prompt_ids), sum(tokens), cached)})
+            "usage": self.usage(len(prompt_ids), sum(tokens), cached)}
+        if body.prompt_logprobs is not None:   # vLLM's place for it: the response, not a choice
+            payload["prompt_logprobs"] = self.prompt_logprobs_field(
+                prompt_logprobs or [], body.prompt_logprobs)
+        return json_response(payload)
 
     async def _stream(self, http_request, body, model, request_id, prompt_ids, outputs
                       ) -> web.StreamResponse:
@@ -100,6 +111,7 @@ class ChatServing(OpenAIServing):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         continuous = include_usage and body.stream_options.continuous_usage_stats
         completion_tokens = 0
+        prompt_logprobs_sent = False
 
         def chunk(choice: dict) -> dict:
             payload = {"id": request_id, "object": "chat.completion.chunk", "created": created,
@@ -118,7 +130,11 @@ class ChatServing(OpenAIServing):
                 async for deltas in stream:
                     for d in deltas:
                         completion_tokens += len(d.token_ids)
-                        if not d.text and d.finish_reason is None and not d.logprobs:
+                        send_prompt_logprobs = (d.prompt_logprobs is not None
+                                                and body.prompt_logprobs is not None
+                                                and not prompt_logprobs_sent)
+                        if not (d.text or d.finish_reason is not None or d.logprobs
+                                or send_prompt_logprobs):
                             continue  # held back (possible stop string) or mid-character
                         choice = {"index": d.index, "delta": {"content": d.text} if d.text else {},
                                   "logprobs": {"content": self._logprobs_content(d.logprobs)}
@@ -126,7 +142,12 @@ class ChatServing(OpenAIServing):
                                   "finish_reason": d.finish_reason}
                         if d.finish_reason is not None:
                             choice["stop_reason"] = d.stop_reason
-                        await send_event(response, chunk(choice))
+                        payload = chunk(choice)
+                        if send_prompt_logprobs:   # once, in the first chunk that has them
+                            payload["prompt_logprobs"] = self.prompt_logprobs_field(
+                                d.prompt_logprobs, body.prompt_logprobs)
+                            prompt_logprobs_sent = True
+                        await send_event(response, payload)
             except EngineDeadError as exc:
                 await send_event(response, engine_unavailable(str(exc)).body())
                 await send_done(response)

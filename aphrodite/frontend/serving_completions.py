@@ -32,6 +32,7 @@ class CompletionServing(OpenAIServing):
     async def create(self, http_request: web.Request, body: CompletionRequest) -> web.StreamResponse:
         model = self.check_model(body.model)
         self._reject_unsupported(body)
+        self.check_caps(body)
         prompts = await self._prompt_ids(body)
         max_tokens = body.max_tokens
         if max_tokens is not None and max_tokens < 1:
@@ -47,6 +48,8 @@ class CompletionServing(OpenAIServing):
                    for ids, text in prompts for _ in range(body.n)]
         num_prompt_tokens = sum(len(ids) for ids, _ in prompts)
         streams = []
+        self.admit(len(prompts) * body.n, param="n" if len(prompts) == 1 else "prompt")
+        self.log_received(request_id, num_prompt_tokens, params)
         try:
             for j, (ids, _) in enumerate(prompts):
                 streams.append(self.ctx.client.generate(f"{request_id}-{j}", ids, params))
@@ -129,7 +132,7 @@ class CompletionServing(OpenAIServing):
         rows = []     # (token id, logprob, top alternatives); None where nothing predicts it
         if delta.prompt_logprobs is not None:
             if body.prompt_logprobs is not None:
-                choice.prompt_logprobs = self._prompt_logprobs_field(
+                choice.prompt_logprobs = self.prompt_logprobs_field(
                     delta.prompt_logprobs, body.prompt_logprobs)
             if body.echo:
                 rows.append((choice.prompt_ids[0], None, None))
@@ -149,19 +152,6 @@ class CompletionServing(OpenAIServing):
                 block["text_offset"].append(choice.offset)
             choice.offset += len(text)
         return own
-
-    def _prompt_logprobs_field(self, entries: list[dict], top_n: int) -> list[dict | None]:
-        """vLLM's prompt_logprobs: per prompt token (None for the first), the token and its
-        top_n alternatives as {token id: {logprob, rank, decoded_token}}."""
-        out: list[dict | None] = [None]
-        for entry in entries:
-            token_id, logprob, top = parse_logprobs(entry)
-            position = {str(t): {"logprob": lp, "rank": rank, "decoded_token": self.token_text(t)}
-                        for rank, (t, lp) in enumerate(top[:top_n], start=1)}
-            position[str(token_id)] = {"logprob": logprob, "rank": int(entry["rank"]),
-                                       "decoded_token": self.token_text(token_id)}
-            out.append(position)
-        return out
 
     async def _stream(self, http_request, body, model, request_id, streams, choices,
                       num_prompt_tokens) -> web.StreamResponse:
