@@ -6,17 +6,19 @@ import numpy as np
 import pytest
 import torch
 
+from aphrodite.executor import attention
 from aphrodite.executor.attention import (
     AttentionMetadata,
     allocate_kv_caches,
     kv_cache_bytes_per_block,
     paged_attention,
+    plan_decode_groups,
 )
 
 torch.set_num_threads(1)
 
 BLOCK_SIZE = 4
-NUM_BLOCKS = 40
+NUM_BLOCKS = 80
 
 
 def dense_reference(q, keys, values, prefix, scale):
@@ -31,10 +33,11 @@ def dense_reference(q, keys, values, prefix, scale):
     return torch.einsum("hln,nhd->lhd", scores.softmax(-1), v)
 
 
-def make_batch(spec, heads, kv_heads, head_dim, dtype, seed=0, unwritten=()):
+def make_batch(spec, heads, kv_heads, head_dim, dtype, seed=0, unwritten=(), block_size=None):
     """spec: list of (cached prefix length, new tokens). Returns everything paged_attention needs
     plus each sequence's full keys/values for the reference. Sequences listed in `unwritten`
-    get slot -1 for their new tokens."""
+    get slot -1 for their new tokens. block_size=BLOCK_SIZE plans the grouped CPU decode path;
+    None keeps the static-shape gather (the CUDA-graph path)."""
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     free_blocks = list(rng.permutation(NUM_BLOCKS))  # shuffled: tables are non-contiguous
@@ -61,7 +64,8 @@ def make_batch(spec, heads, kv_heads, head_dim, dtype, seed=0, unwritten=()):
         full.append((keys, values, seq_slots))
     query_lens = np.array([n for _, n in spec])
     seq_lens = np.array([p + n for p, n in spec])
-    meta = AttentionMetadata.build(query_lens, seq_lens, tables, np.concatenate(slots), "cpu")
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, np.concatenate(slots), "cpu",
+                                   block_size)
     return torch.cat(qs), torch.cat(ks), torch.cat(vs), cache, meta, full
 
 
@@ -69,15 +73,29 @@ MIXED = [(8, 1), (0, 5), (7, 4), (0, 1), (13, 1), (4, 9)]   # decodes, fresh pre
 DECODES = [(8, 1), (0, 1), (13, 1), (21, 1), (3, 1)]
 
 
-@pytest.mark.parametrize("spec", [MIXED, DECODES, [(5, 6)]], ids=["mixed", "all-decode", "one-chunk"])
+# Many decodes of spread-out lengths: with small groups they split into several length groups.
+MANY_DECODES = [(p, 1) for p in (30, 2, 17, 9, 41, 0, 25, 12, 5, 33, 20, 7)]
+# group_tokens for the grouped path: None = the default (one group here), 24 = several groups
+PATHS = {"static": (None, None), "grouped": (BLOCK_SIZE, None), "grouped-small": (BLOCK_SIZE, 24)}
+
+
+@pytest.mark.parametrize("spec", [MIXED, DECODES, MANY_DECODES, [(5, 6)]],
+                         ids=["mixed", "all-decode", "many-decodes", "one-chunk"])
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)], ids=["gqa", "mha"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],
                          ids=["fp32", "bf16"])
-def test_matches_dense_reference(spec, heads, kv_heads, dtype, tol):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_matches_dense_reference(spec, heads, kv_heads, dtype, tol, path, monkeypatch):
+    block_size, group_tokens = PATHS[path]
+    if group_tokens:
+        monkeypatch.setattr(attention, "DECODE_GROUP_TOKENS", group_tokens)
     head_dim = 16
     scale = head_dim ** -0.5
-    q, k, v, cache, meta, full = make_batch(spec, heads, kv_heads, head_dim, dtype)
+    q, k, v, cache, meta, full = make_batch(spec, heads, kv_heads, head_dim, dtype,
+                                            block_size=block_size)
     assert meta.num_decode_only == all(n == 1 for _, n in spec)
+    has_decodes = any(n == 1 for _, n in spec)
+    assert (meta.decode_plan is not None) == (block_size is not None and has_decodes)
     out = paged_attention(q, k, v, cache, meta, scale)
     assert out.shape == q.shape and out.dtype == dtype
     start = 0
@@ -89,6 +107,29 @@ def test_matches_dense_reference(spec, heads, kv_heads, dtype, tol):
         assert torch.equal(cache[0].view(-1, kv_heads, head_dim)[written], keys)
         assert torch.equal(cache[1].view(-1, kv_heads, head_dim)[written], values)
         start += new
+
+
+def test_decode_plan_groups_by_length():
+    seq_lens = np.array([30, 3, 17, 9, 41, 1, 25])
+    tables = np.arange(7 * 11).reshape(7, 11)            # row r owns blocks 11r .. 11r + 10
+    plan = plan_decode_groups(seq_lens, tables, block_size=4, device="cpu", group_tokens=60)
+    order = plan.order.tolist()
+    assert order == np.argsort(seq_lens, kind="stable").tolist()
+    sorted_lens = seq_lens[order]
+    assert plan.groups[0].start == 0 and plan.groups[-1].end == len(seq_lens)
+    for group, following in zip(plan.groups, plan.groups[1:]):
+        assert group.end == following.start
+    for group in plan.groups:
+        members = np.array(order[group.start:group.end])
+        longest = int(sorted_lens[group.end - 1])
+        # padded size within budget unless the group is one sequence
+        assert group.end - group.start == 1 or (group.end - group.start) * longest <= 60
+        assert group.num_blocks == -(-longest // 4)
+        assert group.block_ids.tolist() == tables[members, :group.num_blocks].reshape(-1).tolist()
+        assert torch.equal(group.visible[:, 0, 0].sum(-1), torch.from_numpy(seq_lens[members]))
+    assert len(plan.groups) > 2
+    # already sorted rows need no reordering
+    assert plan_decode_groups(np.array([2, 5, 9]), tables[:3], 4, "cpu").order is None
 
 
 def test_slot_minus_one_is_not_written():

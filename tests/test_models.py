@@ -59,7 +59,7 @@ class PagedDriver:
         for row, seq in enumerate(chunks):
             tables[row, : len(self.tables[seq])] = self.tables[seq]
         meta = AttentionMetadata.build(np.array(query_lens), np.array(seq_lens), tables,
-                                       np.concatenate(slots), "cpu")
+                                       np.concatenate(slots), "cpu", BLOCK_SIZE)
         hidden = self.model(torch.tensor(ids), torch.from_numpy(np.concatenate(positions)),
                             self.caches, meta)
         logits = self.model.compute_logits(hidden)

@@ -8,6 +8,7 @@ a step into flat tensors with vectorised numpy, not per-token Python.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,7 @@ from aphrodite.executor.attention import (AttentionMetadata, allocate_kv_caches,
 from aphrodite.executor.models import get_model_class
 from aphrodite.executor.sampler import Sampler, SamplingRow
 from aphrodite.executor.sampling.logprobs import summarise
-from aphrodite.executor.weight_loader import iter_weights
+from aphrodite.executor.weight_loader import load_model_weights
 from aphrodite.model_files import eos_token_ids, load_config, max_model_len, resolve_model
 from aphrodite.sampling_params import SamplingParams
 
@@ -81,7 +82,7 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = model_cls(self.hf_config, self.dtype, tp_rank=rank,
                                    tp_size=config.tensor_parallel_size)
-        self.model.load_weights(iter_weights(files, progress=rank == 0))
+        load_model_weights(self.model, files, config, self.device, progress=rank == 0)
         self.model.eval()
         self.eos_token_ids = eos_token_ids(files, self.hf_config, None)
         self.vocab_size = self.hf_config.vocab_size
@@ -155,6 +156,11 @@ class ModelRunner:
         total = torch.cuda.get_device_properties(self.device).total_memory
         return int(total * self.config.gpu_memory_utilization) - peak
 
+    @property
+    def num_request_states(self) -> int:
+        """Requests this runner keeps state for (running, plus preempted ones' sampler state)."""
+        return len(self.requests) + len(self.preempted_states)
+
     def ready_info(self) -> dict:
         return {"num_kv_blocks": self.num_kv_blocks, "max_model_len": self.max_model_len,
                 "vocab_size": self.vocab_size, "eos_token_ids": list(self.eos_token_ids),
@@ -191,9 +197,13 @@ class ModelRunner:
             state.num_computed_tokens = cached["num_computed_tokens"]
 
     @torch.inference_mode()
-    def execute(self, step: dict) -> dict:
+    def execute(self, step: dict, mark: Callable[[str], None] | None = None) -> dict:
+        """Run one step. mark(phase), when given, is called as each phase ends ("inputs",
+        "forward", "logits", "sampling"), so benchmarks/step_profile.py can time them."""
         self._apply_diff(step)
         scheduled = step["num_scheduled_tokens"]
+        if not scheduled:   # an idle engine core's step that only drops finished requests
+            return {"sampled": {}}
         req_ids = list(scheduled)
         states = [self.requests[rid] for rid in req_ids]
         query_lens = np.fromiter(scheduled.values(), dtype=np.int64, count=len(req_ids))
@@ -226,10 +236,14 @@ class ModelRunner:
                                           block_tables)
         else:
             meta = AttentionMetadata.build(query_lens, seq_lens, block_tables, slot_mapping,
-                                           self.device)
+                                           self.device, self.block_size)
+            if mark is not None:
+                mark("inputs")
             hidden = self.model(torch.from_numpy(token_ids).to(self.device),
                                 torch.from_numpy(positions).to(self.device), self.kv_caches,
                                 meta)
+        if mark is not None:
+            mark("forward")
 
         result: dict = {"sampled": {}}
         if self.reports_results:
@@ -239,14 +253,20 @@ class ModelRunner:
         # Only requests whose known tokens are all computed produce a next token.
         sampling = [i for i, s in enumerate(states) if seq_lens[i] == len(s.token_ids)]
         if not sampling:
+            if mark is not None:
+                mark("sampling")
             return result
         logits = self.model.compute_logits(hidden[torch.from_numpy(cu[1:][sampling] - 1)
                                                   .to(self.device)])
+        if mark is not None:
+            mark("logits")
         out = self.sampler(logits, [states[i].row for i in sampling])
         result["sampled"] = {req_ids[i]: int(t) for i, t in zip(sampling, out.token_ids)}
         logprobs = {req_ids[i]: lp for i, lp in zip(sampling, out.logprobs) if lp is not None}
         if logprobs:
             result["logprobs"] = {rid: _logprobs_to_json(lp) for rid, lp in logprobs.items()}
+        if mark is not None:
+            mark("sampling")
         return result
 
     def _prompt_logprobs(self, hidden: torch.Tensor, req_ids: list[str],

@@ -34,20 +34,9 @@ def _init_distributed(config: EngineConfig, rank: int, ipc_dir: str, device: str
                             rank=rank, world_size=config.tensor_parallel_size)
 
 
-def _num_request_states(runner) -> int:
-    """Requests the runner keeps state for (running, plus preempted ones' sampler state)."""
-    return len(runner.requests) + len(runner.preempted_states)
-
-
 def _run_step(runner, step: dict) -> dict:
-    if step["num_scheduled_tokens"]:
-        output = runner.execute(step)
-    else:
-        # An idle engine core sends a step with nothing to run only to have finished
-        # requests forgotten, so per-request state does not outlive the traffic.
-        runner._apply_diff(step)
-        output = {"sampled": {}}
-    output["num_requests"] = _num_request_states(runner)
+    output = runner.execute(step)
+    output["num_requests"] = runner.num_request_states
     return output
 
 

@@ -164,6 +164,9 @@ def build_parser(prog: str, positional_model: bool = False) -> argparse.Argument
     eng.add_argument("--dtype", default="auto",
                      choices=["auto", "half", "float16", "bfloat16", "float", "float32"],
                      help="weight and activation dtype (auto: bfloat16/float16 on GPU, float32 on CPU)")
+    eng.add_argument("--quantization", default="auto", choices=["auto", "none", "int4"],
+                     help="keep GGUF Q4_0/Q4_1 weights int4 on CPU (weight-only kernels, faster "
+                          "single-stream decode); auto: only when --max-num-seqs <= 8")
     eng.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     eng.add_argument("--max-model-len", type=int, default=None,
                      help="longest prompt + output in tokens (default: from the model config)")
@@ -207,6 +210,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m aphrodite.s
     try:
         config = EngineConfig(
             model=model, tokenizer=a.tokenizer, dtype=_DTYPES.get(a.dtype, a.dtype),
+            quantization=a.quantization,
             device=a.device, max_model_len=a.max_model_len, block_size=a.block_size,
             kv_cache_memory=a.kv_cache_memory, gpu_memory_utilization=a.gpu_memory_utilization,
             num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs,
