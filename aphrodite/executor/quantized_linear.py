@@ -21,17 +21,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType
 
+# GGMLQuantizationType values as plain ints (they compare equal to gguf's IntEnum), so that
+# loading a safetensors model never needs the gguf package.
+Q4_0, Q4_1, Q8_0 = 2, 3, 8
 GROUP_SIZE = 32
 # Above this many tokens per call the weight-only kernels lose to float32 GEMM (measured on the
 # 2-core AVX2 dev machine: int4 kernel ~1.0-1.5x faster at 1 token, 1.3-2x slower at 16-64), so
 # larger calls (prefill chunks, big decode batches) dequantise the matrix and use float32.
 DENSE_ABOVE_TOKENS = 16
-INT4_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
-QUANTIZABLE_TYPES = (*INT4_TYPES, GGMLQuantizationType.Q8_0)
-_BLOCK_BYTES = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20,
-                GGMLQuantizationType.Q8_0: 34}
+INT4_TYPES = (Q4_0, Q4_1)
+QUANTIZABLE_TYPES = (*INT4_TYPES, Q8_0)
+_BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
 
 
 @dataclass
@@ -72,16 +73,16 @@ class QuantizedParts:
         return (grouped * self.scales[..., None] + self.mins[..., None]).reshape(rows, cols)
 
 
-def parts_from_gguf(raw: np.ndarray, tensor_type: GGMLQuantizationType,
+def parts_from_gguf(raw: np.ndarray, tensor_type: int,
                     shape: tuple[int, int]) -> QuantizedParts:
     """Split a GGUF tensor's raw bytes [rows, bytes per row] into codes and scales."""
     rows, cols = shape
     blocks = np.ascontiguousarray(raw).reshape(rows, cols // GROUP_SIZE, _BLOCK_BYTES[tensor_type])
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    if tensor_type == GGMLQuantizationType.Q8_0:
+    if tensor_type == Q8_0:
         codes = blocks[..., 2:].copy().view(np.int8).astype(np.float32)
         return requantize_int8_rows(codes * d[..., None], rows, cols)
-    if tensor_type == GGMLQuantizationType.Q4_1:
+    if tensor_type == Q4_1:
         mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
         nibbles = blocks[..., 4:]
     else:
