@@ -23,14 +23,15 @@ from server_utils import shared_server
 
 pytestmark = pytest.mark.slow   # starts the real server with the default model
 
-NORMAL_CLIENTS, NORMAL_TOKENS = 4, 24
-EXTRA_N, EXTRA_TOKENS = 8, 64      # 8 choices x 20 logprobs: ~12 KB a step, so the
-# buffers between server and slow reader (~200 KB) fill within the first ~16 steps
-ROUNDS = 3                          # per variant, interleaved; medians are compared
+NORMAL_CLIENTS, NORMAL_TOKENS = 4, 48
+EXTRA_N, EXTRA_TOKENS = 8, 80      # 8 choices x 20 logprobs: ~12 KB a step, so the
+# buffers between server and slow reader (~200 KB) fill within the first ~16 steps; the
+# shared test server has a 128-token context, so prompt + 80 tokens fit
+ROUNDS = 5                          # per variant, interleaved; medians are compared
 SLOW_READ_BYTES, SLOW_READ_EVERY_S = 4096, 1.0
-# Below this engine speed a reader taking one event per second keeps up on its own and
+# Below this engine speed a reader taking one event per second nearly keeps up on its own and
 # there is no backpressure to measure (an overloaded machine): the test skips.
-MIN_TOKENS_PER_S = 20
+MIN_TOKENS_PER_S = 5
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +188,9 @@ def test_slow_reader_does_not_slow_the_others_and_loses_nothing(server, capsys):
     # The server did block on the slow reader: its tokens arrived merged into fewer events
     # (a reader keeping up gets about one event per token and choice).
     assert max(slow_events) < EXTRA_N * EXTRA_TOKENS, report
-    assert abs(ratio - 1) < 0.2, report
+    # Not slowed by more than 20%. Faster is allowed: the slow reader's merged events cost the
+    # frontend less JSON than one event per token (measured 0.90-1.26 on the 2-core machine).
+    assert ratio > 0.8, report
     assert engine_idle(server)
 
 

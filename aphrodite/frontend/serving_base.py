@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -222,10 +223,23 @@ class OpenAIServing:
         return usage
 
 
+# Kernel send buffer of a streaming connection. Left to autotuning it grows to tcp_wmem's
+# maximum (4 MB on Linux), so a client that stops reading would have megabytes of events
+# queued for it; bounded, the writer blocks early and the request's pending tokens are merged
+# into one event when the client reads again.
+STREAM_SEND_BUFFER_BYTES = 128 * 1024
+
+
 async def start_sse(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER_BYTES)
+        except OSError:
+            pass   # not a TCP socket (e.g. a test transport): nothing to bound
     await response.prepare(request)
     return response
 
