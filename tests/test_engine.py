@@ -11,7 +11,7 @@ import time
 import pytest
 
 from aphrodite import LLM, SamplingParams
-from aphrodite.frontend.engine_process import EngineDeadError
+from aphrodite.frontend.engine_process import EngineDeadError, EngineStartError
 
 pytestmark = pytest.mark.slow
 
@@ -158,3 +158,20 @@ def test_killed_worker_fails_generate_quickly(tokenizer):
     core.join(5)
     assert core.exitcode == 1            # the engine core reported the failure and exited
     engine.shutdown()
+
+
+def test_worker_that_fails_to_load_fails_start_quickly(tokenizer, tmp_path):
+    # The core reports the worker's error and exits; the caller must not then block on a
+    # SHUTDOWN frame to a socket nobody reads (seen hanging LLM() for minutes on a GPU box).
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    shard = tmp_path / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    start = time.monotonic()
+    for _ in range(3):     # the race between the core's exit and our SHUTDOWN differs per run
+        with pytest.raises(EngineStartError, match="(?s)worker failed to start.*SafetensorError"):
+            LLM(str(tmp_path), num_threads=1)
+    assert time.monotonic() - start < 60

@@ -116,14 +116,25 @@ class EngineProcess:
         return body
 
     def send(self, frame: Frame, body) -> None:
-        self.input_socket.send(encode(frame, body))
+        """Blocks only while the core lives: a PUSH socket whose peer has gone waits forever."""
+        message = encode(frame, body)
+        while True:
+            try:
+                self.input_socket.send(message, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                if not self.proc.is_alive():
+                    raise EngineDeadError(
+                        f"engine core exited (exit code {self.proc.exitcode})") from None
+                self.input_socket.poll(200, zmq.POLLOUT)
 
     def shutdown(self, timeout_s: float = 10) -> None:
         if self.input_socket.closed:
             return
         if self.proc.is_alive():
             try:
-                self.send(Frame.SHUTDOWN, {})
+                # One try: a core that has failed may still be exiting, no longer reading.
+                self.input_socket.send(encode(Frame.SHUTDOWN, {}), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
             self.proc.join(timeout_s)
