@@ -11,7 +11,7 @@ the cores. Phases per step:
   ipc        encode/send/recv/decode of STEP, RESULT and STEP_OUTPUTS frames
   inputs     ModelRunner: apply the diff, build token ids, positions, slots, metadata
   forward    the model's forward pass, split into attention / linear / rest by timers
-             wrapped around paged_attention and F.linear (logits are under sampling)
+             wrapped around paged_attention and linear (logits are under sampling)
   logits     the lm_head over the sampled rows (model work: counted with the forward)
   sampling   the sampler (greedy here)
   output     Scheduler.update_from_output + the core's output/stats collection
@@ -34,7 +34,6 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import zmq
 
 from aphrodite.config import EngineConfig
@@ -54,12 +53,12 @@ clock = time.perf_counter
 
 
 class ForwardTimers:
-    """Wraps paged_attention and F.linear as llama.py sees them, accumulating seconds."""
+    """Wraps paged_attention and linear as llama.py sees them, accumulating seconds."""
 
     def __init__(self):
         self.seconds = defaultdict(float)
         self.active = False           # only inside the forward pass (not the lm_head after it)
-        self._attention, self._linear = llama.paged_attention, F.linear
+        self._attention, self._linear = llama.paged_attention, llama.linear
 
     def _timed(self, name, fn):
         def wrapper(*args, **kwargs):
@@ -73,10 +72,10 @@ class ForwardTimers:
 
     def install(self):
         llama.paged_attention = self._timed("attention", self._attention)
-        F.linear = self._timed("linear", self._linear)
+        llama.linear = self._timed("linear", self._linear)
 
     def uninstall(self):
-        llama.paged_attention, F.linear = self._attention, self._linear
+        llama.paged_attention, llama.linear = self._attention, self._linear
 
 
 class Loop:
