@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from aphrodite.executor import attention
+from aphrodite.executor import attention, cpu_kernels
 from aphrodite.executor.attention import (
     AttentionMetadata,
     allocate_kv_caches,
@@ -36,8 +36,9 @@ def dense_reference(q, keys, values, prefix, scale):
 def make_batch(spec, heads, kv_heads, head_dim, dtype, seed=0, unwritten=(), block_size=None):
     """spec: list of (cached prefix length, new tokens). Returns everything paged_attention needs
     plus each sequence's full keys/values for the reference. Sequences listed in `unwritten`
-    get slot -1 for their new tokens. block_size=BLOCK_SIZE plans the grouped CPU decode path;
-    None keeps the static-shape gather (the CUDA-graph path)."""
+    get slot -1 for their new tokens. block_size=BLOCK_SIZE turns on the CPU decode paths (the
+    C++ kernel, or the grouped plan without it); None keeps the static-shape gather (the
+    CUDA-graph path)."""
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     free_blocks = list(rng.permutation(NUM_BLOCKS))  # shuffled: tables are non-contiguous
@@ -75,8 +76,10 @@ DECODES = [(8, 1), (0, 1), (13, 1), (21, 1), (3, 1)]
 
 # Many decodes of spread-out lengths: with small groups they split into several length groups.
 MANY_DECODES = [(p, 1) for p in (30, 2, 17, 9, 41, 0, 25, 12, 5, 33, 20, 7)]
-# group_tokens for the grouped path: None = the default (one group here), 24 = several groups
-PATHS = {"static": (None, None), "grouped": (BLOCK_SIZE, None), "grouped-small": (BLOCK_SIZE, 24)}
+# (block_size, group_tokens, C++ kernel). group_tokens for the grouped path: None = the default
+# (one group here), 24 = several groups.
+PATHS = {"static": (None, None, False), "kernel": (BLOCK_SIZE, None, True),
+         "grouped": (BLOCK_SIZE, None, False), "grouped-small": (BLOCK_SIZE, 24, False)}
 
 
 @pytest.mark.parametrize("spec", [MIXED, DECODES, MANY_DECODES, [(5, 6)]],
@@ -86,16 +89,20 @@ PATHS = {"static": (None, None), "grouped": (BLOCK_SIZE, None), "grouped-small":
                          ids=["fp32", "bf16"])
 @pytest.mark.parametrize("path", list(PATHS))
 def test_matches_dense_reference(spec, heads, kv_heads, dtype, tol, path, monkeypatch):
-    block_size, group_tokens = PATHS[path]
+    block_size, group_tokens, kernel = PATHS[path]
     if group_tokens:
         monkeypatch.setattr(attention, "DECODE_GROUP_TOKENS", group_tokens)
+    if not kernel:
+        monkeypatch.setattr(cpu_kernels, "library_available", lambda: False)
     head_dim = 16
     scale = head_dim ** -0.5
     q, k, v, cache, meta, full = make_batch(spec, heads, kv_heads, head_dim, dtype,
                                             block_size=block_size)
     assert meta.num_decode_only == all(n == 1 for _, n in spec)
     has_decodes = any(n == 1 for _, n in spec)
-    assert (meta.decode_plan is not None) == (block_size is not None and has_decodes)
+    assert meta.decode_kernel == (kernel and has_decodes)
+    assert (meta.decode_plan is not None) == (block_size is not None and has_decodes
+                                              and not kernel)
     out = paged_attention(q, k, v, cache, meta, scale)
     assert out.shape == q.shape and out.dtype == dtype
     start = 0
@@ -107,6 +114,26 @@ def test_matches_dense_reference(spec, heads, kv_heads, dtype, tol, path, monkey
         assert torch.equal(cache[0].view(-1, kv_heads, head_dim)[written], keys)
         assert torch.equal(cache[1].view(-1, kv_heads, head_dim)[written], values)
         start += new
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("spec", [[(37, 1)], MANY_DECODES], ids=["one-sequence", "many"])
+def test_decode_kernel_threads(spec, threads):
+    """The kernel splits one sequence by kv head, and many by sequence; both agree with the
+    reference whatever the thread count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, k, v, cache, meta, full = make_batch(spec, 12, 3, 64, torch.float32, seed=3,
+                                                block_size=BLOCK_SIZE)
+        assert meta.decode_kernel
+        out = paged_attention(q, k, v, cache, meta, 0.125)
+    finally:
+        torch.set_num_threads(previous)
+    for row, (prefix, _) in enumerate(spec):
+        keys, values, _ = full[row]
+        ref = dense_reference(q[row:row + 1], keys, values, prefix, 0.125)
+        torch.testing.assert_close(out[row:row + 1], ref, atol=1e-5, rtol=1e-5)
 
 
 def test_decode_plan_groups_by_length():

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from aphrodite.config import EngineConfig
+from aphrodite.executor import cpu_kernels
 from aphrodite.executor.attention import (AttentionMetadata, allocate_kv_caches,
                                           kv_cache_bytes_per_block)
 from aphrodite.executor.models import get_model_class
@@ -93,6 +94,8 @@ class ModelRunner:
                                  f"supports ({self.max_model_len} positions)")
             self.max_model_len = config.max_model_len
         self.num_kv_blocks, self.kv_caches = self._allocate_kv_cache(rank)
+        if self.device.type == "cpu":
+            cpu_kernels.library_available()     # built (or found cached) now, not in a step
         # The pool must hold at least one sequence of max_model_len tokens.
         self.max_model_len = min(self.max_model_len, self.num_kv_blocks * self.block_size)
         self.sampler = Sampler(eos_token_ids=self.eos_token_ids)

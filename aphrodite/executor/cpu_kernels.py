@@ -1,0 +1,116 @@
+"""C++ kernels for the CPU path, compiled on first use and cached; torch fallbacks without them.
+
+torch has no operator for attention over a paged cache: the torch path gathers each
+sequence's blocks into a padded copy and calls scaled_dot_product_attention per group of
+sequences, which on CPU is dominated by per-call overhead and copies. The kernel in
+kernels/paged_decode_attention.cpp reads keys and values where they are. Decode, one layer of
+the default model: see the table in attention.py.
+
+Built with the system's g++ (-O3 -march=native -fopenmp) into
+<cache_root>/kernels/<hash>.so, keyed by the source, the compiler, the flags and this CPU's
+feature flags, so a cache shared between machines never hands one a build for another. No
+compiler, or a failed build, logs a warning once and leaves the torch path in use;
+APHRODITE_CPU_KERNELS=0 turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from aphrodite.model_files import cache_root, write_file_atomically
+
+logger = logging.getLogger("aphrodite.worker")
+
+SOURCE = Path(__file__).parent / "kernels" / "paged_decode_attention.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_KV_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS),
+                                    _cpu_flags()]).encode()).hexdigest()[:32]
+    target = cache_root() / "kernels" / f"paged_decode_attention-{key}.so"
+    if target.exists():
+        return target
+
+    def compile_to(path: str) -> None:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", path], capture_output=True,
+                       text=True, check=True)
+
+    if not write_file_atomically(target, compile_to):
+        raise OSError(f"cannot write {target.parent}")
+    logger.info("Built the CPU attention kernel into %s", target)
+    return target
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("APHRODITE_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++")
+    if compiler is None:
+        logger.warning("No C++ compiler (g++) found: CPU decode attention runs the slower torch "
+                       "path")
+        return None
+    try:
+        # torch has loaded its libgomp.so.1 already; the kernel's libgomp.so.1 resolves to it.
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        logger.warning("Could not build the CPU attention kernel (%s): CPU decode attention "
+                       "runs the slower torch path", detail.strip()[-500:])
+        return None
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    for suffix in _KV_DTYPES.values():
+        fn = getattr(library, f"paged_decode_attention_{suffix}")
+        fn.argtypes = [pointer, pointer, pointer, pointer, i64, pointer, i64, i64, i64, i64, i64,
+                       ctypes.c_float, pointer]
+        fn.restype = None
+    return library
+
+
+def library_available() -> bool:
+    """Whether the kernels built and loaded (the first call builds them)."""
+    return _library() is not None
+
+
+def supports(kv_dtype: torch.dtype) -> bool:
+    """Cache dtypes paged_decode_attention takes (float16 CPU caches take the torch path)."""
+    return kv_dtype in _KV_DTYPES
+
+
+def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, H, D] one new token per sequence -> [B, H, D], over each sequence's first
+    seq_lens[b] cached tokens (this step's already written). kv_cache: one layer,
+    [2, blocks, block_size, kv_heads, head_dim]; block_tables [B, max_blocks] int64."""
+    fn = getattr(_library(), f"paged_decode_attention_{_KV_DTYPES[kv_cache.dtype]}")
+    _, _, block_size, kv_heads, head_dim = kv_cache.shape
+    batch, heads, _ = q.shape
+    q32 = q.to(torch.float32).contiguous()
+    out = torch.empty_like(q32)
+    assert kv_cache.is_contiguous() and block_tables.dtype == seq_lens.dtype == torch.int64
+    block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
+    fn(q32.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(),
+       block_tables.shape[1], seq_lens.data_ptr(), batch, heads, kv_heads, head_dim, block_size,
+       scale, out.data_ptr())
+    return out.to(q.dtype)
