@@ -234,7 +234,7 @@ def _decode_rows(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadat
                  block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
                  scale: float) -> torch.Tensor:
     """The batch's one-new-token rows, q [Bd, H, D], by the path build() chose for them."""
-    if meta.decode_kernel and cpu_kernels.supports(kv_cache.dtype):
+    if meta.decode_kernel and cpu_kernels.supports(kv_cache):
         return cpu_kernels.paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale)
     if meta.decode_plan is not None:
         return _grouped_decode_attention(q, kv_cache, meta.decode_plan, scale)

@@ -31,7 +31,7 @@ from aphrodite.model_files import cache_root, write_file_atomically
 logger = logging.getLogger("aphrodite.worker")
 
 SOURCE = Path(__file__).parent / "kernels" / "paged_decode_attention.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17"]   # gnu: multiply-adds fuse
 _KV_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -93,9 +93,10 @@ def library_available() -> bool:
     return _library() is not None
 
 
-def supports(kv_dtype: torch.dtype) -> bool:
-    """Cache dtypes paged_decode_attention takes (float16 CPU caches take the torch path)."""
-    return kv_dtype in _KV_DTYPES
+def supports(kv_cache: torch.Tensor) -> bool:
+    """Caches paged_decode_attention takes: float32 or bfloat16, head_dim a multiple of 8
+    (others, float16 say, take the torch path)."""
+    return kv_cache.dtype in _KV_DTYPES and kv_cache.shape[-1] % 8 == 0
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -20,12 +20,28 @@
 
 namespace {
 
-// One token's keys (or values) for every kv head, n = kv_heads * head_dim floats: float32
-// caches are read in place, bfloat16 ones (the high half of a float32) widened into buffer.
-inline const float* token_row(const float* cache, int64_t offset, float*, int64_t) {
+// Eight floats; g++ lowers it to one AVX register, or two SSE ones on older CPUs. head_dim must
+// be a multiple of 8 (cpu_kernels.supports checks).
+typedef float v8 __attribute__((vector_size(32)));
+
+inline v8 load8(const float* p) {
+    v8 v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline float sum8(v8 v) {   // a tree, not a chain of 7 dependent adds
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// A block's keys (or values), n = tokens * kv_heads * head_dim floats: float32 caches are read
+// in place, bfloat16 ones (the high half of a float32) widened into buffer.
+inline const float* block_rows(const float* cache, int64_t offset, float*, int64_t) {
     return cache + offset;
 }
-inline const float* token_row(const uint16_t* cache, int64_t offset, float* buffer, int64_t n) {
+inline const float* block_rows(const uint16_t* cache, int64_t offset, float* buffer, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
         uint32_t bits = static_cast<uint32_t>(cache[offset + i]) << 16;
         std::memcpy(buffer + i, &bits, sizeof(float));
@@ -33,53 +49,54 @@ inline const float* token_row(const uint16_t* cache, int64_t offset, float* buff
     return buffer;
 }
 
-// Dot products and axpys over head_dim, written so that g++ vectorises them.
-inline float dot(const float* a, const float* b, int64_t n) {
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
-    return sum;
-}
-
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-
 template <typename T>
 void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
             int64_t max_blocks, const int64_t* seq_lens, int64_t batch, int64_t heads,
             int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale, float* out) {
-    const int64_t group = heads / kv_heads;
-    const int64_t row_size = kv_heads * head_dim;      // one token's keys, every kv head
+    const int64_t group = heads / kv_heads, chunks = head_dim / 8;
+    const int64_t row_size = kv_heads * head_dim;      // one token: every kv head's vector
     // A work item is a sequence, or with fewer sequences than threads can share evenly, one
-    // kv head of a sequence (each item then reads a third, say, of every token's row).
+    // kv head of a sequence (each item then reads its part of every token's row).
     const int64_t parts = batch < 2 * omp_get_max_threads() ? kv_heads : 1;
-    const int64_t heads_per_part = heads / parts;
+    const int64_t kv_per_part = kv_heads / parts;
     // Items are handed out one at a time: lengths differ, so static shares would leave
     // threads idle. (A plain parallel region and an atomic counter need nothing newer from
     // libgomp than torch's bundled copy provides.)
     std::atomic<int64_t> next{0};
 #pragma omp parallel
     {
-        std::vector<float> scores, total(heads), acc(heads * head_dim), buffer(row_size);
+        std::vector<float> scores, total(heads), acc(heads * head_dim);
+        std::vector<float> buffer(block_size * row_size);
         for (int64_t item = next++; item < batch * parts; item = next++) {
             const int64_t seq = item / parts;
-            const int64_t first = item % parts * heads_per_part, last = first + heads_per_part;
+            const int64_t kv_first = item % parts * kv_per_part, kv_last = kv_first + kv_per_part;
             const int64_t len = seq_lens[seq];
             const int64_t* table = block_tables + seq * max_blocks;
             const float* q_seq = q + seq * heads * head_dim;
             scores.resize(heads * len);
 
-            for (int64_t t = 0; t < len; ++t) {
-                const int64_t offset = (table[t / block_size] * block_size + t % block_size)
-                                       * row_size;
-                const float* keys = token_row(k_cache, offset, buffer.data(), row_size);
-                for (int64_t h = first; h < last; ++h)
-                    scores[h * len + t] = dot(q_seq + h * head_dim, keys + (h / group) * head_dim,
-                                              head_dim) * scale;
+            // Scores: each key vector is loaded once for the query heads that share it.
+            for (int64_t start = 0; start < len; start += block_size) {
+                const int64_t tokens = std::min(block_size, len - start);
+                const float* keys = block_rows(k_cache, table[start / block_size] * block_size
+                                               * row_size, buffer.data(), tokens * row_size);
+                for (int64_t t = 0; t < tokens; ++t)
+                    for (int64_t kv = kv_first; kv < kv_last; ++kv) {
+                        const float* key = keys + t * row_size + kv * head_dim;
+                        for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
+                            const float* qh = q_seq + h * head_dim;
+                            v8 even = {}, odd = {};
+                            int64_t c = 0;
+                            for (; c + 1 < chunks; c += 2) {
+                                even += load8(qh + 8 * c) * load8(key + 8 * c);
+                                odd += load8(qh + 8 * c + 8) * load8(key + 8 * c + 8);
+                            }
+                            if (c < chunks) even += load8(qh + 8 * c) * load8(key + 8 * c);
+                            scores[h * len + start + t] = sum8(even + odd) * scale;
+                        }
+                    }
             }
-            for (int64_t h = first; h < last; ++h) {
+            for (int64_t h = kv_first * group; h < kv_last * group; ++h) {
                 float* row = scores.data() + h * len;
                 float top = row[0];
                 for (int64_t t = 1; t < len; ++t) top = std::max(top, row[t]);
@@ -91,17 +108,42 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
                 total[h] = sum;
             }
 
+            // Weighted values: a block's tokens accumulate into registers, one store per block.
             std::fill(acc.begin(), acc.end(), 0.f);
-            for (int64_t t = 0; t < len; ++t) {
-                const int64_t offset = (table[t / block_size] * block_size + t % block_size)
-                                       * row_size;
-                const float* values = token_row(v_cache, offset, buffer.data(), row_size);
-                for (int64_t h = first; h < last; ++h)
-                    axpy(scores[h * len + t], values + (h / group) * head_dim,
-                         acc.data() + h * head_dim, head_dim);
+            for (int64_t start = 0; start < len; start += block_size) {
+                const int64_t tokens = std::min(block_size, len - start);
+                const float* values = block_rows(v_cache, table[start / block_size] * block_size
+                                                 * row_size, buffer.data(), tokens * row_size);
+                for (int64_t h = kv_first * group; h < kv_last * group; ++h) {
+                    const float* p = scores.data() + h * len + start;
+                    const float* v = values + (h / group) * head_dim;
+                    float* a = acc.data() + h * head_dim;
+                    int64_t c = 0;
+                    for (; c + 3 < chunks; c += 4) {     // four independent sums
+                        v8 s0 = load8(a + 8 * c), s1 = load8(a + 8 * c + 8);
+                        v8 s2 = load8(a + 8 * c + 16), s3 = load8(a + 8 * c + 24);
+                        for (int64_t t = 0; t < tokens; ++t) {
+                            const float* vt = v + t * row_size + 8 * c;
+                            s0 += p[t] * load8(vt);
+                            s1 += p[t] * load8(vt + 8);
+                            s2 += p[t] * load8(vt + 16);
+                            s3 += p[t] * load8(vt + 24);
+                        }
+                        store8(a + 8 * c, s0);
+                        store8(a + 8 * c + 8, s1);
+                        store8(a + 8 * c + 16, s2);
+                        store8(a + 8 * c + 24, s3);
+                    }
+                    for (; c < chunks; ++c) {
+                        v8 sum = load8(a + 8 * c);
+                        for (int64_t t = 0; t < tokens; ++t)
+                            sum += p[t] * load8(v + t * row_size + 8 * c);
+                        store8(a + 8 * c, sum);
+                    }
+                }
             }
             float* o = out + seq * heads * head_dim;
-            for (int64_t h = first; h < last; ++h)
+            for (int64_t h = kv_first * group; h < kv_last * group; ++h)
                 for (int64_t d = 0; d < head_dim; ++d)
                     o[h * head_dim + d] = acc[h * head_dim + d] / total[h];
         }
