@@ -41,7 +41,7 @@ from aphrodite.core.engine_core import EngineCore
 from aphrodite.core.kv_cache_manager import KVCacheManager
 from aphrodite.core.request import Request
 from aphrodite.core.scheduler import Scheduler
-from aphrodite.executor import attention
+from aphrodite.executor import attention, cpu_kernels
 from aphrodite.executor.model_runner import ModelRunner
 from aphrodite.executor.models import llama
 from aphrodite.protocol import Frame, decode, encode
@@ -197,9 +197,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clock", default="wall", choices=list(CLOCKS),
                     help="cpu: this process's CPU time (use with --threads 1 on a busy machine)")
-    ap.add_argument("--attention", nargs="+", default=["grouped"], choices=["grouped", "static"],
-                    help="decode attention: grouped (the CPU default) and/or static (one padded "
-                         "gather, the CUDA-graph path) for a before/after in one run")
+    ap.add_argument("--attention", nargs="+", default=["kernel"],
+                    choices=["kernel", "grouped", "static"],
+                    help="decode attention: kernel (the CPU default, C++), grouped (the torch "
+                         "fallback without a compiler) and/or static (one padded gather, the "
+                         "CUDA-graph path), for a before/after in one run")
     args = ap.parse_args()
 
     global clock
@@ -213,15 +215,17 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f} (2 cores: anything above ~0 distorts timings); "
           f"{args.dtype}, {args.threads} threads, {args.clock} clock, context {args.prompt_len}+, "
           f"min over {args.repeats} x {args.steps} steps")
-    planner = attention.plan_decode_groups
+    planner, kernel_built = attention.plan_decode_groups, cpu_kernels.library_available
     for mode in args.attention:
-        # Without a plan, AttentionMetadata falls back to the static-shape gather.
+        # Without the kernel AttentionMetadata plans groups; without a plan either, it falls
+        # back to the static-shape gather.
+        cpu_kernels.library_available = kernel_built if mode == "kernel" else lambda: False
         attention.plan_decode_groups = planner if mode == "grouped" else lambda *a, **k: None
         for batch in args.batch:
             print(f"\n[{mode} decode attention]", end="")
             report(batch, profile(runner, config, batch, args.prompt_len, args.steps,
                                   args.repeats, args.seed))
-    attention.plan_decode_groups = planner
+    attention.plan_decode_groups, cpu_kernels.library_available = planner, kernel_built
 
 
 if __name__ == "__main__":

@@ -194,17 +194,15 @@ class LlamaForCausalLM(nn.Module):
                         for name in ("gate_up_weight", "down_weight")]
         if self.lm_head is not None:
             projections.append((self, "lm_head"))
-        elif not isinstance(self.embed_tokens, QuantizedWeight):
-            projections.append((self, "embed_tokens"))
         for module, name in projections:
             weight = getattr(module, name)
             if isinstance(weight, QuantizedWeight):
                 continue
-            packed = pack_weight(weight.data)
-            if name == "embed_tokens":
-                name = "lm_head"
             delattr(module, name)
-            setattr(module, name, packed)
+            setattr(module, name, pack_weight(weight.data))
+        if self.lm_head is None and not isinstance(self.embed_tokens, QuantizedWeight):
+            del self.lm_head       # tied embeddings (maybe a None parameter): a packed copy
+            self.lm_head = pack_weight(self.embed_tokens.data)
 
     def _named_weight_slices(self):
         """Every (name, parameter) that load_weights must fill, in our own naming."""
