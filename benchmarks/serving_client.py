@@ -37,6 +37,17 @@ class Endpoint:
 
 async def one_request(session: aiohttp.ClientSession, ep: Endpoint,
                       req: Request) -> RequestResult:
+    """One streamed request. A pooled keep-alive connection that the server has already
+    closed (llama.cpp's server does so between requests) fails before anything is sent;
+    that attempt is retried once on a fresh connection, as HTTP clients do."""
+    result, stale = await _stream(session, ep, req)
+    if stale:
+        result, _ = await _stream(session, ep, req)
+    return result
+
+
+async def _stream(session: aiohttp.ClientSession, ep: Endpoint,
+                  req: Request) -> tuple[RequestResult, bool]:
     # ignore_eos is our (and vLLM's) extension, min_tokens the portable spelling of the same.
     body = {"model": ep.model, "prompt": req.prompt, "max_tokens": req.max_tokens,
             "temperature": 0.0, "ignore_eos": True, "min_tokens": req.max_tokens,
@@ -44,13 +55,15 @@ async def one_request(session: aiohttp.ClientSession, ep: Endpoint,
     headers = {"Authorization": f"Bearer {ep.api_key}"} if ep.api_key else {}
     result = RequestResult(ok=False, wanted_tokens=req.max_tokens)
     chunks = 0
+    responded = False
     start = time.perf_counter()
     try:
         async with session.post(f"{ep.base_url}/v1/completions", json=body,
                                 headers=headers) as r:
+            responded = True
             if r.status != 200:
                 result.error = f"HTTP {r.status}: {(await r.text())[:200]}"
-                return result
+                return result, False
             async for raw in r.content:
                 line = raw.strip()
                 if not line.startswith(b"data:") or line == b"data: [DONE]":
@@ -72,7 +85,10 @@ async def one_request(session: aiohttp.ClientSession, ep: Endpoint,
             result.error = "no tokens streamed"
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         result.error = repr(exc)[:200]
-    return result
+        stale = not responded and isinstance(exc, (aiohttp.ClientOSError,
+                                                   aiohttp.ServerDisconnectedError))
+        return result, stale
+    return result, False
 
 
 async def run_closed_loop(ep: Endpoint, requests: list[Request], concurrency: int,
