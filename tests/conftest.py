@@ -1,4 +1,7 @@
-"""Fixtures shared by the tests that run the bundled default model."""
+"""Fixtures shared by the tests that run the bundled default model, and a compiler check."""
+
+import os
+import shutil
 
 import pytest
 
@@ -14,3 +17,11 @@ def files():
 @pytest.fixture(scope="session")
 def tokenizer(files):
     return load_tokenizer(files)
+
+
+@pytest.fixture
+def cpp_compiler():
+    """Skips where there is no g++: the CPU decode kernel cannot be built there, and the torch
+    paths that run instead are tested on their own (test_attention.py, test_cpu_kernels.py)."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler to build the CPU decode kernel")

@@ -88,8 +88,10 @@ PATHS = {"static": (None, None, False), "kernel": (BLOCK_SIZE, None, True),
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],
                          ids=["fp32", "bf16"])
 @pytest.mark.parametrize("path", list(PATHS))
-def test_matches_dense_reference(spec, heads, kv_heads, dtype, tol, path, monkeypatch):
+def test_matches_dense_reference(spec, heads, kv_heads, dtype, tol, path, monkeypatch, request):
     block_size, group_tokens, kernel = PATHS[path]
+    if kernel:
+        request.getfixturevalue("cpp_compiler")
     if group_tokens:
         monkeypatch.setattr(attention, "DECODE_GROUP_TOKENS", group_tokens)
     if not kernel:
@@ -118,7 +120,7 @@ def test_matches_dense_reference(spec, heads, kv_heads, dtype, tol, path, monkey
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("spec", [[(37, 1)], MANY_DECODES], ids=["one-sequence", "many"])
-def test_decode_kernel_threads(spec, threads):
+def test_decode_kernel_threads(spec, threads, cpp_compiler):
     """The kernel splits one sequence by kv head, and many by sequence; both agree with the
     reference whatever the thread count."""
     previous = torch.get_num_threads()

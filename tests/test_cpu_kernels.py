@@ -27,7 +27,7 @@ def decode_metadata():
                                    block_size=4)
 
 
-def test_built_once_then_loaded_from_the_cache(fresh_build):
+def test_built_once_then_loaded_from_the_cache(fresh_build, cpp_compiler):
     assert cpu_kernels.library_available()
     built = list((fresh_build / "kernels").glob("*.so"))
     assert len(built) == 1
