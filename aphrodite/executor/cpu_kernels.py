@@ -31,8 +31,9 @@ from aphrodite.model_files import cache_root, write_file_atomically
 logger = logging.getLogger("aphrodite.worker")
 
 SOURCE = Path(__file__).parent / "kernels" / "paged_decode_attention.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17"]   # gnu: multiply-adds fuse
-_KV_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+# gnu++17, not c++17: the strict ISO mode stops g++ from fusing multiply-adds.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17"]
+_KV_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _cpu_flags() -> str:
@@ -80,11 +81,10 @@ def _library() -> ctypes.CDLL | None:
                        "runs the slower torch path", detail.strip()[-500:])
         return None
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    for suffix in _KV_DTYPES.values():
-        fn = getattr(library, f"paged_decode_attention_{suffix}")
-        fn.argtypes = [pointer, pointer, pointer, pointer, i64, pointer, i64, i64, i64, i64, i64,
-                       ctypes.c_float, pointer]
-        fn.restype = None
+    library.paged_decode_attention.argtypes = [
+        pointer, pointer, pointer, ctypes.c_int, pointer, i64, pointer, i64, i64, i64, i64, i64,
+        ctypes.c_float, pointer]
+    library.paged_decode_attention.restype = None
     return library
 
 
@@ -104,14 +104,14 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     """q [B, H, D] one new token per sequence -> [B, H, D], over each sequence's first
     seq_lens[b] cached tokens (this step's already written). kv_cache: one layer,
     [2, blocks, block_size, kv_heads, head_dim]; block_tables [B, max_blocks] int64."""
-    fn = getattr(_library(), f"paged_decode_attention_{_KV_DTYPES[kv_cache.dtype]}")
     _, _, block_size, kv_heads, head_dim = kv_cache.shape
     batch, heads, _ = q.shape
     q32 = q.to(torch.float32).contiguous()
     out = torch.empty_like(q32)
     assert kv_cache.is_contiguous() and block_tables.dtype == seq_lens.dtype == torch.int64
     block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
-    fn(q32.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(),
-       block_tables.shape[1], seq_lens.data_ptr(), batch, heads, kv_heads, head_dim, block_size,
-       scale, out.data_ptr())
+    _library().paged_decode_attention(
+        q32.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+        int(kv_cache.dtype == torch.bfloat16), block_tables.data_ptr(), block_tables.shape[1],
+        seq_lens.data_ptr(), batch, heads, kv_heads, head_dim, block_size, scale, out.data_ptr())
     return out.to(q.dtype)

@@ -152,26 +152,21 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
 
 }  // namespace
 
-extern "C" {
-
 // q, out: [batch, heads, head_dim] float32; k_cache, v_cache: [blocks, block_size, kv_heads,
-// head_dim]; block_tables: [batch, max_blocks] int64; seq_lens: [batch] int64, each >= 1.
-void paged_decode_attention_f32(const float* q, const float* k_cache, const float* v_cache,
-                                const int64_t* block_tables, int64_t max_blocks,
-                                const int64_t* seq_lens, int64_t batch, int64_t heads,
-                                int64_t kv_heads, int64_t head_dim, int64_t block_size,
-                                float scale, float* out) {
-    decode(q, k_cache, v_cache, block_tables, max_blocks, seq_lens, batch, heads, kv_heads,
-           head_dim, block_size, scale, out);
-}
-
-void paged_decode_attention_bf16(const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
-                                 const int64_t* block_tables, int64_t max_blocks,
-                                 const int64_t* seq_lens, int64_t batch, int64_t heads,
-                                 int64_t kv_heads, int64_t head_dim, int64_t block_size,
-                                 float scale, float* out) {
-    decode(q, k_cache, v_cache, block_tables, max_blocks, seq_lens, batch, heads, kv_heads,
-           head_dim, block_size, scale, out);
-}
-
+// head_dim], float32 or (kv_bf16 != 0) bfloat16; block_tables: [batch, max_blocks] int64;
+// seq_lens: [batch] int64, each >= 1.
+extern "C" void paged_decode_attention(const float* q, const void* k_cache, const void* v_cache,
+                                       int kv_bf16, const int64_t* block_tables,
+                                       int64_t max_blocks, const int64_t* seq_lens,
+                                       int64_t batch, int64_t heads, int64_t kv_heads,
+                                       int64_t head_dim, int64_t block_size, float scale,
+                                       float* out) {
+    if (kv_bf16)
+        decode(q, static_cast<const uint16_t*>(k_cache), static_cast<const uint16_t*>(v_cache),
+               block_tables, max_blocks, seq_lens, batch, heads, kv_heads, head_dim, block_size,
+               scale, out);
+    else
+        decode(q, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache),
+               block_tables, max_blocks, seq_lens, batch, heads, kv_heads, head_dim, block_size,
+               scale, out);
 }
