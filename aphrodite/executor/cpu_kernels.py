@@ -1,13 +1,15 @@
 """C++ kernels for the CPU path, compiled on first use and cached; torch fallbacks without them.
 
-torch has no operator for attention over a paged cache: the torch path gathers each
-sequence's blocks into a padded copy and calls scaled_dot_product_attention per group of
-sequences, which on CPU is dominated by per-call overhead and copies. The kernel in
-kernels/paged_decode_attention.cpp reads keys and values where they are. Decode, one layer of
-the default model: see the table in attention.py.
+- kernels/paged_decode_attention.cpp: torch has no operator for attention over a paged cache.
+  The torch path gathers each sequence's blocks into a padded copy and calls
+  scaled_dot_product_attention per group of sequences, which on CPU is dominated by per-call
+  overhead and copies. The kernel reads keys and values where they are. Decode, one layer of
+  the default model: see the table in attention.py.
+- kernels/quantized_linear.cpp: GGUF-style int4/int8 weights times float32 activations for
+  decode (see quantized_linear.py for why not torch's weight-only kernels).
 
-Built with the system's g++ (-O3 -march=native -fopenmp) into
-<cache_root>/kernels/<hash>.so, keyed by the source, the compiler, the flags and this CPU's
+Both are built with the system's g++ (-O3 -march=native -fopenmp) into one library,
+<cache_root>/kernels/cpu_kernels-<hash>.so, keyed by the sources, the compiler, the flags and this CPU's
 feature flags, so a cache shared between machines never hands one a build for another. No
 compiler, or a failed build, logs a warning once and leaves the torch path in use;
 APHRODITE_CPU_KERNELS=0 turns the kernels off.
@@ -30,7 +32,7 @@ from aphrodite.model_files import cache_root, write_file_atomically
 
 logger = logging.getLogger("aphrodite.worker")
 
-SOURCE = Path(__file__).parent / "kernels" / "paged_decode_attention.cpp"
+SOURCES = sorted((Path(__file__).parent / "kernels").glob("*.cpp"))
 # gnu++17, not c++17: the strict ISO mode stops g++ from fusing multiply-adds.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17"]
 _KV_DTYPES = (torch.float32, torch.bfloat16)
@@ -47,19 +49,19 @@ def _cpu_flags() -> str:
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS),
+    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), version, " ".join(FLAGS),
                                     _cpu_flags()]).encode()).hexdigest()[:32]
-    target = cache_root() / "kernels" / f"paged_decode_attention-{key}.so"
+    target = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
 
     def compile_to(path: str) -> None:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", path], capture_output=True,
+        subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", path], capture_output=True,
                        text=True, check=True)
 
     if not write_file_atomically(target, compile_to):
         raise OSError(f"cannot write {target.parent}")
-    logger.info("Built the CPU attention kernel into %s", target)
+    logger.info("Built the CPU kernels into %s", target)
     return target
 
 
@@ -69,22 +71,24 @@ def _library() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CXX") or shutil.which("g++")
     if compiler is None:
-        logger.warning("No C++ compiler (g++) found: CPU decode attention runs the slower torch "
-                       "path")
+        logger.warning("No C++ compiler (g++) found: CPU decode attention and quantised linears "
+                       "run the slower torch paths")
         return None
     try:
         # torch has loaded its libgomp.so.1 already; the kernel's libgomp.so.1 resolves to it.
         library = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
-        logger.warning("Could not build the CPU attention kernel (%s): CPU decode attention "
-                       "runs the slower torch path", detail.strip()[-500:])
+        logger.warning("Could not build the CPU kernels (%s): CPU decode attention and "
+                       "quantised linears run the slower torch paths", detail.strip()[-500:])
         return None
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     library.paged_decode_attention.argtypes = [
         pointer, pointer, pointer, ctypes.c_int, pointer, i64, pointer, i64, i64, i64, i64, i64,
         ctypes.c_float, pointer]
     library.paged_decode_attention.restype = None
+    library.quantized_linear.argtypes = [pointer, i64, i64, pointer, ctypes.c_int, i64, pointer]
+    library.quantized_linear.restype = None
     return library
 
 
@@ -115,3 +119,15 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         int(kv_cache.dtype == torch.bfloat16), block_tables.data_ptr(), block_tables.shape[1],
         seq_lens.data_ptr(), batch, heads, kv_heads, head_dim, block_size, scale, out.data_ptr())
     return out.to(q.dtype)
+
+
+def quantized_linear(x: torch.Tensor, blocks: torch.Tensor, is_int4: bool) -> torch.Tensor:
+    """x [tokens, cols] float32 @ W^T -> [tokens, rows] float32. blocks: W as uint8
+    [rows, cols / 32 * block bytes], GGUF's Q4_1 blocks (is_int4) or Q8_0 blocks (see
+    kernels/quantized_linear.cpp)."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
+    assert x.dtype == torch.float32 and blocks.dtype == torch.uint8 and blocks.is_contiguous()
+    _library().quantized_linear(x.data_ptr(), x.shape[0], x.shape[1], blocks.data_ptr(),
+                                int(is_int4), blocks.shape[0], out.data_ptr())
+    return out

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aphrodite.executor.quantized_linear import (INT4_TYPES, QuantizedParts, QuantizedWeight,
-                                                 parts_from_gguf)
+from aphrodite.executor import cpu_kernels
+from aphrodite.executor.quantized_linear import (INT4_TYPES, Q8_0, QuantizedParts,
+                                                 QuantizedWeight, parts_from_gguf)
 from aphrodite.model_files import ModelFiles, gguf_weights_cache_path, write_file_atomically
 
 logger = logging.getLogger(__name__)
@@ -116,10 +117,10 @@ def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _iter_gguf(path: str, progress: bool, quantize: bool = False
+def _iter_gguf(path: str, progress: bool, quantize: tuple[int, ...] = ()
                ) -> Iterator[tuple[str, torch.Tensor | QuantizedParts]]:
-    """HF-named tensors of a GGUF file; with `quantize`, Q4_0/Q4_1 matrices come out as
-    int4 QuantizedParts instead of dequantised float32."""
+    """HF-named tensors of a GGUF file; matrices stored in one of the `quantize` types come out
+    as QuantizedParts instead of dequantised float32."""
     from gguf.quants import dequantize
 
     from aphrodite.executor.gguf_tensors import GGUFTensors
@@ -141,7 +142,7 @@ def _iter_gguf(path: str, progress: bool, quantize: bool = False
             heads = n_heads
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             heads = n_kv_heads
-        if quantize and tensor.tensor_type in INT4_TYPES and _QUANTIZED_NAME.match(name):
+        if tensor.tensor_type in quantize and _QUANTIZED_NAME.match(name):
             parts = parts_from_gguf(tensor.data, tensor.tensor_type, tensor.shape)
             if heads is not None:   # the permutation moves whole rows: codes and scales alike
                 parts = parts.take_rows(unpermute_qk(np.arange(tensor.shape[0]), heads))
@@ -159,10 +160,25 @@ def _iter_gguf(path: str, progress: bool, quantize: bool = False
 # Loading into a model: converted-weights cache and weight-only quantisation
 
 # Bump when the converted layout or values change: old cache entries then miss.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 DENSE_CACHE_MAX_FILE = 1 << 30
-# Matrices the model multiplies with F.linear (its fused projections), by HF name.
-_QUANTIZED_NAME = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+# Matrices the model multiplies with F.linear (its fused projections, the output matrix), by HF
+# name; the embedding, which is also the output matrix when they are tied.
+_QUANTIZED_NAME = re.compile(r"^(model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+                             r"|model\.embed_tokens|lm_head)\.weight$")
+
+
+def quantized_types() -> tuple[int, ...]:
+    """GGUF types kept quantised: Q4 always; Q8_0 only with the C++ kernel, since torch's int8
+    kernel takes one scale per row, not per block."""
+    return (*INT4_TYPES, Q8_0) if cpu_kernels.library_available() else INT4_TYPES
+
+
+def cache_variant(quantize: bool) -> str:
+    """The converted-weights cache entry's name: what was converted, and how."""
+    if not quantize:
+        return f"v{CONVERTER_VERSION}-dense"
+    return f"v{CONVERTER_VERSION}-{'q4q8' if Q8_0 in quantized_types() else 'int4'}"
 
 
 # "auto" picks int4 only where decode batches stay small: the int4 kernels win single-stream
@@ -188,8 +204,8 @@ def load_model_weights(model, files: ModelFiles, config, device, progress: bool 
     """Fill `model` with the checkpoint's weights.
 
     GGUF files are converted once and the result cached as safetensors (see load_gguf_converted);
-    with quantisation on, the Q4 projection matrices then replace the model's float ones as
-    QuantizedWeight tensors, which the model's F.linear calls run with int4 kernels.
+    with quantisation on, the quantised matrices then replace the model's float ones as
+    QuantizedWeight tensors, which the model's F.linear calls run with weight-only kernels.
     """
     quantize = files.is_gguf and use_quantization(config, files, device, model)
     # The cache is written from all converted tensors at once: for big dequantised GGUF
@@ -205,11 +221,19 @@ def load_model_weights(model, files: ModelFiles, config, device, progress: bool 
     placeholders = ((n, torch.zeros(()).expand(p.shape)) for n, p in quantized.items())
     model.load_weights(chain(dense, placeholders))
     if quantized:
-        swap_in_quantized(model, quantized)
+        swap_in_quantized(model, quantized, tied="lm_head.weight" not in tensors)
 
 
-def swap_in_quantized(model, quantized: dict[str, QuantizedParts]) -> None:
-    """Replace each layer's fused projection weights with QuantizedWeight tensors."""
+def swap_in_quantized(model, quantized: dict[str, QuantizedParts], tied: bool) -> None:
+    """Replace the model's matrices with QuantizedWeight tensors where quantised parts exist."""
+    for attr in ("embed_tokens", "lm_head"):
+        name = "model.embed_tokens.weight" if attr == "embed_tokens" else "lm_head.weight"
+        if name in quantized:
+            model._parameters.pop(attr, None)
+            setattr(model, attr, QuantizedWeight(quantized[name]))
+    if tied and "model.embed_tokens.weight" in quantized:
+        model.lm_head = None   # not the float copy packed from the placeholder
+
     fused = {"self_attn": {"qkv_weight": ("q_proj", "k_proj", "v_proj"), "o_weight": ("o_proj",)},
              "mlp": {"gate_up_weight": ("gate_proj", "up_proj"), "down_weight": ("down_proj",)}}
     for index, layer in enumerate(model.layers):
@@ -232,7 +256,7 @@ def load_gguf_converted(files: ModelFiles, quantize: bool, progress: bool
     """All HF-named tensors of a GGUF file, from the cache when a valid entry exists.
 
     A missing, stale (other key) or unreadable entry means converting again and rewriting it."""
-    path = gguf_weights_cache_path(files, f"v{CONVERTER_VERSION}-{'int4' if quantize else 'dense'}")
+    path = gguf_weights_cache_path(files, cache_variant(quantize))
     if path.is_file():
         start = time.perf_counter()
         try:
@@ -242,7 +266,7 @@ def load_gguf_converted(files: ModelFiles, quantize: bool, progress: bool
         except Exception as exc:   # corrupt or foreign file: convert again
             logger.warning("Ignoring unreadable weights cache %s (%s); converting again", path, exc)
     start = time.perf_counter()
-    tensors = dict(_iter_gguf(files.gguf_path, progress, quantize))
+    tensors = dict(_iter_gguf(files.gguf_path, progress, quantized_types() if quantize else ()))
     logger.info("Converted the GGUF weights in %.1f s", time.perf_counter() - start)
     if write_file_atomically(path, lambda tmp: _write_cache(tmp, tensors)):
         logger.info("Cached the converted weights in %s", path)
