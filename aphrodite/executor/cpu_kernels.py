@@ -1,18 +1,20 @@
 """C++ kernels for the CPU path, compiled on first use and cached; torch fallbacks without them.
 
-- kernels/paged_decode_attention.cpp: torch has no operator for attention over a paged cache.
+- kernels/paged_decode_attention.h: torch has no operator for attention over a paged cache.
   The torch path gathers each sequence's blocks into a padded copy and calls
   scaled_dot_product_attention per group of sequences, which on CPU is dominated by per-call
   overhead and copies. The kernel reads keys and values where they are. Decode, one layer of
   the default model: see the table in attention.py.
-- kernels/quantized_linear.cpp: GGUF-style int4/int8 weights times float32 activations for
+- kernels/quantized_linear.h: GGUF-style int4/int8 weights times float32 activations for
   decode (see quantized_linear.py for why not torch's weight-only kernels).
+- kernels/decode_layers.h: a whole decode step's layers for a model whose matrices are all
+  quantised, in one call (see models/llama.py).
 
-Both are built with the system's g++ (-O3 -march=native -fopenmp) into one library,
-<cache_root>/kernels/cpu_kernels-<hash>.so, keyed by the sources, the compiler, the flags and this CPU's
-feature flags, so a cache shared between machines never hands one a build for another. No
-compiler, or a failed build, logs a warning once and leaves the torch path in use;
-APHRODITE_CPU_KERNELS=0 turns the kernels off.
+kernels/cpu_kernels.cpp includes them all and holds the C entry points. It is built with the
+system's g++ (-O3 -march=native -fopenmp) into <cache_root>/kernels/cpu_kernels-<hash>.so,
+keyed by the sources, the compiler, the flags and this CPU's feature flags, so a cache shared
+between machines never hands one a build for another. No compiler, or a failed build, logs a
+warning once and leaves the torch paths in use; APHRODITE_CPU_KERNELS=0 turns the kernels off.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from aphrodite.model_files import cache_root, write_file_atomically
 
 logger = logging.getLogger("aphrodite.worker")
 
-SOURCES = sorted((Path(__file__).parent / "kernels").glob("*.cpp"))
+KERNELS = Path(__file__).parent / "kernels"
+SOURCES = sorted([*KERNELS.glob("*.cpp"), *KERNELS.glob("*.h")])   # what the build key covers
 # gnu++17, not c++17: the strict ISO mode stops g++ from fusing multiply-adds.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17"]
 _KV_DTYPES = (torch.float32, torch.bfloat16)
@@ -56,7 +59,7 @@ def _build(compiler: str) -> Path:
         return target
 
     def compile_to(path: str) -> None:
-        subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", path], capture_output=True,
+        subprocess.run([compiler, *FLAGS, str(KERNELS / "cpu_kernels.cpp"), "-o", path], capture_output=True,
                        text=True, check=True)
 
     if not write_file_atomically(target, compile_to):
@@ -89,6 +92,8 @@ def _library() -> ctypes.CDLL | None:
     library.paged_decode_attention.restype = None
     library.quantized_linear.argtypes = [pointer, i64, i64, pointer, ctypes.c_int, i64, pointer]
     library.quantized_linear.restype = None
+    library.decode_layers.argtypes = [pointer, i64, pointer]
+    library.decode_layers.restype = None
     return library
 
 
@@ -131,3 +136,33 @@ def quantized_linear(x: torch.Tensor, blocks: torch.Tensor, is_int4: bool) -> to
     _library().quantized_linear(x.data_ptr(), x.shape[0], x.shape[1], blocks.data_ptr(),
                                 int(is_int4), blocks.shape[0], out.data_ptr())
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode layers (kernels/decode_layers.h): the structures mirror the C++ ones field by field.
+
+class QuantizedMatrix(ctypes.Structure):
+    _fields_ = [("blocks", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("rows", ctypes.c_int64),
+                ("cols", ctypes.c_int64), ("is_int4", ctypes.c_int64)]
+
+
+class DecodeLayerWeights(ctypes.Structure):
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+                ("qkv", QuantizedMatrix), ("o", QuantizedMatrix), ("gate_up", QuantizedMatrix),
+                ("down", QuantizedMatrix), ("kv_cache", ctypes.c_void_p)]
+
+
+class DecodeStep(ctypes.Structure):
+    _fields_ = [("hidden", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+                ("slots", ctypes.c_void_p), ("block_tables", ctypes.c_void_p),
+                ("seq_lens", ctypes.c_void_p),
+                *((name, ctypes.c_int64) for name in (
+                    "tokens", "hidden_size", "heads", "kv_heads", "head_dim", "block_size",
+                    "max_blocks", "cache_half")),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+def decode_layers(layers: ctypes.Array, step: DecodeStep) -> None:
+    """Every layer of one decode step, in place on step.hidden (all pointers must stay valid
+    for the call)."""
+    _library().decode_layers(ctypes.addressof(layers), len(layers), ctypes.addressof(step))

@@ -8,6 +8,7 @@ projections are fused at load time. Tensor parallel: qkv and gate_up are split b
 
 from __future__ import annotations
 
+import ctypes
 import re
 from collections.abc import Callable, Iterable
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aphrodite.executor import cpu_kernels
 from aphrodite.executor.attention import AttentionMetadata, paged_attention
 from aphrodite.executor.cpu_linear import linear, onednn_available, pack_weight
 from aphrodite.executor.models.rotary import RotaryEmbedding
@@ -143,6 +145,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = (None if self.tie_word_embeddings
                         else _empty_param(config.vocab_size, config.hidden_size, dtype=dtype))
+        self._decode_layers: ctypes.Array | None | bool = None   # False: not eligible
 
     @property
     def num_kv_heads(self) -> int:
@@ -153,9 +156,64 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed_tokens)
         cos_sin = self.rotary.lookup(positions)
+        if meta.num_decode_only and meta.decode_kernel and kv_caches[0].dtype == torch.float32:
+            layers = self._fused_decode_layers(kv_caches)
+            if layers is not None:
+                return self.norm(self._decode_fused(layers, x, cos_sin, kv_caches[0], meta))
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(cos_sin, x, kv_cache, meta)
         return self.norm(x)
+
+    # -----------------------------------------------------------------------------------------
+    # CPU decode with quantised weights: every layer in one C++ call (kernels/decode_layers.h)
+
+    def _fused_decode_layers(self, kv_caches: list[torch.Tensor]) -> ctypes.Array | None:
+        """The layers' weights as C structures, when every matrix has the C++ kernel's
+        quantised blocks (single rank, float32); None otherwise."""
+        if self._decode_layers is None:
+            self._decode_layers = self._build_decode_layers() or False
+        layers = self._decode_layers or None
+        if layers is not None and layers[0].kv_cache != kv_caches[0].data_ptr():
+            for weights, kv_cache in zip(layers, kv_caches):
+                weights.kv_cache = kv_cache.data_ptr()   # contiguous, allocated once
+        return layers
+
+    def _build_decode_layers(self) -> ctypes.Array | None:
+        matrices = [(layer.self_attn.qkv_weight, layer.self_attn.qkv_bias, layer.self_attn.o_weight,
+                     layer.self_attn.o_bias, layer.mlp.gate_up_weight, layer.mlp.gate_up_bias,
+                     layer.mlp.down_weight, layer.mlp.down_bias) for layer in self.layers]
+        if (self.tp_size != 1 or self.dtype != torch.float32 or self.head_dim % 8
+                or not all(isinstance(w, QuantizedWeight) and w.blocks is not None
+                           for group in matrices for w in group[::2])):
+            return None
+
+        def matrix(weight: QuantizedWeight, bias: torch.Tensor | None):
+            return cpu_kernels.QuantizedMatrix(
+                weight.blocks.data_ptr(), None if bias is None else bias.data_ptr(),
+                weight.out_features, weight.in_features, int(weight.kind == "int4"))
+
+        layers = (cpu_kernels.DecodeLayerWeights * len(self.layers))()
+        for weights, layer, group in zip(layers, self.layers, matrices):
+            weights.input_norm = layer.input_layernorm.weight.data_ptr()
+            weights.post_norm = layer.post_attention_layernorm.weight.data_ptr()
+            weights.qkv, weights.o = matrix(*group[0:2]), matrix(*group[2:4])
+            weights.gate_up, weights.down = matrix(*group[4:6]), matrix(*group[6:8])
+        return layers
+
+    def _decode_fused(self, layers: ctypes.Array, x: torch.Tensor,
+                      cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
+                      meta: AttentionMetadata) -> torch.Tensor:
+        attn = self.layers[0].self_attn
+        cos, sin = (t.contiguous() for t in cos_sin)
+        hidden = x.contiguous()   # a fresh tensor (the embedding's output), updated in place
+        step = cpu_kernels.DecodeStep(
+            hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(),
+            meta.block_tables.data_ptr(), meta.seq_lens.data_ptr(), hidden.shape[0],
+            hidden.shape[1], attn.heads, attn.kv_heads, self.head_dim, kv_cache.shape[2],
+            meta.block_tables.shape[1], kv_cache[0].numel(), self.layers[0].input_layernorm.eps,
+            attn.scale)
+        cpu_kernels.decode_layers(layers, step)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens if self.lm_head is None else self.lm_head

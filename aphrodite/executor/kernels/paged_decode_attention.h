@@ -1,13 +1,13 @@
 // Decode attention straight over the paged KV cache on CPU: one new token per sequence.
 //
-// Built at run time by cpu_kernels.py (g++ -O3 -march=native -fopenmp). The OpenMP runtime it
-// links is the libgomp.so.1 torch has already loaded, so it shares torch's thread pool and
-// thread count: no second pool spins against torch's threads on the same cores.
+// Part of cpu_kernels.cpp (one translation unit), built at run time by cpu_kernels.py.
 //
 // Keys and values are read where they are, block by block, never gathered into a padded copy.
 // A sequence's query heads all use one token's row of keys (every kv head, contiguous) while
 // it is in cache. Scores are kept for the whole context: one pass for the scores, a softmax,
 // one pass for the weighted sum of values, so K and V are each read once.
+
+#pragma once
 
 #include <algorithm>
 #include <atomic>
@@ -18,7 +18,7 @@
 
 #include <omp.h>
 
-namespace {
+namespace attention {
 
 // Eight floats; g++ lowers it to one AVX register, or two SSE ones on older CPUs. head_dim must
 // be a multiple of 8 (cpu_kernels.supports checks).
@@ -150,23 +150,4 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
     }
 }
 
-}  // namespace
-
-// q, out: [batch, heads, head_dim] float32; k_cache, v_cache: [blocks, block_size, kv_heads,
-// head_dim], float32 or (kv_bf16 != 0) bfloat16; block_tables: [batch, max_blocks] int64;
-// seq_lens: [batch] int64, each >= 1.
-extern "C" void paged_decode_attention(const float* q, const void* k_cache, const void* v_cache,
-                                       int kv_bf16, const int64_t* block_tables,
-                                       int64_t max_blocks, const int64_t* seq_lens,
-                                       int64_t batch, int64_t heads, int64_t kv_heads,
-                                       int64_t head_dim, int64_t block_size, float scale,
-                                       float* out) {
-    if (kv_bf16)
-        decode(q, static_cast<const uint16_t*>(k_cache), static_cast<const uint16_t*>(v_cache),
-               block_tables, max_blocks, seq_lens, batch, heads, kv_heads, head_dim, block_size,
-               scale, out);
-    else
-        decode(q, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache),
-               block_tables, max_blocks, seq_lens, batch, heads, kv_heads, head_dim, block_size,
-               scale, out);
-}
+}  // namespace attention

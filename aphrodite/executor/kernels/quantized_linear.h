@@ -1,8 +1,7 @@
 // Weight-only quantised matrix products on CPU: out = x @ W^T for a few tokens (decode), with W
 // kept in blocks of 32 weights laid out as GGUF stores them (a row is its blocks in order).
 //
-// Built with paged_decode_attention.cpp into one library by cpu_kernels.py; it shares torch's
-// OpenMP pool the same way.
+// Part of cpu_kernels.cpp (one translation unit), built at run time by cpu_kernels.py.
 //
 //   int4 (Q4_1's block, Q4_0 converted to it): float16 d, float16 m, then 16 bytes; byte j holds
 //         weight j in its low nibble and weight j + 16 in its high one; w = d * q + m, q 0..15.
@@ -20,6 +19,8 @@
 // Work is split over output rows; a row's blocks are widened to float once per tile of up to
 // four tokens, so small decode batches read and widen the weights once per four tokens.
 
+#pragma once
+
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -31,7 +32,7 @@
 #include <immintrin.h>
 #endif
 
-namespace {
+namespace quantized {
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kTokenTile = 4;
@@ -187,15 +188,15 @@ void run(const float* x, int64_t tokens, int64_t cols, const uint8_t* weight, in
     }
 }
 
-}  // namespace
-
 // x [tokens, cols] float32; weight [rows, cols / 32 blocks] as above; out [tokens, rows].
 // cols % 32 == 0.
-extern "C" void quantized_linear(const float* x, int64_t tokens, int64_t cols,
-                                 const uint8_t* weight, int is_int4, int64_t rows, float* out) {
+inline void matmul(const float* x, int64_t tokens, int64_t cols, const uint8_t* weight,
+                   bool is_int4, int64_t rows, float* out) {
     if (is_int4) {
         run<true>(x, tokens, cols, weight, rows, out);
     } else {
         run<false>(x, tokens, cols, weight, rows, out);
     }
 }
+
+}  // namespace quantized

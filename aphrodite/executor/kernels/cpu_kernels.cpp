@@ -1,0 +1,44 @@
+// The CPU kernels' C entry points: the only translation unit of the library cpu_kernels.py
+// builds at run time (g++ -O3 -march=native -fopenmp).
+//
+// The OpenMP runtime it links is the libgomp.so.1 torch has already loaded, so the kernels
+// share torch's thread pool and thread count: no second pool spins against torch's threads
+// on the same cores.
+
+#include <cstdint>
+
+#include "decode_layers.h"
+#include "paged_decode_attention.h"
+#include "quantized_linear.h"
+
+// q, out: [batch, heads, head_dim] float32; k_cache, v_cache: [blocks, block_size, kv_heads,
+// head_dim], float32 or (kv_bf16 != 0) bfloat16; block_tables: [batch, max_blocks] int64;
+// seq_lens: [batch] int64, each >= 1.
+extern "C" void paged_decode_attention(const float* q, const void* k_cache, const void* v_cache,
+                                       int kv_bf16, const int64_t* block_tables,
+                                       int64_t max_blocks, const int64_t* seq_lens,
+                                       int64_t batch, int64_t heads, int64_t kv_heads,
+                                       int64_t head_dim, int64_t block_size, float scale,
+                                       float* out) {
+    if (kv_bf16)
+        attention::decode(q, static_cast<const uint16_t*>(k_cache),
+                          static_cast<const uint16_t*>(v_cache), block_tables, max_blocks,
+                          seq_lens, batch, heads, kv_heads, head_dim, block_size, scale, out);
+    else
+        attention::decode(q, static_cast<const float*>(k_cache),
+                          static_cast<const float*>(v_cache), block_tables, max_blocks,
+                          seq_lens, batch, heads, kv_heads, head_dim, block_size, scale, out);
+}
+
+// x [tokens, cols] float32; weight [rows, cols / 32 blocks] of GGUF Q4_1 (is_int4) or Q8_0
+// blocks; out [tokens, rows]. cols % 32 == 0.
+extern "C" void quantized_linear(const float* x, int64_t tokens, int64_t cols,
+                                 const uint8_t* weight, int is_int4, int64_t rows, float* out) {
+    quantized::matmul(x, tokens, cols, weight, is_int4 != 0, rows, out);
+}
+
+// Runs every layer of a decode step over step->hidden, in place (see decode_layers.h).
+extern "C" void decode_layers(const fused::LayerWeights* layers, int64_t num_layers,
+                              const fused::Step* step) {
+    for (int64_t i = 0; i < num_layers; ++i) fused::layer(layers[i], *step);
+}

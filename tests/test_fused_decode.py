@@ -1,0 +1,123 @@
+"""Decode steps of a quantised model in one C++ call (kernels/decode_layers.h) against the
+layer-by-layer torch forward of the same model: hidden states, the KV cache it writes, and
+greedy tokens on the default model."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from aphrodite.executor.attention import AttentionMetadata, allocate_kv_caches
+from aphrodite.executor.models import get_model_class
+from aphrodite.executor.quantized_linear import QuantizedWeight, parts_from_gguf
+from aphrodite.executor.weight_loader import swap_in_quantized
+
+Q = gguf.GGMLQuantizationType
+BLOCK = 4
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+             rms_norm_eps=1e-5)
+VARIANTS = {
+    "llama": lambda: LlamaConfig(**SMALL, tie_word_embeddings=True),
+    "llama-biases": lambda: LlamaConfig(**SMALL, attention_bias=True, mlp_bias=True),
+    "qwen2": lambda: Qwen2Config(**SMALL, tie_word_embeddings=True),
+}
+# Each projection in another GGUF type, so both block kinds and Q4_0's conversion run.
+TYPES = {"q_proj": Q.Q4_0, "k_proj": Q.Q4_0, "v_proj": Q.Q4_0, "o_proj": Q.Q8_0,
+         "gate_proj": Q.Q4_1, "up_proj": Q.Q4_1, "down_proj": Q.Q4_1}
+
+
+def quantised_model(config):
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            param.copy_(1 + 0.2 * torch.randn_like(param) if "norm" in name
+                        else 0.15 * torch.randn_like(param))
+    weights = {n: t.detach() for n, t in hf.state_dict().items()}
+    model = get_model_class(config)(config, torch.float32)
+    model.load_weights(weights.items())
+    quantized = {}
+    for name, tensor in weights.items():
+        kind = next((t for p, t in TYPES.items() if f".{p}.weight" in name), None)
+        if kind is not None:
+            raw = gguf.quants.quantize(tensor.numpy(), kind)
+            quantized[name] = parts_from_gguf(raw, kind, tuple(tensor.shape))
+    swap_in_quantized(model, quantized, tied=config.tie_word_embeddings)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", list(VARIANTS))
+@torch.inference_mode()
+def test_fused_decode_matches_layer_by_layer(family, cpp_compiler):
+    model = quantised_model(VARIANTS[family]())
+    assert isinstance(model.layers[1].self_attn.o_weight, QuantizedWeight)
+    assert model._build_decode_layers() is not None
+    rng = np.random.default_rng(1)
+    lengths = [3, 9, 14]                       # contexts before the decode steps
+    tables = np.arange(len(lengths) * 5).reshape(len(lengths), 5)[:, ::-1].copy()
+    caches = allocate_kv_caches(2, tables.size, BLOCK, model.num_kv_heads, model.head_dim,
+                                torch.float32, "cpu")
+
+    def slot(seq, position):
+        return tables[seq, position // BLOCK] * BLOCK + position % BLOCK
+
+    for seq, n in enumerate(lengths):          # prefill, layer by layer
+        meta = AttentionMetadata.build(np.array([n]), np.array([n]), tables[seq:seq + 1],
+                                       slot(seq, np.arange(n)), "cpu", block_size=BLOCK)
+        model(torch.tensor(rng.integers(0, 128, n)), torch.arange(n), caches, meta)
+    for step in range(3):
+        positions = np.array(lengths) + step
+        slots = np.array([slot(s, p) for s, p in enumerate(positions)])
+        if step == 2:
+            slots[1] = -1                      # a token whose key and value are not stored
+        meta = AttentionMetadata.build(np.ones(3), positions + 1, tables, slots, "cpu",
+                                       block_size=BLOCK)
+        ids = torch.tensor(rng.integers(0, 128, 3))
+        before = [c.clone() for c in caches]
+        fused = model(ids, torch.from_numpy(positions), caches, meta)
+        assert model._decode_layers                 # the fused path ran
+        fused_caches = [c.clone() for c in caches]
+        for cache, saved in zip(caches, before):
+            cache.copy_(saved)
+        layers, model._decode_layers = model._decode_layers, False
+        reference = model(ids, torch.from_numpy(positions), caches, meta)
+        model._decode_layers = layers
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+        for ours, theirs in zip(fused_caches, caches):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_default_model_fused_greedy_tokens(cpp_compiler):
+    """32 greedy decode steps of the default GGUF model, quantised: the same tokens fused and
+    layer by layer."""
+    from aphrodite.config import EngineConfig
+    from aphrodite.executor.weight_loader import load_model_weights
+    from aphrodite.model_files import load_config, resolve_model
+
+    files = resolve_model(None)
+    config = load_config(files)
+    model = get_model_class(config)(config, torch.float32)
+    load_model_weights(model, files, EngineConfig(quantization="int4"), "cpu", progress=False)
+    prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 28, 17, 2, 198]
+    results = []
+    for fused in (True, False):
+        model._decode_layers = None if fused else False
+        caches = allocate_kv_caches(config.num_hidden_layers, 4, 16, model.num_kv_heads,
+                                    model.head_dim, torch.float32, "cpu")
+        table = np.arange(4)[None]
+        tokens = list(prompt)
+        meta = AttentionMetadata.build(np.array([len(tokens)]), np.array([len(tokens)]), table,
+                                       np.arange(len(tokens)), "cpu", block_size=16)
+        hidden = model(torch.tensor(tokens), torch.arange(len(tokens)), caches, meta)
+        for _ in range(32):
+            tokens.append(int(model.compute_logits(hidden[-1:]).argmax()))
+            n = len(tokens)
+            meta = AttentionMetadata.build(np.array([1]), np.array([n]), table, np.array([n - 1]),
+                                           "cpu", block_size=16)
+            hidden = model(torch.tensor(tokens[-1:]), torch.tensor([n - 1]), caches, meta)
+        assert (model._decode_layers is not False) == fused
+        results.append(tokens)
+    assert results[0] == results[1]
