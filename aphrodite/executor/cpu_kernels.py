@@ -92,6 +92,8 @@ def _library() -> ctypes.CDLL | None:
     library.paged_decode_attention.restype = None
     library.quantized_linear.argtypes = [pointer, i64, i64, pointer, ctypes.c_int, i64, pointer]
     library.quantized_linear.restype = None
+    library.dequantize_blocks.argtypes = [pointer, ctypes.c_int, i64, i64, pointer]
+    library.dequantize_blocks.restype = None
     library.decode_layers.argtypes = [pointer, i64, pointer]
     library.decode_layers.restype = None
     return library
@@ -135,6 +137,16 @@ def quantized_linear(x: torch.Tensor, blocks: torch.Tensor, is_int4: bool) -> to
     assert x.dtype == torch.float32 and blocks.dtype == torch.uint8 and blocks.is_contiguous()
     _library().quantized_linear(x.data_ptr(), x.shape[0], x.shape[1], blocks.data_ptr(),
                                 int(is_int4), blocks.shape[0], out.data_ptr())
+    return out
+
+
+def dequantize_blocks(blocks: torch.Tensor, is_int4: bool, cols: int) -> torch.Tensor:
+    """The float32 [rows, cols] matrix of quantized_linear's blocks (bit for bit gguf's
+    dequantisation)."""
+    out = torch.empty(blocks.shape[0], cols, dtype=torch.float32)
+    assert blocks.dtype == torch.uint8 and blocks.is_contiguous()
+    _library().dequantize_blocks(blocks.data_ptr(), int(is_int4), blocks.shape[0], cols,
+                                 out.data_ptr())
     return out
 
 

@@ -5,12 +5,14 @@ F.linear(x, weight, bias) and F.embedding(ids, weight), and __torch_function__ r
 calls to the quantised kernels, so the model code needs no quantisation-specific layers.
 Any other use of the tensor sees the dequantised float matrix (slow, but correct).
 
-Kernels, for up to DENSE_ABOVE_TOKENS tokens a call:
-- cpu_kernels.quantized_linear (C++, kernels/quantized_linear.cpp), when it builds: the
+Kernels, for up to DENSE_ABOVE_TOKENS tokens a call (larger calls, prefill chunks, multiply
+the dequantised matrix, built for the call):
+- cpu_kernels.quantized_linear (C++, kernels/quantized_linear.h), when it builds: the
   weights stay in GGUF's blocks and activations stay float32, so the product is the
   dequantised matrix's up to float32 rounding order. All linears of the default model at one
   token, 2 threads, AVX2: 7.1 ms, against 21 ms for torch's int4 kernel and 15.8 ms for packed
-  float32; lm_head (Q8_0) 1.2 ms against 4.6 ms in float32.
+  float32; lm_head (Q8_0) 1.2 ms against 4.6 ms in float32. At 16 and more tokens
+  dequantising (C++, about 1 ms for 1.8 M weights) and multiplying in float32 is faster.
 - otherwise torch's _weight_int4pack_mm_for_cpu (int4 only). In torch 2.13 on AVX2 it is
   vectorised only for bfloat16 activations (float32 takes a scalar path 10-40x slower), so
   activations are rounded to bfloat16 there, which flips greedy tokens now and then. int8
@@ -35,10 +37,9 @@ from aphrodite.executor import cpu_kernels
 # loading a safetensors model never needs the gguf package.
 Q4_0, Q4_1, Q8_0 = 2, 3, 8
 GROUP_SIZE = 32
-# Above this many tokens per call the weight-only kernels lose to float32 GEMM (measured on the
-# 2-core AVX2 dev machine: torch's int4 kernel ~1.0-1.5x faster at 1 token, 1.3-2x slower at
-# 16-64), so larger calls (prefill chunks, big decode batches) dequantise the matrix and use
-# float32.
+# Above this many tokens per call the weight-only kernels lose to dequantising and float32
+# GEMM (2-core AVX2 dev machine: torch's int4 kernel is 1.3-2x slower at 16-64 tokens; the
+# C++ kernel is even at 16 and 1.5-2x slower at 32-64 on the default model's matrices).
 DENSE_ABOVE_TOKENS = 16
 INT4_TYPES = (Q4_0, Q4_1)
 QUANTIZABLE_TYPES = (*INT4_TYPES, Q8_0)
@@ -119,7 +120,10 @@ def parts_from_gguf(raw: np.ndarray, tensor_type: int,
 
 
 class QuantizedWeight(torch.Tensor):
-    """A float32-looking [out, in] weight holding quantised codes (see module docstring)."""
+    """A float32-looking [out, in] weight holding quantised codes (see module docstring).
+
+    With the C++ kernel it keeps only GGUF blocks (`blocks`, 0.625 or 1.0625 bytes a weight);
+    without it, the parts and torch's int4 layout."""
 
     @staticmethod
     def __new__(cls, parts: QuantizedParts):
@@ -127,17 +131,18 @@ class QuantizedWeight(torch.Tensor):
                                                    device="cpu", requires_grad=False)
 
     def __init__(self, parts: QuantizedParts):
+        if parts.shape[1] % GROUP_SIZE:
+            raise ValueError(f"columns must be a multiple of {GROUP_SIZE}: {parts.shape}")
         self.kind = parts.kind
-        self.parts = parts
         # Plain ints: reading .shape on a tensor subclass goes through __torch_function__,
         # tens of microseconds that a decode step would pay 120 times.
         self.out_features, self.in_features = parts.shape
-        self.blocks = None
-        if parts.shape[1] % GROUP_SIZE:
-            raise ValueError(f"columns must be a multiple of {GROUP_SIZE}: {parts.shape}")
+        self.blocks = self.parts = None
         if cpu_kernels.library_available():
             self.blocks = torch.from_numpy(parts.gguf_blocks())
-        elif parts.kind == "int4":
+            return
+        self.parts = parts
+        if parts.kind == "int4":
             codes = torch.from_numpy(parts.codes.astype(np.int32))
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             # torch's int4 convention: x = (q - 8) * scale + zero, laid out [groups, out, 2],
@@ -151,7 +156,7 @@ class QuantizedWeight(torch.Tensor):
             self.zero_residuals = (zeros - self.scales_and_zeros[..., 1].t().float()).t().contiguous()
 
     def __repr__(self) -> str:
-        return f"QuantizedWeight({self.kind}, shape={tuple(self.shape)})"
+        return f"QuantizedWeight({self.kind}, shape={(self.out_features, self.in_features)})"
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """F.linear(x, self, bias), called directly by cpu_linear.linear (skipping
@@ -174,11 +179,20 @@ class QuantizedWeight(torch.Tensor):
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantise only the looked-up rows."""
-        rows = self.parts.take_rows(ids.reshape(-1).cpu().numpy())
-        return torch.from_numpy(rows.dequantize()).reshape(*ids.shape, self.shape[1])
+        flat = ids.reshape(-1).cpu()
+        if self.blocks is not None:
+            rows = cpu_kernels.dequantize_blocks(self.blocks.index_select(0, flat),
+                                                 self.kind == "int4", self.in_features)
+        else:
+            rows = torch.from_numpy(self.parts.take_rows(flat.numpy()).dequantize())
+        return rows.reshape(*ids.shape, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
-        rows, cols = self.shape
+        """The float32 matrix, equal bit for bit to gguf's dequantisation of the blocks."""
+        if self.blocks is not None:
+            return cpu_kernels.dequantize_blocks(self.blocks, self.kind == "int4",
+                                                 self.in_features)
+        rows, cols = self.out_features, self.in_features
         grouped = torch.from_numpy(self.parts.codes).view(rows, cols // GROUP_SIZE, GROUP_SIZE)
         scales = torch.from_numpy(self.parts.scales)[..., None]
         if self.kind == "int8":

@@ -37,6 +37,16 @@ extern "C" void quantized_linear(const float* x, int64_t tokens, int64_t cols,
     quantized::matmul(x, tokens, cols, weight, is_int4 != 0, rows, out);
 }
 
+// weight as above -> out [rows, cols] float32.
+extern "C" void dequantize_blocks(const uint8_t* weight, int is_int4, int64_t rows, int64_t cols,
+                                  float* out) {
+    if (is_int4) {
+        quantized::dequantize<true>(weight, rows, cols, out);
+    } else {
+        quantized::dequantize<false>(weight, rows, cols, out);
+    }
+}
+
 // Runs every layer of a decode step over step->hidden, in place (see decode_layers.h).
 extern "C" void decode_layers(const fused::LayerWeights* layers, int64_t num_layers,
                               const fused::Step* step) {

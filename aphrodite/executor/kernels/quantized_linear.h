@@ -188,6 +188,33 @@ void run(const float* x, int64_t tokens, int64_t cols, const uint8_t* weight, in
     }
 }
 
+// Float32 rows of the matrix, w = d * q + m rounded twice (product, then sum) like gguf's and
+// numpy's dequantisation, so dense paths see the same numbers either way; contraction to one
+// fused multiply-add is turned off for this function only.
+template <bool kInt4>
+__attribute__((optimize("fp-contract=off")))
+void dequantize(const uint8_t* weight, int64_t rows, int64_t cols, float* out) {
+    const int64_t blocks = cols / kBlock;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t g = 0; g < blocks; ++g) {
+            const uint8_t* block = weight + (r * blocks + g) * block_bytes<kInt4>();
+            const uint8_t* p = block + (kInt4 ? 4 : 2);
+            const float d = half_to_float(block), m = kInt4 ? half_to_float(block + 2) : 0.f;
+            float* o = out + r * cols + g * kBlock;
+            if (kInt4) {
+                for (int64_t j = 0; j < kBlock / 2; ++j) {
+                    o[j] = static_cast<float>(p[j] & 0x0F) * d + m;
+                    o[j + kBlock / 2] = static_cast<float>(p[j] >> 4) * d + m;
+                }
+            } else {
+                for (int64_t j = 0; j < kBlock; ++j)
+                    o[j] = static_cast<float>(static_cast<int8_t>(p[j])) * d;
+            }
+        }
+    }
+}
+
 // x [tokens, cols] float32; weight [rows, cols / 32 blocks] as above; out [tokens, rows].
 // cols % 32 == 0.
 inline void matmul(const float* x, int64_t tokens, int64_t cols, const uint8_t* weight,
