@@ -121,3 +121,22 @@ def test_default_model_fused_greedy_tokens(cpp_compiler):
         assert (model._decode_layers is not False) == fused
         results.append(tokens)
     assert results[0] == results[1]
+
+
+@torch.inference_mode()
+def test_fused_decode_writes_the_caches_it_is_given(cpp_compiler):
+    """A forward with another list of caches (the first one shared) writes that list's caches,
+    not those of the previous call."""
+    model = quantised_model(VARIANTS["llama"]())
+    first = allocate_kv_caches(2, 2, BLOCK, model.num_kv_heads, model.head_dim, torch.float32,
+                               "cpu")
+    second = [first[0], torch.zeros_like(first[1])]
+    meta = AttentionMetadata.build(np.ones(1), np.array([1]), np.array([[0, 1]]), np.array([0]),
+                                   "cpu", block_size=BLOCK)
+    model(torch.tensor([3]), torch.tensor([0]), first, meta)
+    assert model._decode_layers and first[1].abs().sum() > 0
+    written = first[1].clone()
+    first[1].zero_()
+    model(torch.tensor([3]), torch.tensor([0]), second, meta)
+    assert first[1].abs().sum() == 0
+    torch.testing.assert_close(second[1], written)

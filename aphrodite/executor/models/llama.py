@@ -173,9 +173,8 @@ class LlamaForCausalLM(nn.Module):
         if self._decode_layers is None:
             self._decode_layers = self._build_decode_layers() or False
         layers = self._decode_layers or None
-        if layers is not None and layers[0].kv_cache != kv_caches[0].data_ptr():
-            for weights, kv_cache in zip(layers, kv_caches):
-                weights.kv_cache = kv_cache.data_ptr()   # contiguous, allocated once
+        for weights, kv_cache in zip(layers or (), kv_caches):
+            weights.kv_cache = kv_cache.data_ptr()   # every step: callers may swap caches
         return layers
 
     def _build_decode_layers(self) -> ctypes.Array | None:
