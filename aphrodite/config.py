@@ -12,7 +12,7 @@ class EngineConfig:
     model: str | None = None            # HF folder, .gguf file or hub id; None = bundled default
     tokenizer: str | None = None        # defaults to the model's own tokenizer
     dtype: str = "auto"                 # auto | float32 | bfloat16 | float16
-    quantization: str = "auto"          # auto | none | int4 (GGUF Q4 weights kept int4 on CPU)
+    quantization: str = "auto"          # auto | none | int4: GGUF weights kept quantised on CPU
     device: str = "auto"                # auto | cpu | cuda
     max_model_len: int | None = None    # defaults to the model's max positions
     block_size: int = 16

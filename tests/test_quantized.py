@@ -161,18 +161,37 @@ def test_default_model_quantized_agrees_with_float(monkeypatch):
     assert agree / total >= (0.99 if kernel else 0.95), f"{agree}/{total}"
 
 
-def test_auto_quantizes_only_small_batch_cpu_gguf(tmp_path):
+def test_quantization_modes(cpp_compiler, monkeypatch):
     files = resolve_model(None)
     config = load_config(files)
     model = get_model_class(config)(config, torch.float32)
-    small = EngineConfig(max_num_seqs=weight_loader.AUTO_INT4_MAX_SEQS)
-    assert weight_loader.use_quantization(small, files, "cpu", model)
-    assert not weight_loader.use_quantization(EngineConfig(max_num_seqs=64), files, "cpu", model)
-    assert weight_loader.use_quantization(EngineConfig(quantization="int4", max_num_seqs=64),
-                                          files, "cpu", model)
-    assert not weight_loader.use_quantization(EngineConfig(quantization="none", max_num_seqs=1),
-                                              files, "cpu", model)
-    assert not weight_loader.use_quantization(small, files, "cuda", model)
+
+    def mode(device="cpu", **options):
+        return weight_loader.quantization_mode(EngineConfig(**options), files, device, model)
+    assert mode() == "int4+dense"
+    assert mode(quantization="int4") == "int4"
+    assert mode(quantization="none") == "none"
+    assert mode("cuda") == "none"
+    # Without the C++ kernels auto stays float32 (torch's int4 kernel is not worth it).
+    monkeypatch.setattr(weight_loader.cpu_kernels, "library_available", lambda: False)
+    assert mode() == "none"
+    assert mode(quantization="int4") == "int4"
+
+
+@torch.inference_mode()
+def test_auto_holds_both_and_picks_per_call(cpp_compiler):
+    """auto: quantised blocks for a few tokens, the float32 copy (equal to the dequantised
+    matrix) above KERNEL_MAX_TOKENS; the same numbers either way up to rounding order."""
+    files = resolve_model(None)
+    model = build(files, "auto")
+    weight = model.layers[3].mlp.down_weight
+    assert isinstance(weight, QuantizedWeight) and weight.dense is not None
+    assert isinstance(model.embed_tokens, QuantizedWeight) and model.embed_tokens.dense is not None
+    from aphrodite.executor.cpu_linear import linear
+    for tokens in (1, quantized_linear.KERNEL_MAX_TOKENS + 1, 40):
+        x = torch.randn(tokens, weight.in_features)
+        expected = x.double() @ weight.dequantize().double().T
+        torch.testing.assert_close(linear(x, weight).double(), expected, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------

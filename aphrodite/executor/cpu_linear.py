@@ -25,7 +25,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from aphrodite.executor.quantized_linear import QuantizedWeight
+from aphrodite.executor.quantized_linear import KERNEL_MAX_TOKENS, QuantizedWeight
 
 # oneDNN picks its blocked layout for this many rows of input. Measured with hints 1, 64 and the
 # real row count: 64 is within noise of the real count from 1 to 2048 tokens; 1 is 1.5x slower
@@ -56,7 +56,9 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for 2-D x, with the kernel choices above."""
     if type(weight) is QuantizedWeight:   # weight-only quantised (see quantized_linear.py)
-        return weight.linear(x, bias)
+        if weight.dense is None or x.shape[0] <= KERNEL_MAX_TOKENS:
+            return weight.linear(x, bias)
+        weight = weight.dense
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if (weight.dtype == torch.bfloat16 and x.shape[0] >= UPCAST_BF16_FROM_TOKENS

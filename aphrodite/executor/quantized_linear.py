@@ -41,6 +41,9 @@ GROUP_SIZE = 32
 # GEMM (2-core AVX2 dev machine: torch's int4 kernel is 1.3-2x slower at 16-64 tokens; the
 # C++ kernel is even at 16 and 1.5-2x slower at 32-64 on the default model's matrices).
 DENSE_ABOVE_TOKENS = 16
+# With a float32 copy at hand (the loader's "int4+dense" mode), calls above this many tokens
+# use it instead of the kernel.
+KERNEL_MAX_TOKENS = 4
 INT4_TYPES = (Q4_0, Q4_1)
 QUANTIZABLE_TYPES = (*INT4_TYPES, Q8_0)
 _BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
@@ -138,6 +141,9 @@ class QuantizedWeight(torch.Tensor):
         # tens of microseconds that a decode step would pay 120 times.
         self.out_features, self.in_features = parts.shape
         self.blocks = self.parts = None
+        # A float32 copy (oneDNN-packed where available), set by the loader in "int4+dense"
+        # mode: cpu_linear.linear uses it above KERNEL_MAX_TOKENS tokens.
+        self.dense: torch.Tensor | None = None
         if cpu_kernels.library_available():
             self.blocks = torch.from_numpy(parts.gguf_blocks())
             return

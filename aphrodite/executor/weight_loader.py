@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from aphrodite.executor import cpu_kernels
+from aphrodite.executor.cpu_linear import onednn_available, pack_weight
 from aphrodite.executor.quantized_linear import (INT4_TYPES, Q8_0, QuantizedParts,
                                                  QuantizedWeight, parts_from_gguf)
 from aphrodite.model_files import ModelFiles, gguf_weights_cache_path, write_file_atomically
@@ -181,23 +182,29 @@ def cache_variant(quantize: bool) -> str:
     return f"v{CONVERTER_VERSION}-{'q4q8' if Q8_0 in quantized_types() else 'int4'}"
 
 
-# "auto" picks int4 only where decode batches stay small: the int4 kernels win single-stream
-# but lose to float32 from about 16 tokens per call (see quantized_linear.DENSE_ABOVE_TOKENS).
-AUTO_INT4_MAX_SEQS = 8
+def quantization_mode(config, files: ModelFiles, device, model) -> str:
+    """How a model's GGUF matrices are held: "none" (float32), "int4" (quantised only) or
+    "int4+dense" (both: quantised for decode steps of a few tokens, float32 for the rest).
 
-
-def use_quantization(config, files: ModelFiles, device, model) -> bool:
-    """Weight-only int4 runs for GGUF models on CPU in float32 without tensor parallelism."""
-    if config.quantization == "none" or (config.quantization == "auto"
-                                         and config.max_num_seqs > AUTO_INT4_MAX_SEQS):
-        return False
-    supported = (files.is_gguf and torch.device(device).type == "cpu"
+    Quantised execution needs a GGUF model on CPU in float32 without tensor parallelism.
+    "auto" holds both when the C++ kernels are there: the float32 copy costs 4 bytes a weight
+    on top of GGUF's ~0.6, and buys float32 GEMM speed for prefill and large decode batches,
+    where the weight-only kernels lose. Without the C++ kernels auto means none: torch's int4
+    kernel rounds activations to bfloat16 (see quantized_linear.py).
+    """
+    if config.quantization == "none" or not files.is_gguf:
+        return "none"
+    supported = (torch.device(device).type == "cpu"
                  and getattr(model, "dtype", None) == torch.float32
                  and getattr(model, "tp_size", 1) == 1 and hasattr(model, "layers"))
-    if not supported and config.quantization == "int4":
-        logger.warning("--quantization int4 needs a GGUF model on CPU in float32 without tensor "
-                       "parallelism; loading dequantised weights instead")
-    return supported
+    if not supported:
+        if config.quantization == "int4":
+            logger.warning("--quantization int4 needs a GGUF model on CPU in float32 without "
+                           "tensor parallelism; loading dequantised weights instead")
+        return "none"
+    if config.quantization == "int4":
+        return "int4"
+    return "int4+dense" if cpu_kernels.library_available() else "none"
 
 
 def load_model_weights(model, files: ModelFiles, config, device, progress: bool = True) -> None:
@@ -205,9 +212,11 @@ def load_model_weights(model, files: ModelFiles, config, device, progress: bool 
 
     GGUF files are converted once and the result cached as safetensors (see load_gguf_converted);
     with quantisation on, the quantised matrices then replace the model's float ones as
-    QuantizedWeight tensors, which the model's F.linear calls run with weight-only kernels.
+    QuantizedWeight tensors, which the model's linear calls run with weight-only kernels (and,
+    in "int4+dense" mode, with a float32 copy for calls of many tokens).
     """
-    quantize = files.is_gguf and use_quantization(config, files, device, model)
+    mode = quantization_mode(config, files, device, model)
+    quantize = mode != "none"
     # The cache is written from all converted tensors at once: for big dequantised GGUF
     # models that would double peak memory, so those stream as before.
     if not files.is_gguf or (not quantize and os.path.getsize(files.gguf_path) > DENSE_CACHE_MAX_FILE):
@@ -222,6 +231,10 @@ def load_model_weights(model, files: ModelFiles, config, device, progress: bool 
     model.load_weights(chain(dense, placeholders))
     if quantized:
         swap_in_quantized(model, quantized, tied="lm_head.weight" not in tensors)
+    if mode == "int4+dense":
+        for weight in quantized_weights(model):
+            weight.dense = pack_weight(weight.dequantize()) if onednn_available() \
+                else weight.dequantize()
 
 
 def swap_in_quantized(model, quantized: dict[str, QuantizedParts], tied: bool) -> None:
@@ -233,6 +246,7 @@ def swap_in_quantized(model, quantized: dict[str, QuantizedParts], tied: bool) -
             setattr(model, attr, QuantizedWeight(quantized[name]))
     if tied and "model.embed_tokens.weight" in quantized:
         model.lm_head = None   # not the float copy packed from the placeholder
+
 
     fused = {"self_attn": {"qkv_weight": ("q_proj", "k_proj", "v_proj"), "o_weight": ("o_proj",)},
              "mlp": {"gate_up_weight": ("gate_proj", "up_proj"), "down_weight": ("down_proj",)}}
@@ -249,6 +263,12 @@ def swap_in_quantized(model, quantized: dict[str, QuantizedParts], tied: bool) -
                                      f"!= {tuple(getattr(module, attr).shape)}")
                 module._parameters.pop(attr, None)   # a plain attribute from now on
                 setattr(module, attr, weight)
+
+
+def quantized_weights(model) -> list[QuantizedWeight]:
+    """Every QuantizedWeight the model holds (its projections, embedding, output matrix)."""
+    modules = [model, *(m for layer in model.layers for m in (layer.self_attn, layer.mlp))]
+    return [w for m in modules for w in vars(m).values() if isinstance(w, QuantizedWeight)]
 
 
 def load_gguf_converted(files: ModelFiles, quantize: bool, progress: bool

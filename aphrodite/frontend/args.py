@@ -165,8 +165,10 @@ def build_parser(prog: str, positional_model: bool = False) -> argparse.Argument
                      choices=["auto", "half", "float16", "bfloat16", "float", "float32"],
                      help="weight and activation dtype (auto: bfloat16/float16 on GPU, float32 on CPU)")
     eng.add_argument("--quantization", default="auto", choices=["auto", "none", "int4"],
-                     help="keep GGUF Q4_0/Q4_1 weights int4 on CPU (weight-only kernels, faster "
-                          "single-stream decode); auto: only when --max-num-seqs <= 8")
+                     help="GGUF models on CPU: int4 keeps Q4/Q8_0 weights quantised only "
+                          "(least memory); auto also keeps a float32 copy, used for prefill "
+                          "and large batches (quantised kernels for small decode steps); "
+                          "none: float32 only")
     eng.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     eng.add_argument("--max-model-len", type=int, default=None,
                      help="longest prompt + output in tokens (default: from the model config)")

@@ -26,6 +26,10 @@ from aphrodite.model_files import max_model_len, rope_settings
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
+# Decode steps of up to this many sequences run fused on the quantised weights when float32
+# copies exist too ("int4+dense" loading); larger ones run layer by layer in float32.
+FUSED_DECODE_MAX_TOKENS = 12
+
 
 def _empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     # Uninitialised: every parameter is overwritten by load_weights (which checks that).
@@ -157,7 +161,7 @@ class LlamaForCausalLM(nn.Module):
         x = F.embedding(input_ids, self.embed_tokens)
         cos_sin = self.rotary.lookup(positions)
         if meta.num_decode_only and meta.decode_kernel and kv_caches[0].dtype == torch.float32:
-            layers = self._fused_decode_layers(kv_caches)
+            layers = self._fused_decode_layers(kv_caches, input_ids.shape[0])
             if layers is not None:
                 return self.norm(self._decode_fused(layers, x, cos_sin, kv_caches[0], meta))
         for layer, kv_cache in zip(self.layers, kv_caches):
@@ -167,13 +171,20 @@ class LlamaForCausalLM(nn.Module):
     # -----------------------------------------------------------------------------------------
     # CPU decode with quantised weights: every layer in one C++ call (kernels/decode_layers.h)
 
-    def _fused_decode_layers(self, kv_caches: list[torch.Tensor]) -> ctypes.Array | None:
+    def _fused_decode_layers(self, kv_caches: list[torch.Tensor],
+                             tokens: int) -> ctypes.Array | None:
         """The layers' weights as C structures, when every matrix has the C++ kernel's
-        quantised blocks (single rank, float32); None otherwise."""
+        quantised blocks (single rank, float32) and the step is one it wins; None otherwise."""
         if self._decode_layers is None:
             self._decode_layers = self._build_decode_layers() or False
         layers = self._decode_layers or None
-        for weights, kv_cache in zip(layers or (), kv_caches):
+        if layers is None:
+            return None
+        # With float32 copies of the matrices at hand, larger batches run faster on them.
+        if self.layers[0].self_attn.qkv_weight.dense is not None \
+                and tokens > FUSED_DECODE_MAX_TOKENS:
+            return None
+        for weights, kv_cache in zip(layers, kv_caches):
             weights.kv_cache = kv_cache.data_ptr()   # every step: callers may swap caches
         return layers
 
