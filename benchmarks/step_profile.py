@@ -11,7 +11,8 @@ the cores. Phases per step:
   ipc        encode/send/recv/decode of STEP, RESULT and STEP_OUTPUTS frames
   inputs     ModelRunner: apply the diff, build token ids, positions, slots, metadata
   forward    the model's forward pass, split into attention / linear / rest by timers
-             wrapped around paged_attention and linear (logits are under sampling)
+             wrapped around paged_attention and linear (logits are under sampling); a
+             fused quantised decode step (kernels/decode_layers.h) is one call, all "rest"
   logits     the lm_head over the sampled rows (model work: counted with the forward)
   sampling   the sampler (greedy here)
   output     Scheduler.update_from_output + the core's output/stats collection

@@ -172,6 +172,9 @@ def test_quantization_modes(cpp_compiler, monkeypatch):
     assert mode(quantization="int4") == "int4"
     assert mode(quantization="none") == "none"
     assert mode("cuda") == "none"
+    # A float32 copy that would fill half the free memory is not made.
+    monkeypatch.setattr(weight_loader, "available_ram", lambda: 400 << 20)
+    assert mode() == "int4"
     # Without the C++ kernels auto stays float32 (torch's int4 kernel is not worth it).
     monkeypatch.setattr(weight_loader.cpu_kernels, "library_available", lambda: False)
     assert mode() == "none"

@@ -21,7 +21,7 @@ from aphrodite.executor.attention import (AttentionMetadata, allocate_kv_caches,
 from aphrodite.executor.models import get_model_class
 from aphrodite.executor.sampler import Sampler, SamplingRow
 from aphrodite.executor.sampling.logprobs import summarise
-from aphrodite.executor.weight_loader import load_model_weights
+from aphrodite.executor.weight_loader import available_ram, load_model_weights
 from aphrodite.model_files import eos_token_ids, load_config, max_model_len, resolve_model
 from aphrodite.sampling_params import SamplingParams
 
@@ -51,14 +51,6 @@ def pick_dtype(config: EngineConfig, hf_config, device: str) -> torch.dtype:
     if isinstance(checkpoint, str):
         checkpoint = _DTYPES.get(checkpoint)
     return checkpoint if checkpoint in (torch.bfloat16, torch.float16) else torch.bfloat16
-
-
-def _available_ram() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 8 << 30
 
 
 @dataclass
@@ -123,7 +115,7 @@ class ModelRunner:
             num_blocks = self.config.num_kv_blocks
         elif self.device.type == "cpu":
             budget = self.config.kv_cache_memory or min(
-                int(_available_ram() * CPU_KV_DEFAULT_FRACTION), CPU_KV_DEFAULT_CAP)
+                int(available_ram() * CPU_KV_DEFAULT_FRACTION), CPU_KV_DEFAULT_CAP)
             num_blocks = budget // per_block
         else:
             num_blocks = self._gpu_kv_budget() // per_block

@@ -182,6 +182,18 @@ def cache_variant(quantize: bool) -> str:
     return f"v{CONVERTER_VERSION}-{'q4q8' if Q8_0 in quantized_types() else 'int4'}"
 
 
+# auto keeps the float32 copy only while it takes at most this share of the available memory.
+DENSE_COPY_MAX_SHARE = 0.5
+
+
+def available_ram() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 << 30
+
+
 def quantization_mode(config, files: ModelFiles, device, model) -> str:
     """How a model's GGUF matrices are held: "none" (float32), "int4" (quantised only) or
     "int4+dense" (both: quantised for decode steps of a few tokens, float32 for the rest).
@@ -189,8 +201,10 @@ def quantization_mode(config, files: ModelFiles, device, model) -> str:
     Quantised execution needs a GGUF model on CPU in float32 without tensor parallelism.
     "auto" holds both when the C++ kernels are there: the float32 copy costs 4 bytes a weight
     on top of GGUF's ~0.6, and buys float32 GEMM speed for prefill and large decode batches,
-    where the weight-only kernels lose. Without the C++ kernels auto means none: torch's int4
-    kernel rounds activations to bfloat16 (see quantized_linear.py).
+    where the weight-only kernels lose. If that copy would fill more than
+    DENSE_COPY_MAX_SHARE of the available memory, auto keeps the blocks only. Without the C++
+    kernels auto means none: torch's int4 kernel rounds activations to bfloat16 (see
+    quantized_linear.py).
     """
     if config.quantization == "none" or not files.is_gguf:
         return "none"
@@ -204,7 +218,15 @@ def quantization_mode(config, files: ModelFiles, device, model) -> str:
         return "none"
     if config.quantization == "int4":
         return "int4"
-    return "int4+dense" if cpu_kernels.library_available() else "none"
+    if not cpu_kernels.library_available():
+        return "none"
+    from aphrodite.executor.gguf_tensors import GGUFTensors
+    dense_bytes = 4 * sum(int(np.prod(t.shape)) for t in GGUFTensors(files.gguf_path).tensors)
+    if dense_bytes > DENSE_COPY_MAX_SHARE * available_ram():
+        logger.info("Keeping the GGUF weights quantised only: a float32 copy would take "
+                    "%.1f GiB of %.1f GiB available", dense_bytes / 2**30, available_ram() / 2**30)
+        return "int4"
+    return "int4+dense"
 
 
 def load_model_weights(model, files: ModelFiles, config, device, progress: bool = True) -> None:
