@@ -175,6 +175,9 @@ def test_quantization_modes(cpp_compiler, monkeypatch):
     # A float32 copy that would fill half the free memory is not made.
     monkeypatch.setattr(weight_loader, "available_ram", lambda: 400 << 20)
     assert mode() == "int4"
+    # Files too big to convert in one piece stream float32 as before.
+    monkeypatch.setattr(weight_loader, "DENSE_CACHE_MAX_FILE", 1 << 20)
+    assert mode() == "none"
     # Without the C++ kernels auto stays float32 (torch's int4 kernel is not worth it).
     monkeypatch.setattr(weight_loader.cpu_kernels, "library_available", lambda: False)
     assert mode() == "none"

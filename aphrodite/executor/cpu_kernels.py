@@ -59,8 +59,8 @@ def _build(compiler: str) -> Path:
         return target
 
     def compile_to(path: str) -> None:
-        subprocess.run([compiler, *FLAGS, str(KERNELS / "cpu_kernels.cpp"), "-o", path], capture_output=True,
-                       text=True, check=True)
+        subprocess.run([compiler, *FLAGS, str(KERNELS / "cpu_kernels.cpp"), "-o", path],
+                       capture_output=True, text=True, check=True)
 
     if not write_file_atomically(target, compile_to):
         raise OSError(f"cannot write {target.parent}")
@@ -131,7 +131,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
 def quantized_linear(x: torch.Tensor, blocks: torch.Tensor, is_int4: bool) -> torch.Tensor:
     """x [tokens, cols] float32 @ W^T -> [tokens, rows] float32. blocks: W as uint8
     [rows, cols / 32 * block bytes], GGUF's Q4_1 blocks (is_int4) or Q8_0 blocks (see
-    kernels/quantized_linear.cpp)."""
+    kernels/quantized_linear.h)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
     assert x.dtype == torch.float32 and blocks.dtype == torch.uint8 and blocks.is_contiguous()

@@ -165,8 +165,8 @@ CONVERTER_VERSION = 2
 DENSE_CACHE_MAX_FILE = 1 << 30
 # Matrices the model multiplies with F.linear (its fused projections, the output matrix), by HF
 # name; the embedding, which is also the output matrix when they are tied.
-_QUANTIZED_NAME = re.compile(r"^(model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
-                             r"|model\.embed_tokens|lm_head)\.weight$")
+_QUANTIZED_NAME = re.compile(r"^(model\.layers\.\d+\.(self_attn\.[qkvo]_proj"
+                             r"|mlp\.(gate|up|down)_proj)|model\.embed_tokens|lm_head)\.weight$")
 
 
 def quantized_types() -> tuple[int, ...]:
@@ -204,7 +204,9 @@ def quantization_mode(config, files: ModelFiles, device, model) -> str:
     where the weight-only kernels lose. If that copy would fill more than
     DENSE_COPY_MAX_SHARE of the available memory, auto keeps the blocks only. Without the C++
     kernels auto means none: torch's int4 kernel rounds activations to bfloat16 (see
-    quantized_linear.py).
+    quantized_linear.py). So does a file over DENSE_CACHE_MAX_FILE: quantised loading converts
+    and caches the whole file in one piece, and k-quant files (Q4_K, Q6_K, ...) are mostly
+    tensors this path does not keep quantised.
     """
     if config.quantization == "none" or not files.is_gguf:
         return "none"
@@ -218,8 +220,9 @@ def quantization_mode(config, files: ModelFiles, device, model) -> str:
         return "none"
     if config.quantization == "int4":
         return "int4"
-    if not cpu_kernels.library_available():
-        return "none"
+    if (not cpu_kernels.library_available()
+            or os.path.getsize(files.gguf_path) > DENSE_CACHE_MAX_FILE):
+        return "none"   # larger files stream their float32 tensors (see load_model_weights)
     from aphrodite.executor.gguf_tensors import GGUFTensors
     dense_bytes = 4 * sum(int(np.prod(t.shape)) for t in GGUFTensors(files.gguf_path).tensors)
     if dense_bytes > DENSE_COPY_MAX_SHARE * available_ram():
