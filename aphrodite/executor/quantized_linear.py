@@ -45,7 +45,6 @@ DENSE_ABOVE_TOKENS = 16
 # use it instead of the kernel.
 KERNEL_MAX_TOKENS = 4
 INT4_TYPES = (Q4_0, Q4_1)
-QUANTIZABLE_TYPES = (*INT4_TYPES, Q8_0)
 _BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
 
 
