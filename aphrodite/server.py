@@ -27,7 +27,9 @@ from aphrodite.frontend.args import ServerOptions, parse_args
 logger = logging.getLogger("aphrodite.server")
 
 EXIT_OK, EXIT_ENGINE_DEAD, EXIT_START_FAILED = 0, 1, 2
-DEATH_GRACE_S = 1.0   # time for handlers to send their 503s before the server stops
+# Longest wait for handlers to write their last events (a 503, an error event, [DONE])
+# before the listener closes: closing earlier cuts streams in the middle of an event.
+FINAL_WRITES_TIMEOUT_S = 10.0
 
 
 def setup_logging() -> None:
@@ -81,9 +83,10 @@ class Server:
             dead.cancel()
             api.shutting_down = True
             if self.engine_dead.is_set():
-                await asyncio.sleep(DEATH_GRACE_S)
+                await self._finish_writes(api)
                 return EXIT_ENGINE_DEAD
-            await self._drain(client, runner)
+            await self._drain(client)
+            await self._finish_writes(api)
             return EXIT_OK
         finally:
             if self.stats_task is not None:
@@ -181,7 +184,7 @@ class Server:
         context.load_cert_chain(self.options.ssl_certfile, self.options.ssl_keyfile)
         return context
 
-    async def _drain(self, client, runner) -> None:
+    async def _drain(self, client) -> None:
         """Let in-flight requests finish for the grace period, then abort the rest.
 
         The listener stays open meanwhile: new requests get an explicit 503 (the API's
@@ -195,7 +198,20 @@ class Server:
             logger.info("Aborting %d requests still running after %.0f s", client.num_in_flight,
                         self.options.shutdown_timeout_s)
             client.abort_all()
-            await asyncio.sleep(0.2)   # let the handlers write their final chunks
+
+    @staticmethod
+    async def _finish_writes(api) -> None:
+        """Wait (bounded) until every handler has returned; the engine has already failed or
+        aborted its requests, so each is only writing its final chunks. A client that reads
+        slowly, or a loaded machine, can take well over a second for that."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FINAL_WRITES_TIMEOUT_S
+        while api.active_handlers and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)   # aiohttp ends each response after its handler returns
+        if api.active_handlers:
+            logger.warning("%d handlers still writing after %.0f s; closing their connections",
+                           api.active_handlers, FINAL_WRITES_TIMEOUT_S)
 
 
 def _in_daemon_thread(fn, *args) -> asyncio.Future:

@@ -45,6 +45,7 @@ class ApiServer:
         self.model_root = model_root
         self.created = int(time.time())
         self.shutting_down = False
+        self.active_handlers = 0   # requests whose handler has not returned yet
         self.chat = ChatServing(ctx, options)
         self.completions = CompletionServing(ctx, options)
         self.tokens = OpenAIServing(ctx, options)
@@ -70,6 +71,7 @@ class ApiServer:
     # ---- middlewares ---------------------------------------------------------------------------
     @web.middleware
     async def _errors(self, request: web.Request, handler):
+        self.active_handlers += 1
         try:
             return await handler(request)
         except APIError as exc:
@@ -88,6 +90,8 @@ class ApiServer:
         except Exception:
             logger.exception("Unhandled error in %s %s", request.method, request.path)
             return internal_error("Internal server error; see the server log.").response()
+        finally:
+            self.active_handlers -= 1
 
     @web.middleware
     async def _cors(self, request: web.Request, handler):
