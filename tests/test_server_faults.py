@@ -125,6 +125,20 @@ def health_fails(server: RemoteServer, timeout_s: float) -> bool:
     return False
 
 
+def socket_folder(core: psutil.Process) -> str:
+    """The frontend's folder of IPC sockets (the core's own sockets live inside it)."""
+    input_addr = core.cmdline()[3]
+    assert input_addr.startswith("ipc://")
+    return os.path.dirname(input_addr[len("ipc://"):])
+
+
+def folder_gone(path: str, timeout_s: float = 5) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not os.path.exists(path)
+
+
 def engine_processes(server: RemoteServer) -> tuple[psutil.Process, list[psutil.Process]]:
     """The engine core and its workers (pids from the start-up log), plus any helper the
     core started (multiprocessing's resource tracker)."""
@@ -144,6 +158,7 @@ def test_fault_under_load_fails_requests_and_exits_nonzero(fault):
     with RemoteServer(SMALL, env=env, command=command) as server:
         clients = start_load(server)
         core, workers = engine_processes(server)
+        sockets = socket_folder(core)
         started = time.monotonic()
         if fault == "kill-worker":
             workers[0].kill()
@@ -160,6 +175,7 @@ def test_fault_under_load_fails_requests_and_exits_nonzero(fault):
         assert elapsed < limit, f"exit took {elapsed:.1f} s"
         assert_explicit_errors(clients)
         assert no_process_left([core, *workers]) == []
+        assert folder_gone(sockets), "IPC sockets left in the temporary folder"
         log = "\n".join(server.log)
         if fault == "stop-worker":
             assert "APHRODITE_ENGINE_ITERATION_TIMEOUT_S" in log
@@ -201,6 +217,7 @@ def test_kill_9_of_the_frontend_takes_the_engine_down(phase):
     try:
         core = psutil.Process(int(frontend.stdout.readline().split()[1]))
         engine.append(core)
+        sockets = socket_folder(core)
         deadline = time.monotonic() + 120
         while not is_loading_a_worker(core):
             assert time.monotonic() < deadline
@@ -212,6 +229,8 @@ def test_kill_9_of_the_frontend_takes_the_engine_down(phase):
         frontend.wait(10)
         left = no_process_left(engine, timeout_s=5)
         assert left == [], [(p.pid, p.cmdline()) for p in engine if p.pid in left]
+        # the frontend could not clean up after itself: the core did
+        assert folder_gone(sockets), "IPC sockets left in the temporary folder"
     finally:
         frontend.kill()
         for proc in engine:

@@ -256,7 +256,11 @@ def run_engine_core(config_dict: dict, input_addr: str, output_addr: str,
     outbox.setsockopt(zmq.LINGER, 2000)
     outbox.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
     outbox.connect(output_addr)
-    ipc_dir = tempfile.mkdtemp(prefix="aphrodite-core-")
+    # Our sockets live inside the frontend's socket folder, so whichever process outlives
+    # the other removes both: the frontend after a killed core, the core after a killed
+    # frontend. Nothing is left in /tmp by a supervisor's restarts.
+    session_dir = os.path.dirname(input_addr.removeprefix("ipc://"))
+    ipc_dir = tempfile.mkdtemp(prefix="core-", dir=session_dir)
     engine = None
     exit_code = 0
     orderly = False        # SHUTDOWN from the frontend: the workers get time to exit
@@ -283,7 +287,8 @@ def run_engine_core(config_dict: dict, input_addr: str, output_addr: str,
         # destroy(), not term(): sockets of an Executor that failed half-built are still
         # open, and term() would wait for them forever.
         ctx.destroy(linger=0)
-        shutil.rmtree(ipc_dir, ignore_errors=True)
+        frontend_gone = os.getppid() != parent_pid
+        shutil.rmtree(session_dir if frontend_gone else ipc_dir, ignore_errors=True)
     raise SystemExit(exit_code)
 
 
