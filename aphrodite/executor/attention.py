@@ -23,7 +23,6 @@ CUDA graphs can replay.
 from __future__ import annotations
 
 import mmap
-
 from dataclasses import dataclass
 from functools import cache
 
