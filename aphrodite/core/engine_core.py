@@ -264,12 +264,15 @@ def run_engine_core(config_dict: dict, input_addr: str, output_addr: str,
     engine = None
     exit_code = 0
     orderly = False        # SHUTDOWN from the frontend: the workers get time to exit
+    stopped = False        # SIGTERM, or the frontend gone: it may not clean up after us
     try:
         engine = EngineCore(config, ctx, ipc_dir, parent_pid)
         engine.emit(outbox, Frame.READY, engine.ready_info)
         orderly = engine.run(inbox, outbox)
+        stopped = not orderly                      # run() returns False: the frontend is gone
     except (Terminated, ParentGone) as exc:
         logger.warning("stopping at once: %s", exc or "SIGTERM")
+        stopped = True
         outbox.setsockopt(zmq.LINGER, 0)           # nobody may be left to read
     except Exception as exc:
         exit_code = 1
@@ -287,8 +290,11 @@ def run_engine_core(config_dict: dict, input_addr: str, output_addr: str,
         # destroy(), not term(): sockets of an Executor that failed half-built are still
         # open, and term() would wait for them forever.
         ctx.destroy(linger=0)
-        frontend_gone = os.getppid() != parent_pid
-        shutil.rmtree(session_dir if frontend_gone else ipc_dir, ignore_errors=True)
+        # Stopped, the whole folder goes. A frontend killed with -9 sends our SIGTERM (the
+        # death signal) when its main thread dies, while its other threads can still make it
+        # our parent, so getppid() cannot tell that case from a plain stop; and a frontend
+        # that is stopping no longer needs its sockets.
+        shutil.rmtree(session_dir if stopped else ipc_dir, ignore_errors=True)
     raise SystemExit(exit_code)
 
 
