@@ -5,11 +5,13 @@ from __future__ import annotations
 import atexit
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -48,7 +50,9 @@ class RemoteServer:
     """One server process on a free port; `with RemoteServer([...]) as server: ...`.
 
     Output is collected in `self.log` (a list of lines) so tests can look for log lines.
-    On exit the whole process tree is killed, whatever state it is in.
+    On exit the whole process tree is killed, whatever state it is in. Killed that way no
+    process can clean up, so the tree gets a TMPDIR of its own (its IPC sockets go there),
+    removed after the kill.
     """
 
     def __init__(self, args: list[str] | None = None, env: dict | None = None,
@@ -64,8 +68,10 @@ class RemoteServer:
             key, cert = self_signed_certificate(tls_dir)
             self.args += ["--ssl-keyfile", str(key), "--ssl-certfile", str(cert)]
             self.scheme, self.verify = "https", str(cert)
+        self.tmp_dir = tempfile.mkdtemp(prefix="aphrodite-test-")
         self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep +
-                    os.environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1", **(env or {})}
+                    os.environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1",
+                    "TMPDIR": self.tmp_dir, **(env or {})}
         self.start_timeout_s = start_timeout_s
         self.log: list[str] = []
         self.proc: subprocess.Popen | None = None
@@ -152,6 +158,7 @@ class RemoteServer:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     # ---- clients -------------------------------------------------------------------------------
     @property
