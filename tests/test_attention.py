@@ -13,6 +13,7 @@ from aphrodite.executor.attention import (
     kv_cache_bytes_per_block,
     paged_attention,
     plan_decode_groups,
+    write_kv,
 )
 
 torch.set_num_threads(1)
@@ -105,6 +106,7 @@ def test_matches_dense_reference(spec, heads, kv_heads, dtype, tol, path, monkey
     assert meta.decode_kernel == (kernel and has_decodes)
     assert (meta.decode_plan is not None) == (block_size is not None and has_decodes
                                               and not kernel)
+    write_kv(k, v, cache, meta)
     out = paged_attention(q, k, v, cache, meta, scale)
     assert out.shape == q.shape and out.dtype == dtype
     start = 0
@@ -129,6 +131,7 @@ def test_decode_kernel_threads(spec, threads, cpp_compiler):
         q, k, v, cache, meta, full = make_batch(spec, 12, 3, 64, torch.float32, seed=3,
                                                 block_size=BLOCK_SIZE)
         assert meta.decode_kernel
+        write_kv(k, v, cache, meta)
         out = paged_attention(q, k, v, cache, meta, 0.125)
     finally:
         torch.set_num_threads(previous)
@@ -165,7 +168,7 @@ def test_slot_minus_one_is_not_written():
     spec = [(4, 1), (0, 3), (6, 1)]
     q, k, v, cache, meta, full = make_batch(spec, 4, 2, 8, torch.float32, unwritten={1})
     before = cache.clone()
-    paged_attention(q, k, v, cache, meta, 8 ** -0.5)
+    write_kv(k, v, cache, meta)
     changed = (cache != before).flatten(3).any(-1).any(0).flatten()   # per flat slot
     expected = torch.zeros_like(changed)
     for row in (0, 2):

@@ -220,10 +220,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Attention for a flat batch of new tokens q/k/v [T, heads, head_dim] -> [T, heads, head_dim].
 
-    Writes k/v into the cache, then each new token attends to its sequence's context up to and
-    including itself: full over the cached prefix, causal within this step's chunk.
+    Each new token attends to its sequence's context up to and including itself: full over the
+    cached prefix, causal within this step's chunk. k/v must be in the cache already (write_kv).
     """
-    write_kv(k, v, kv_cache, meta)
     if meta.num_decode_only:
         # meta.block_tables/seq_lens, which a CUDA graph's replay refills
         return _decode_rows(q, kv_cache, meta, meta.block_tables, meta.seq_lens,

@@ -7,6 +7,9 @@
   the default model: see the table in attention.py.
 - kernels/quantized_linear.h: GGUF-style int4/int8 weights times float32 activations for
   decode (see quantized_linear.py for why not torch's weight-only kernels).
+- kernels/layer_ops.h: the elementwise steps between a layer's matrix products (residual add
+  and RMS norm, rotary and the KV-cache write, the SiLU-gated product), one call each (see
+  models/layer_ops.py).
 - kernels/decode_layers.h: a whole decode step's layers for a model whose matrices are all
   quantised, in one call (see models/llama.py).
 
@@ -96,6 +99,13 @@ def _library() -> ctypes.CDLL | None:
     library.dequantize_blocks.restype = None
     library.decode_layers.argtypes = [pointer, i64, pointer]
     library.decode_layers.restype = None
+    library.add_rms_norm.argtypes = [pointer, pointer, pointer, i64, i64, ctypes.c_float, pointer]
+    library.add_rms_norm.restype = None
+    library.rotate_and_cache.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i64,
+                                         pointer, pointer]
+    library.rotate_and_cache.restype = None
+    library.silu_and_mul.argtypes = [pointer, i64, i64, pointer]
+    library.silu_and_mul.restype = None
     return library
 
 
@@ -147,6 +157,39 @@ def dequantize_blocks(blocks: torch.Tensor, is_int4: bool, cols: int) -> torch.T
     assert blocks.dtype == torch.uint8 and blocks.is_contiguous()
     _library().dequantize_blocks(blocks.data_ptr(), int(is_int4), blocks.shape[0], cols,
                                  out.data_ptr())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A layer's elementwise steps (kernels/layer_ops.h): float32, contiguous tensors only.
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """x [rows, size] += delta (in place, when given); returns rms_norm(x) * weight."""
+    assert x.is_contiguous() and (delta is None or delta.is_contiguous())
+    out = torch.empty_like(x)
+    _library().add_rms_norm(x.data_ptr(), None if delta is None else delta.data_ptr(),
+                            weight.data_ptr(), x.shape[0], x.shape[1], eps, out.data_ptr())
+    return out
+
+
+def rotate_and_cache(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                     slots: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    """qkv [tokens, heads + 2 * kv_heads, head_dim]: q and k heads rotated in place by cos/sin
+    [tokens, head_dim]; token t's k and v stored in cache slot slots[t] (< 0: not stored)."""
+    tokens, all_heads, head_dim = qkv.shape
+    assert qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+    _library().rotate_and_cache(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+                                tokens, heads, (all_heads - heads) // 2, head_dim,
+                                kv_cache[0].data_ptr(), kv_cache[1].data_ptr())
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [rows, 2 * inter] -> silu(gate) * up [rows, inter]."""
+    assert gate_up.is_contiguous()
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, inter, dtype=gate_up.dtype)
+    _library().silu_and_mul(gate_up.data_ptr(), rows, inter, out.data_ptr())
     return out
 
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "decode_layers.h"
+#include "layer_ops.h"
 #include "paged_decode_attention.h"
 #include "quantized_linear.h"
 
@@ -51,4 +52,26 @@ extern "C" void dequantize_blocks(const uint8_t* weight, int is_int4, int64_t ro
 extern "C" void decode_layers(const fused::LayerWeights* layers, int64_t num_layers,
                               const fused::Step* step) {
     for (int64_t i = 0; i < num_layers; ++i) fused::layer(layers[i], *step);
+}
+
+// x, delta, out: [rows, size] float32, weight [size]. x += delta (delta may be null), then
+// out = rms_norm(x) * weight.
+extern "C" void add_rms_norm(float* x, const float* delta, const float* weight, int64_t rows,
+                             int64_t size, float eps, float* out) {
+    layer_ops::add_rms_norm(x, delta, weight, rows, size, eps, out);
+}
+
+// qkv [tokens, heads + 2 * kv_heads, head_dim] float32, rotated in place; cos, sin
+// [tokens, head_dim]; slots [tokens] int64; k_cache, v_cache [slots, kv_heads, head_dim].
+extern "C" void rotate_and_cache(float* qkv, const float* cos, const float* sin,
+                                 const int64_t* slots, int64_t tokens, int64_t heads,
+                                 int64_t kv_heads, int64_t head_dim, float* k_cache,
+                                 float* v_cache) {
+    layer_ops::rotate_and_cache(qkv, cos, sin, slots, tokens, heads, kv_heads, head_dim, k_cache,
+                                v_cache);
+}
+
+// gate_up [rows, 2 * inter] float32 -> out [rows, inter].
+extern "C" void silu_and_mul(const float* gate_up, int64_t rows, int64_t inter, float* out) {
+    layer_ops::silu_and_mul(gate_up, rows, inter, out);
 }

@@ -18,49 +18,11 @@
 
 #include <omp.h>
 
+#include "vec8.h"
+
 namespace attention {
 
-// Eight floats; g++ lowers it to one AVX register, or two SSE ones on older CPUs. head_dim must
-// be a multiple of 8 (cpu_kernels.supports checks).
-typedef float v8 __attribute__((vector_size(32)));
-
-inline v8 load8(const float* p) {
-    v8 v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
-
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-// e^x for x <= 0 (softmax after subtracting the row's maximum), eight at a time: the range
-// reduction x = n ln2 + r, |r| <= ln2 / 2, and a degree-6 polynomial for e^r (Cephes' expf
-// coefficients), within 1 ulp of std::exp on [-87, 0] (checked at steps of 1e-4); the
-// input is clamped at -87.3, so nothing smaller than 2^-126 comes out.
-inline v8 exp8(v8 x) {
-    const v8 zero = {}, lowest = zero - 87.3f;
-    x = x < lowest ? lowest : x;
-    const v8 big = zero + 12582912.f;               // 1.5 * 2^23: adding it rounds to an integer
-    v8 n = (x * 1.44269504088896341f + big) - big;
-    v8 r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    v8 p = zero + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-    v8 scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
-}
-
-inline float sum8(v8 v) {   // a tree, not a chain of 7 dependent adds
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
+using namespace vec8;
 
 // A block's keys (or values), n = tokens * kv_heads * head_dim floats: float32 caches are read
 // in place, bfloat16 ones (the high half of a float32) widened into buffer.
@@ -75,6 +37,7 @@ inline const float* block_rows(const uint16_t* cache, int64_t offset, float* buf
     return buffer;
 }
 
+// head_dim must be a multiple of 8 (cpu_kernels.supports checks).
 template <typename T>
 void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
             int64_t max_blocks, const int64_t* seq_lens, int64_t batch, int64_t heads,

@@ -19,6 +19,7 @@ from torch import nn
 from aphrodite.executor import cpu_kernels
 from aphrodite.executor.attention import AttentionMetadata, paged_attention
 from aphrodite.executor.cpu_linear import linear, onednn_available, pack_weight
+from aphrodite.executor.models.layer_ops import add_rms_norm, rotate_and_cache, silu_and_mul
 from aphrodite.executor.models.rotary import RotaryEmbedding
 from aphrodite.executor.quantized_linear import QuantizedWeight
 from aphrodite.model_files import head_dim as config_head_dim
@@ -47,9 +48,10 @@ class RMSNorm(nn.Module):
         self.weight = _empty_param(size, dtype=dtype)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Fused kernel; in float32 it agrees with transformers' unfused norm to rounding.
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """x += delta in place (the residual stream), then the norm; in float32 it agrees with
+        transformers' unfused norm to rounding."""
+        return add_rms_norm(x, delta, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -78,10 +80,7 @@ class Attention(nn.Module):
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         tokens = x.shape[0]
         qkv = linear(x, self.qkv_weight, self.qkv_bias).view(tokens, -1, self.head_dim)
-        # q and k heads are adjacent in the fused projection: rotate them in one go.
-        qk = RotaryEmbedding.apply(qkv[:, : self.heads + self.kv_heads], cos_sin)
-        q, k = qk[:, : self.heads], qk[:, self.heads:]
-        v = qkv[:, self.heads + self.kv_heads:]
+        q, k, v = rotate_and_cache(qkv, self.heads, self.kv_heads, cos_sin, kv_cache, meta)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         out = linear(out.reshape(tokens, -1), self.o_weight)
         if self.tp_size > 1:
@@ -107,8 +106,8 @@ class MLP(nn.Module):
         self.down_bias = _empty_param(config.hidden_size, dtype=dtype) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
-        out = linear(F.silu(gate) * up, self.down_weight)
+        gate_up = linear(x, self.gate_up_weight, self.gate_up_bias)
+        out = linear(silu_and_mul(gate_up), self.down_weight)
         if self.tp_size > 1:
             out = self.all_reduce(out)
         return out if self.down_bias is None else out + self.down_bias
@@ -122,9 +121,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, dtype, tp_size, all_reduce)
 
-    def forward(self, cos_sin, x, kv_cache, meta):
-        x = x + self.self_attn(cos_sin, self.input_layernorm(x), kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, cos_sin, x, delta, kv_cache, meta):
+        """x: the residual stream before the previous layer's MLP output delta (None for the
+        first layer) is added; both are updated in place and returned for the next layer."""
+        attn_out = self.self_attn(cos_sin, self.input_layernorm(x, delta), kv_cache, meta)
+        return x, self.mlp(self.post_attention_layernorm(x, attn_out))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -164,9 +165,10 @@ class LlamaForCausalLM(nn.Module):
             layers = self._fused_decode_layers(kv_caches, input_ids.shape[0])
             if layers is not None:
                 return self.norm(self._decode_fused(layers, x, cos_sin, kv_caches[0], meta))
+        delta = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(cos_sin, x, kv_cache, meta)
-        return self.norm(x)
+            x, delta = layer(cos_sin, x, delta, kv_cache, meta)
+        return self.norm(x, delta)
 
     # -----------------------------------------------------------------------------------------
     # CPU decode with quantised weights: every layer in one C++ call (kernels/decode_layers.h)

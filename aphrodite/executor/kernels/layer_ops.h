@@ -1,0 +1,121 @@
+// The elementwise steps between a decoder layer's matrix products, float32: residual add and
+// RMS norm, rotary embedding and the KV-cache write, the SiLU-gated product.
+//
+// Part of cpu_kernels.cpp (one translation unit), built at run time by cpu_kernels.py.
+//
+// torch spends more on dispatch than on arithmetic for these at decode sizes, and runs the
+// composite ones (rms_norm: pow, mean, add, rsqrt, two muls) as separate passes over memory
+// at prefill sizes. Each step here is one pass; the arithmetic is models/llama.py's, only
+// the rounding order differs (sums in a tree of 8 lanes, fused multiply-adds).
+//
+// Each step is split over torch's OpenMP threads by rows when it is large enough to pay for
+// waking them (at decode sizes a fork and join costs more than the work).
+
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "vec8.h"
+
+namespace layer_ops {
+
+using namespace vec8;
+
+constexpr int64_t kParallelFloats = 1 << 14;
+
+// x += delta when delta is given (the residual stream, in place); out = x * rsqrt(mean(x^2)
+// + eps) * weight. One row of size floats.
+template <bool kAdd>
+inline void add_rms_norm_row(float* x, const float* delta, const float* weight, int64_t size,
+                             float eps, float* out) {
+    v8 even = {}, odd = {};
+    int64_t i = 0;
+    for (; i + 16 <= size; i += 16) {
+        v8 a = load8(x + i), b = load8(x + i + 8);
+        if (kAdd) {
+            a += load8(delta + i);
+            b += load8(delta + i + 8);
+            store8(x + i, a);
+            store8(x + i + 8, b);
+        }
+        even += a * a;
+        odd += b * b;
+    }
+    float squares = sum8(even + odd);
+    for (; i < size; ++i) {
+        if (kAdd) x[i] += delta[i];
+        squares += x[i] * x[i];
+    }
+    const float inv = 1.f / std::sqrt(squares / size + eps);
+    const v8 inv8 = splat8(inv);
+    for (i = 0; i + 8 <= size; i += 8) store8(out + i, load8(x + i) * inv8 * load8(weight + i));
+    for (; i < size; ++i) out[i] = x[i] * inv * weight[i];
+}
+
+inline void add_rms_norm(float* x, const float* delta, const float* weight, int64_t rows,
+                         int64_t size, float eps, float* out) {
+#pragma omp parallel for schedule(static) if (rows * size >= kParallelFloats)
+    for (int64_t r = 0; r < rows; ++r) {
+        if (delta)
+            add_rms_norm_row<true>(x + r * size, delta + r * size, weight, size, eps, out + r * size);
+        else
+            add_rms_norm_row<false>(x + r * size, nullptr, weight, size, eps, out + r * size);
+    }
+}
+
+// One head in place: x * cos + swap_halves(x) * sin, with rotate-half's sign folded into sin
+// (see models/rotary.py).
+inline void rotate(float* x, const float* cos, const float* sin, int64_t dim) {
+    const int64_t half = dim / 2;
+    int64_t i = 0;
+    for (; i + 8 <= half; i += 8) {
+        const v8 a = load8(x + i), b = load8(x + i + half);
+        store8(x + i, a * load8(cos + i) + b * load8(sin + i));
+        store8(x + i + half, b * load8(cos + i + half) + a * load8(sin + i + half));
+    }
+    for (; i < half; ++i) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] + b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+// qkv [tokens, heads + 2 * kv_heads, head_dim]: the q and k heads are rotated in place by
+// their token's cos/sin rows [tokens, head_dim]; then token t's k and v heads are copied to
+// row slots[t] of k_cache / v_cache [slots, kv_heads, head_dim] (slots[t] < 0: not stored).
+inline void rotate_and_cache(float* qkv, const float* cos, const float* sin, const int64_t* slots,
+                             int64_t tokens, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                             float* k_cache, float* v_cache) {
+    const int64_t row_size = (heads + 2 * kv_heads) * head_dim, kv_size = kv_heads * head_dim;
+#pragma omp parallel for schedule(static) if (tokens * row_size >= kParallelFloats)
+    for (int64_t t = 0; t < tokens; ++t) {
+        float* row = qkv + t * row_size;
+        for (int64_t h = 0; h < heads + kv_heads; ++h)
+            rotate(row + h * head_dim, cos + t * head_dim, sin + t * head_dim, head_dim);
+        if (slots[t] < 0) continue;
+        std::memcpy(k_cache + slots[t] * kv_size, row + heads * head_dim, kv_size * sizeof(float));
+        std::memcpy(v_cache + slots[t] * kv_size, row + heads * head_dim + kv_size,
+                    kv_size * sizeof(float));
+    }
+}
+
+// gate_up [rows, 2 * inter] (gate, then up) -> out [rows, inter]: silu(gate) * up, where
+// silu(g) = g / (1 + e^-g).
+inline void silu_and_mul(const float* gate_up, int64_t rows, int64_t inter, float* out) {
+#pragma omp parallel for schedule(static) if (rows * inter >= kParallelFloats)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* gate = gate_up + r * 2 * inter;
+        const float* up = gate + inter;
+        float* o = out + r * inter;
+        int64_t i = 0;
+        for (; i + 8 <= inter; i += 8) {
+            const v8 g = load8(gate + i);
+            store8(o + i, g / (1.f + exp8(-g)) * load8(up + i));
+        }
+        for (; i < inter; ++i) o[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    }
+}
+
+}  // namespace layer_ops

@@ -1,0 +1,55 @@
+// Eight floats at a time, in GNU vector extensions: g++ lowers a v8 to one AVX register, or to
+// two SSE ones on older CPUs, so the kernels need no intrinsics of one instruction set.
+//
+// Part of cpu_kernels.cpp (one translation unit), built at run time by cpu_kernels.py.
+
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace vec8 {
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8 load8(const float* p) {
+    v8 v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline v8 splat8(float x) { return v8{} + x; }
+
+// e^x, eight at a time: the range reduction x = n ln2 + r, |r| <= ln2 / 2, and a degree-6
+// polynomial for e^r (Cephes' expf coefficients), within 1 ulp of std::exp (checked at steps
+// of 1e-4 over [-87, 0], the softmax range). The input is clamped to [-87.3, 88], so nothing
+// below 2^-126 and no infinity comes out: 1 / (1 + e^88) is still a number.
+inline v8 exp8(v8 x) {
+    const v8 lowest = splat8(-87.3f), highest = splat8(88.f);
+    x = x < lowest ? lowest : x;
+    x = x > highest ? highest : x;
+    const v8 big = splat8(12582912.f);               // 1.5 * 2^23: adding it rounds to an integer
+    v8 n = (x * 1.44269504088896341f + big) - big;
+    v8 r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    v8 p = splat8(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+    v8 scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+inline float sum8(v8 v) {   // a tree, not a chain of 7 dependent adds
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+}  // namespace vec8
