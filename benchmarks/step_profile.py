@@ -145,8 +145,10 @@ def profile(runner, config, batch: int, prompt_len: int, steps: int, repeats: in
     best: dict | None = None
     with tempfile.TemporaryDirectory(prefix="aphrodite-profile-") as ipc_dir:
         loop = Loop(runner, config, ipc_dir)
+        # Requests prefilled early decode while later ones prefill: room for those tokens too.
+        max_tokens = steps * repeats + 8 + -(-batch * prompt_len // config.max_num_batched_tokens)
         for i in range(batch):
-            loop.add(f"r{i}", rng.integers(3, vocab, prompt_len).tolist(), steps * repeats + 8)
+            loop.add(f"r{i}", rng.integers(3, vocab, prompt_len).tolist(), max_tokens)
         while loop.scheduler.waiting or any(not r.output_token_ids
                                             for r in loop.scheduler.running):
             loop.step()                           # prefill (not measured)

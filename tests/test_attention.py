@@ -141,6 +141,35 @@ def test_decode_kernel_threads(spec, threads, cpp_compiler):
         torch.testing.assert_close(out[row:row + 1], ref, atol=1e-5, rtol=1e-5)
 
 
+# Chunks long enough for several tiles per sequence and many blocks, fresh and on a prefix.
+LONG_PREFILLS = [(0, 70), (37, 50), (5, 1), (90, 33), (0, 17)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 24), (14, 2, 16)],
+                         ids=["gqa3-64", "mha-24", "gqa7-16"])
+def test_prefill_kernel_long_chunks(heads, kv_heads, head_dim, threads, cpp_compiler):
+    """The C++ prefill kernel over chunks that span several tiles (48 query rows) and blocks:
+    query heads per kv head that divide a tile (3), fill it with one token (1) or leave
+    padding rows (7); head sizes with and without a 32-float remainder."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, k, v, cache, meta, full = make_batch(LONG_PREFILLS, heads, kv_heads, head_dim,
+                                                torch.float32, seed=5, block_size=BLOCK_SIZE)
+        assert meta.prefill_seqs is not None and cpu_kernels.supports_prefill(q, cache)
+        write_kv(k, v, cache, meta)
+        scale = head_dim ** -0.5
+        out = paged_attention(q, k, v, cache, meta, scale)
+    finally:
+        torch.set_num_threads(previous)
+    start = 0
+    for (prefix, new), (keys, values, _) in zip(LONG_PREFILLS, full):
+        ref = dense_reference(q[start:start + new], keys, values, prefix, scale)
+        torch.testing.assert_close(out[start:start + new], ref, atol=1e-5, rtol=1e-5)
+        start += new
+
+
 def test_decode_plan_groups_by_length():
     seq_lens = np.array([30, 3, 17, 9, 41, 1, 25])
     tables = np.arange(7 * 11).reshape(7, 11)            # row r owns blocks 11r .. 11r + 10

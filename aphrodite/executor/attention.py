@@ -16,6 +16,10 @@ model, 2 threads, AMD EPYC (AVX2), ms (random lengths in the range):
     grouped torch                 15.7            4.0            2.0          0.18
     C++ kernel                     4.4            1.8            0.72         0.10
 
+Prefill chunks on CPU run the C++ prefill kernel (kernels/paged_prefill_attention.h), every
+sequence of a step in one call, over the cache as well; without it, torch's
+scaled_dot_product_attention runs per sequence, on a gathered copy of any cached prefix.
+
 On CUDA, decode takes the static-shape path (the Triton kernel, or one padded gather), which
 CUDA graphs can replay.
 """
@@ -139,6 +143,9 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor | None = None      # [Bd]
     decode_max_seq_len: int = 0
     prefills: list[PrefillSeq] | None = None
+    # CPU with the C++ kernels: the prefills as paged_prefill_attention takes them, [n, 4]
+    # int64 (block-table row, first token, new tokens, context length).
+    prefill_seqs: torch.Tensor | None = None
     decode_kernel: bool = False                  # CPU: the C++ kernel (see cpu_kernels.py)
     decode_plan: DecodePlan | None = None        # CPU without it: grouped torch decode
 
@@ -175,9 +182,13 @@ class AttentionMetadata:
         prefills = [PrefillSeq(r, int(starts[r]), int(starts[r] + query_lens[r]), int(seq_lens[r]))
                     for r in prefill_rows.tolist()]
         block_tables = np.asarray(block_tables)
-        cpu_decode = (block_size is not None and torch.device(device).type == "cpu"
-                      and len(decode_rows) > 0)
+        cpu_paths = block_size is not None and torch.device(device).type == "cpu"
+        cpu_decode = cpu_paths and len(decode_rows) > 0
         decode_kernel = cpu_decode and cpu_kernels.library_available()
+        prefill_seqs = None
+        if cpu_paths and prefills and cpu_kernels.library_available():
+            prefill_seqs = torch.tensor([[p.index, p.token_start, p.token_end - p.token_start,
+                                          p.seq_len] for p in prefills], dtype=torch.int64)
         decode_plan = None
         if cpu_decode and not decode_kernel:
             decode_plan = plan_decode_groups(seq_lens[decode_rows], block_tables[decode_rows],
@@ -200,6 +211,7 @@ class AttentionMetadata:
             decode_seq_lens=to_device(seq_lens[decode_rows]) if mixed else None,
             decode_max_seq_len=int(seq_lens[decode_rows].max(initial=0)),
             prefills=prefills,
+            prefill_seqs=prefill_seqs,
             decode_kernel=decode_kernel,
             decode_plan=decode_plan,
         )
@@ -233,6 +245,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                                meta.decode_block_tables, meta.decode_seq_lens,
                                meta.decode_max_seq_len, scale)
         out.index_copy_(0, meta.decode_token_idx, decoded)
+    if meta.prefill_seqs is not None and cpu_kernels.supports_prefill(q, kv_cache):
+        cpu_kernels.paged_prefill_attention(q, kv_cache, meta.block_tables, meta.prefill_seqs,
+                                            scale, out)
+        return out
     for seq in meta.prefills or ():
         span = slice(seq.token_start, seq.token_end)
         out[span] = _prefill_attention(q[span], k[span], v[span], kv_cache, meta.block_tables[seq.index],

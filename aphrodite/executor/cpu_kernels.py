@@ -5,6 +5,8 @@
   scaled_dot_product_attention per group of sequences, which on CPU is dominated by per-call
   overhead and copies. The kernel reads keys and values where they are. Decode, one layer of
   the default model: see the table in attention.py.
+- kernels/paged_prefill_attention.h: every prefill chunk of a step in one call, over the
+  paged cache too (torch's flash kernel runs one sequence a call, its prefix gathered first).
 - kernels/quantized_linear.h: GGUF-style int4/int8 weights times float32 activations for
   decode (see quantized_linear.py for why not torch's weight-only kernels).
 - kernels/layer_ops.h: the elementwise steps between a layer's matrix products (residual add
@@ -93,6 +95,10 @@ def _library() -> ctypes.CDLL | None:
         pointer, pointer, pointer, ctypes.c_int, pointer, i64, pointer, i64, i64, i64, i64, i64,
         ctypes.c_float, pointer]
     library.paged_decode_attention.restype = None
+    library.paged_prefill_attention.argtypes = [
+        pointer, i64, pointer, pointer, pointer, i64, pointer, i64, i64, i64, i64, i64,
+        ctypes.c_float, pointer]
+    library.paged_prefill_attention.restype = None
     library.quantized_linear.argtypes = [pointer, i64, i64, pointer, ctypes.c_int, i64, pointer]
     library.quantized_linear.restype = None
     library.dequantize_blocks.argtypes = [pointer, ctypes.c_int, i64, i64, pointer]
@@ -136,6 +142,34 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         int(kv_cache.dtype == torch.bfloat16), block_tables.data_ptr(), block_tables.shape[1],
         seq_lens.data_ptr(), batch, heads, kv_heads, head_dim, block_size, scale, out.data_ptr())
     return out.to(q.dtype)
+
+
+# Query heads per kv head that a prefill tile holds at least one token of (kTileRows).
+PREFILL_TILE_ROWS = 48
+
+
+def supports_prefill(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """Prefills paged_prefill_attention takes: float32 throughout, head_dim a multiple of 8, at
+    most PREFILL_TILE_ROWS query heads per kv head, each token's heads contiguous."""
+    heads, head_dim = q.shape[1], q.shape[2]
+    return (q.dtype == kv_cache.dtype == torch.float32 and head_dim % 8 == 0
+            and heads // kv_cache.shape[3] <= PREFILL_TILE_ROWS
+            and q.stride(2) == 1 and q.stride(1) == head_dim)
+
+
+def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                            seqs: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """Causal attention of every prefill chunk over its context in the cache (this step's
+    keys and values already written). q [T, H, D] (rows may be strided); out [T, H, D]
+    contiguous, only the prefill tokens' rows written; seqs [n, 4] int64: block-table row,
+    first token in the batch, new tokens, context length after the step."""
+    _, _, block_size, kv_heads, head_dim = kv_cache.shape
+    assert kv_cache.is_contiguous() and out.is_contiguous() and seqs.is_contiguous()
+    assert block_tables.is_contiguous() and block_tables.dtype == seqs.dtype == torch.int64
+    _library().paged_prefill_attention(
+        q.data_ptr(), q.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+        block_tables.data_ptr(), block_tables.shape[1], seqs.data_ptr(), seqs.shape[0],
+        q.shape[1], kv_heads, head_dim, block_size, scale, out.data_ptr())
 
 
 def quantized_linear(x: torch.Tensor, blocks: torch.Tensor, is_int4: bool) -> torch.Tensor:

@@ -10,6 +10,7 @@
 #include "decode_layers.h"
 #include "layer_ops.h"
 #include "paged_decode_attention.h"
+#include "paged_prefill_attention.h"
 #include "quantized_linear.h"
 
 // q, out: [batch, heads, head_dim] float32; k_cache, v_cache: [blocks, block_size, kv_heads,
@@ -29,6 +30,20 @@ extern "C" void paged_decode_attention(const float* q, const void* k_cache, cons
         attention::decode(q, static_cast<const float*>(k_cache),
                           static_cast<const float*>(v_cache), block_tables, max_blocks,
                           seq_lens, batch, heads, kv_heads, head_dim, block_size, scale, out);
+}
+
+// q [tokens, heads, head_dim] float32, q_stride floats from one token to the next; out
+// [tokens, heads, head_dim], the prefill rows written; k_cache, v_cache [blocks, block_size,
+// kv_heads, head_dim] float32; seqs [num_seqs, 4] int64: block-table row, first token, new
+// tokens, context length after the step.
+extern "C" void paged_prefill_attention(const float* q, int64_t q_stride, const float* k_cache,
+                                        const float* v_cache, const int64_t* block_tables,
+                                        int64_t max_blocks, const int64_t* seqs, int64_t num_seqs,
+                                        int64_t heads, int64_t kv_heads, int64_t head_dim,
+                                        int64_t block_size, float scale, float* out) {
+    attention::prefill(q, q_stride, k_cache, v_cache, block_tables, max_blocks,
+                       reinterpret_cast<const attention::PrefillSeq*>(seqs), num_seqs, heads,
+                       kv_heads, head_dim, block_size, scale, out);
 }
 
 // x [tokens, cols] float32; weight [rows, cols / 32 blocks] of GGUF Q4_1 (is_int4) or Q8_0

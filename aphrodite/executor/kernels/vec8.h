@@ -21,7 +21,7 @@ inline v8 load8(const float* p) {
 
 inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
 
-inline v8 splat8(float x) { return v8{} + x; }
+inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
 
 // e^x, eight at a time: the range reduction x = n ln2 + r, |r| <= ln2 / 2, and a degree-6
 // polynomial for e^r (Cephes' expf coefficients), within 1 ulp of std::exp (checked at steps
