@@ -122,8 +122,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, dtype, tp_size, all_reduce)
 
     def forward(self, cos_sin, x, delta, kv_cache, meta):
-        """x: the residual stream before the previous layer's MLP output delta (None for the
-        first layer) is added; both are updated in place and returned for the next layer."""
+        """x: the residual stream, still without the previous layer's MLP output delta (None
+        for the first layer). x is updated in place; returns it with this layer's MLP output,
+        which the next layer (or the final norm) adds."""
         attn_out = self.self_attn(cos_sin, self.input_layernorm(x, delta), kv_cache, meta)
         return x, self.mlp(self.post_attention_layernorm(x, attn_out))
 
