@@ -41,7 +41,7 @@ class ProcessTree:
 
     def _alive(self) -> list[psutil.Process]:
         self.snapshot()
-        return [p for p in self.descendants if p.is_running()]
+        return [p for p in self.descendants if _running(p)]
 
     def rss_bytes(self) -> int:
         total = 0
@@ -65,6 +65,7 @@ class ProcessTree:
             # Most leave on their own once the engine core is gone (workers poll their parent,
             # multiprocessing's resource tracker, which ignores SIGTERM, sees EOF).
             _, alive = psutil.wait_procs(alive, timeout=1.0)
+            alive = [p for p in alive if _running(p)]
         if not alive:
             return
         logger.warning("Stopping leftover processes %s", [p.pid for p in alive])
@@ -83,6 +84,15 @@ class ProcessTree:
             except psutil.Error:
                 pass
         psutil.wait_procs(still, timeout=timeout_s)
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Running and not a zombie: an orphan that has exited stays a zombie until whatever
+    adopted it reaps it (here, slowly, a container's init), but there is nothing to stop."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def gpu_memory_bytes(pids: list[int]) -> int | None:
