@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -81,10 +82,15 @@ def main() -> None:
     server_args = (["--model", args.model] if args.model else []) + args.server_args
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="aphrodite-startup-")
     results = {}
-    for label in ("first", "second"):
-        print(f"{label} start (APHRODITE_CACHE_DIR={cache_dir})", flush=True)
-        results[f"{label}_start_s"] = round(time_start(server_args, cache_dir, not args.quiet), 2)
-        print(f"{label} start: {results[f'{label}_start_s']:.2f} s to /health 200", flush=True)
+    try:
+        for label in ("first", "second"):
+            print(f"{label} start (APHRODITE_CACHE_DIR={cache_dir})", flush=True)
+            seconds = time_start(server_args, cache_dir, not args.quiet)
+            results[f"{label}_start_s"] = round(seconds, 2)
+            print(f"{label} start: {seconds:.2f} s to /health 200", flush=True)
+    finally:
+        if args.cache_dir is None:      # our own temporary folder: converted weights, 100s of MB
+            shutil.rmtree(cache_dir, ignore_errors=True)
     print(json.dumps({"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], **results}))
 
 
