@@ -213,6 +213,7 @@ def rotate_and_cache(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torc
     [tokens, head_dim]; token t's k and v stored in cache slot slots[t] (< 0: not stored)."""
     tokens, all_heads, head_dim = qkv.shape
     assert qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+    assert kv_cache.is_contiguous() and slots.dtype == torch.int64 and slots.is_contiguous()
     _library().rotate_and_cache(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
                                 tokens, heads, (all_heads - heads) // 2, head_dim,
                                 kv_cache[0].data_ptr(), kv_cache[1].data_ptr())
