@@ -120,11 +120,13 @@ def test_matches_dense_reference(spec, heads, kv_heads, dtype, tol, path, monkey
         start += new
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("spec", [[(37, 1)], MANY_DECODES], ids=["one-sequence", "many"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("spec", [[(37, 1)], [(2, 1)], [(37, 1), (9, 1)], MANY_DECODES],
+                         ids=["one-sequence", "one-short", "two", "many"])
 def test_decode_kernel_threads(spec, threads, cpp_compiler):
-    """The kernel splits one sequence by kv head, and many by sequence; both agree with the
-    reference whatever the thread count."""
+    """The kernel splits many sequences by sequence, and a few by kv head and then into runs
+    of blocks of the context (merged afterwards; a short context leaves some runs empty);
+    all agree with the reference whatever the thread count."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include <omp.h>
@@ -45,22 +46,39 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
     const int64_t group = heads / kv_heads, chunks = head_dim / 8;
     const int64_t row_size = kv_heads * head_dim;      // one token: every kv head's vector
     // A work item is a sequence, or with fewer sequences than threads can share evenly, one
-    // kv head of a sequence (each item then reads its part of every token's row).
-    const int64_t parts = batch < 2 * omp_get_max_threads() ? kv_heads : 1;
+    // kv head of a sequence (each item then reads its part of every token's row), and when
+    // even those are too few to share evenly, a run of whole blocks of that kv head's context
+    // (batch 1 of a 3-kv-head model on 2 threads: 6 items instead of 3). The runs' partial
+    // softmaxes are merged after the parallel region. Batch 1, default model, 2 threads, a
+    // layer: 28 -> 26 us at 150 tokens of context, 80 -> 63 at 800, 339 -> 251 at 4000.
+    const int64_t threads = omp_get_max_threads();
+    const int64_t parts = batch < 2 * threads ? kv_heads : 1;
     const int64_t kv_per_part = kv_heads / parts;
+    const int64_t splits = std::max<int64_t>(1, (2 * threads + batch * parts - 1) / (batch * parts));
+    const int64_t part_heads = kv_per_part * group;
+    // Per item, when split: its heads' unnormalised sums, then their maxima and totals.
+    std::vector<float> partial(splits > 1 ? batch * parts * splits * part_heads * (head_dim + 2) : 0);
     // Items are handed out one at a time: lengths differ, so static shares would leave
     // threads idle. (A plain parallel region and an atomic counter need nothing newer from
     // libgomp than torch's bundled copy provides.)
     std::atomic<int64_t> next{0};
 #pragma omp parallel
     {
-        std::vector<float> scores, total(heads), acc(heads * head_dim);
+        std::vector<float> scores, total(heads), tops(heads), acc(heads * head_dim);
         std::vector<float> buffer(block_size * row_size);
-        for (int64_t item = next++; item < batch * parts; item = next++) {
-            const int64_t seq = item / parts;
-            const int64_t kv_first = item % parts * kv_per_part, kv_last = kv_first + kv_per_part;
-            const int64_t len = seq_lens[seq];
-            const int64_t* table = block_tables + seq * max_blocks;
+        for (int64_t item = next++; item < batch * parts * splits; item = next++) {
+            const int64_t seq = item / (parts * splits), part = item / splits % parts;
+            const int64_t kv_first = part * kv_per_part, kv_last = kv_first + kv_per_part;
+            const int64_t full = seq_lens[seq];
+            const int64_t run = (full + block_size * splits - 1) / (block_size * splits) * block_size;
+            const int64_t first = std::min(full, item % splits * run);
+            const int64_t len = std::min(full, first + run) - first;   // this item's tokens
+            float* mine = splits > 1 ? partial.data() + item * part_heads * (head_dim + 2) : nullptr;
+            if (len == 0) {                       // a run past a short context's end
+                std::fill(mine + part_heads * head_dim, mine + part_heads * (head_dim + 2), 0.f);
+                continue;
+            }
+            const int64_t* table = block_tables + (seq * max_blocks + first / block_size);
             const float* q_seq = q + seq * heads * head_dim;
             scores.resize(heads * len);
 
@@ -102,6 +120,7 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
                     sum += row[t];
                 }
                 total[h] = sum;
+                tops[h] = top;
             }
 
             // Weighted values: a block's tokens accumulate into registers, one store per block.
@@ -138,12 +157,46 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
                     }
                 }
             }
+            if (splits > 1) {                     // merged below
+                for (int64_t i = 0; i < part_heads; ++i) {
+                    const int64_t h = kv_first * group + i;
+                    std::memcpy(mine + i * head_dim, acc.data() + h * head_dim,
+                                head_dim * sizeof(float));
+                    mine[part_heads * head_dim + i] = tops[h];
+                    mine[part_heads * (head_dim + 1) + i] = total[h];
+                }
+                continue;
+            }
             float* o = out + seq * heads * head_dim;
             for (int64_t h = kv_first * group; h < kv_last * group; ++h)
                 for (int64_t d = 0; d < head_dim; ++d)
                     o[h * head_dim + d] = acc[h * head_dim + d] / total[h];
         }
     }
+    if (splits == 1) return;
+    // Each run's sums are relative to its own maximum: rescale to the largest and add up.
+    for (int64_t seq = 0; seq < batch; ++seq)
+        for (int64_t part = 0; part < parts; ++part)
+            for (int64_t i = 0; i < part_heads; ++i) {
+                const float* runs = partial.data() + (seq * parts + part) * splits * part_heads
+                                    * (head_dim + 2);
+                const int64_t stride = part_heads * (head_dim + 2);
+                float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
+                for (int64_t r = 0; r < splits; ++r)
+                    if (runs[r * stride + part_heads * (head_dim + 1) + i] > 0.f)
+                        top = std::max(top, runs[r * stride + part_heads * head_dim + i]);
+                float* o = out + (seq * heads + part * part_heads + i) * head_dim;
+                std::fill(o, o + head_dim, 0.f);
+                for (int64_t r = 0; r < splits; ++r) {
+                    const float* mine = runs + r * stride;
+                    const float run_total = mine[part_heads * (head_dim + 1) + i];
+                    if (run_total <= 0.f) continue;
+                    const float weight = std::exp(mine[part_heads * head_dim + i] - top);
+                    sum += weight * run_total;
+                    for (int64_t d = 0; d < head_dim; ++d) o[d] += weight * mine[i * head_dim + d];
+                }
+                for (int64_t d = 0; d < head_dim; ++d) o[d] /= sum;
+            }
 }
 
 }  // namespace attention
