@@ -9,7 +9,7 @@
 // the rounding order differs (sums in a tree of 8 lanes, fused multiply-adds).
 //
 // Each step is split over torch's OpenMP threads by rows when it is large enough to pay for
-// waking them (at decode sizes a fork and join costs more than the work).
+// waking them (16K floats and up: at a few tokens a fork and join costs more than the work).
 
 #pragma once
 
