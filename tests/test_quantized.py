@@ -60,7 +60,7 @@ def kernel_path(request, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
-@pytest.mark.parametrize("tokens", [1, 5, 64])
+@pytest.mark.parametrize("tokens", [1, 5, 8, 13, 64])
 def test_quantized_linear_matches_dequantized_matmul(kind, tokens, kernel_path):
     raw, _ = quantized_matrix(kind, seed=tokens)
     parts = parts_from_gguf(raw, kind, (96, 192))
@@ -71,7 +71,7 @@ def test_quantized_linear_matches_dequantized_matmul(kind, tokens, kernel_path):
     expected = (x.double() @ torch.from_numpy(parts.dequantize()).double().T + bias.double())
     out = F.linear(x, weight, bias)
     assert out.dtype == torch.float32 and out.shape == (tokens, 96)
-    if (kernel_path == "kernel" or tokens > quantized_linear.DENSE_ABOVE_TOKENS
+    if (kernel_path == "kernel" or tokens > quantized_linear.TORCH_INT4_DENSE_ABOVE_TOKENS
             or kind == Q.Q8_0):
         # float32 activations against the dequantised matrix: rounding order only
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
@@ -88,6 +88,27 @@ def test_quantized_linear_matches_dequantized_matmul(kind, tokens, kernel_path):
     del weight.dequantize
     # anything else sees the dense matrix
     assert torch.equal(weight.sum(), dense.sum())
+
+
+@pytest.mark.parametrize("kind", [Q.Q4_1, Q.Q8_0])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_panels_cover_every_row_and_token(kind, threads, cpp_compiler):
+    """From 8 tokens on the kernel widens panels of 24 rows and multiplies them in tiles of 6
+    rows x 16 tokens: row counts and token counts that leave partial panels, tiles and
+    vectors must still give every output (against a float64 product of gguf's matrix)."""
+    from aphrodite.executor import cpu_kernels
+    raw, reference = quantized_matrix(kind, rows=100, cols=96, seed=threads)
+    blocks = torch.from_numpy(parts_from_gguf(raw, kind, reference.shape).gguf_blocks())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for tokens in (7, 8, 9, 16, 21, 40):
+            x = torch.randn(tokens, 96)
+            out = cpu_kernels.quantized_linear(x, blocks, kind != Q.Q8_0)
+            expected = x.double() @ torch.from_numpy(reference).double().T
+            torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +157,7 @@ def test_default_model_quantized_agrees_with_float(monkeypatch):
     # Every position through the int4 kernel, as in single-token decode steps (each output row
     # depends on its input row only), instead of the dense path long prefills take.
     monkeypatch.setattr(quantized_linear, "DENSE_ABOVE_TOKENS", 1 << 30)
+    monkeypatch.setattr(quantized_linear, "TORCH_INT4_DENSE_ABOVE_TOKENS", 1 << 30)
     files = resolve_model(None)
     tokenizer = load_tokenizer(files)
     dense, quantized = build(files, "none"), build(files, "int4")

@@ -11,9 +11,11 @@ the dequantised matrix, built for the call):
   weights stay in GGUF's blocks and activations stay float32, so the product is the
   dequantised matrix's up to float32 rounding order. All linears of the default model at one
   token, 2 threads, AVX2: 7.1 ms, against 21 ms for torch's int4 kernel and 15.8 ms for packed
-  float32; lm_head (Q8_0) 1.2 ms against 4.6 ms in float32. At 16 and more tokens
-  dequantising (C++, about 1 ms for 1.8 M weights) and multiplying in float32 is faster.
-- otherwise torch's _weight_int4pack_mm_for_cpu (int4 only). In torch 2.13 on AVX2 it is
+  float32; lm_head (Q8_0) 1.2 ms against 4.6 ms in float32. From 8 tokens it widens panels
+  of rows to float32 and runs a register-tiled product over them: decode batches read the
+  quantised bytes instead of a float32 matrix (numbers at KERNEL_MAX_TOKENS).
+- otherwise torch's _weight_int4pack_mm_for_cpu (int4 only, up to
+  TORCH_INT4_DENSE_ABOVE_TOKENS tokens). In torch 2.13 on AVX2 it is
   vectorised only for bfloat16 activations (float32 takes a scalar path 10-40x slower), so
   activations are rounded to bfloat16 there, which flips greedy tokens now and then. int8
   without the C++ kernel multiplies the dequantised matrix.
@@ -37,13 +39,17 @@ from aphrodite.executor import cpu_kernels
 # loading a safetensors model never needs the gguf package.
 Q4_0, Q4_1, Q8_0 = 2, 3, 8
 GROUP_SIZE = 32
-# Above this many tokens per call the weight-only kernels lose to dequantising and float32
-# GEMM (2-core AVX2 dev machine: torch's int4 kernel is 1.3-2x slower at 16-64 tokens; the
-# C++ kernel is even at 16 and 1.5-2x slower at 32-64 on the default model's matrices).
-DENSE_ABOVE_TOKENS = 16
-# With a float32 copy at hand (the loader's "int4+dense" mode), calls above this many tokens
-# use it instead of the kernel.
-KERNEL_MAX_TOKENS = 4
+# Above this many tokens per call the weight-only kernels lose to dequantising the matrix and
+# a float32 GEMM (prefill chunks). All linears of the default model, 2 threads, AVX2 dev
+# machine, ms, dequantise + F.linear against the C++ kernel: 16 tokens 128 vs 36, 64: 212 vs
+# 137, 128: 317 vs 278. torch's int4 kernel (no compiler) is 1.3-2x slower from 16 tokens.
+DENSE_ABOVE_TOKENS = 128
+TORCH_INT4_DENSE_ABOVE_TOKENS = 16
+# With a float32 copy at hand (the loader's "int4+dense" mode, oneDNN-packed), calls above this
+# many tokens use it instead of the C++ kernel. Same measure, oneDNN against the kernel: 8
+# tokens 40 vs 30 ms, 16: 59 vs 44, 32: 94 vs 81-85, 48: 133 vs 122-130, 64: 165 vs 165. The
+# float32 copy's 538 MB a step from memory is what the kernel's 0.6-1.1 bytes a weight save.
+KERNEL_MAX_TOKENS = 48
 INT4_TYPES = (Q4_0, Q4_1)
 _BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
 
@@ -167,7 +173,8 @@ class QuantizedWeight(torch.Tensor):
         """F.linear(x, self, bias), called directly by cpu_linear.linear (skipping
         __torch_function__'s overhead) or through F.linear."""
         tokens = x.numel() // self.in_features
-        if tokens > DENSE_ABOVE_TOKENS or (self.blocks is None and self.kind == "int8"):
+        limit = DENSE_ABOVE_TOKENS if self.blocks is not None else TORCH_INT4_DENSE_ABOVE_TOKENS
+        if tokens > limit or (self.blocks is None and self.kind == "int8"):
             return F.linear(x, self.dequantize(), bias)
         flat = x.reshape(tokens, self.in_features).float()
         if self.blocks is not None:

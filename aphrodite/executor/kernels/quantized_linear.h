@@ -16,16 +16,20 @@
 // dequantised model's. (torch's int4 kernels vectorise only bfloat16 activations, and the
 // bfloat16 rounding of x alone flips greedy tokens on this model.)
 //
-// Work is split over output rows; a row's blocks are widened to float once per tile of up to
-// four tokens, so small decode batches read and widen the weights once per four tokens.
+// Up to 7 tokens, work is split over output rows; a row's blocks are widened to float once per
+// tile of up to four tokens. From 8 tokens, panels of rows are widened into a float32 buffer
+// and multiplied in register tiles (run_panels below).
 
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include <omp.h>
+
+#include "vec8.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define APHRODITE_AVX2 1
@@ -188,28 +192,125 @@ void run(const float* x, int64_t tokens, int64_t cols, const uint8_t* weight, in
     }
 }
 
-// Float32 rows of the matrix, w = d * q + m rounded twice (product, then sum) like gguf's and
-// numpy's dequantisation, so dense paths see the same numbers either way; contraction to one
-// fused multiply-add is turned off for this function only.
+// One float32 row of the matrix, w = d * q + m rounded twice (product, then sum) like gguf's
+// and numpy's dequantisation, so dense paths see the same numbers either way; contraction to
+// one fused multiply-add is turned off for this function only.
 template <bool kInt4>
 __attribute__((optimize("fp-contract=off")))
+void dequantize_row(const uint8_t* row, int64_t cols, float* out) {
+    for (int64_t g = 0; g < cols / kBlock; ++g) {
+        const uint8_t* block = row + g * block_bytes<kInt4>();
+        const uint8_t* p = block + (kInt4 ? 4 : 2);
+        const float d = half_to_float(block), m = kInt4 ? half_to_float(block + 2) : 0.f;
+        float* o = out + g * kBlock;
+#ifdef APHRODITE_AVX2
+        const Block b = kInt4 ? widen_int4(p) : widen_int8(p);
+        const __m256 d8 = _mm256_set1_ps(d), m8 = _mm256_set1_ps(m);
+        for (int k = 0; k < 4; ++k) {
+            const __m256 scaled = _mm256_mul_ps(b.w[k], d8);
+            _mm256_storeu_ps(o + 8 * k, kInt4 ? _mm256_add_ps(scaled, m8) : scaled);
+        }
+#else
+        if (kInt4) {
+            for (int64_t j = 0; j < kBlock / 2; ++j) {
+                o[j] = static_cast<float>(p[j] & 0x0F) * d + m;
+                o[j + kBlock / 2] = static_cast<float>(p[j] >> 4) * d + m;
+            }
+        } else {
+            for (int64_t j = 0; j < kBlock; ++j)
+                o[j] = static_cast<float>(static_cast<int8_t>(p[j])) * d;
+        }
+#endif
+    }
+}
+
+template <bool kInt4>
 void dequantize(const uint8_t* weight, int64_t rows, int64_t cols, float* out) {
-    const int64_t blocks = cols / kBlock;
+    const int64_t row_bytes = cols / kBlock * block_bytes<kInt4>();
 #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t g = 0; g < blocks; ++g) {
-            const uint8_t* block = weight + (r * blocks + g) * block_bytes<kInt4>();
-            const uint8_t* p = block + (kInt4 ? 4 : 2);
-            const float d = half_to_float(block), m = kInt4 ? half_to_float(block + 2) : 0.f;
-            float* o = out + r * cols + g * kBlock;
-            if (kInt4) {
-                for (int64_t j = 0; j < kBlock / 2; ++j) {
-                    o[j] = static_cast<float>(p[j] & 0x0F) * d + m;
-                    o[j + kBlock / 2] = static_cast<float>(p[j] >> 4) * d + m;
-                }
-            } else {
-                for (int64_t j = 0; j < kBlock; ++j)
-                    o[j] = static_cast<float>(static_cast<int8_t>(p[j])) * d;
+    for (int64_t r = 0; r < rows; ++r)
+        dequantize_row<kInt4>(weight + r * row_bytes, cols, out + r * cols);
+}
+
+// Panels, for batches of kPanelFromTokens tokens and more: each thread widens kPanelRows rows
+// into float32 at a time (exactly as dequantize does) and multiplies them with every token.
+// The tokens are transposed once per call (xt [cols][tokens rounded up to 8]), so a tile is
+// kRows rows x 16 tokens of independent sums, a weight broadcast against two vectors of
+// tokens: no horizontal sums. Each output is one sequential sum over k of the dense matrix's
+// products. Memory traffic is the quantised blocks', not the float32 copy's.
+constexpr int64_t kPanelFromTokens = 8;
+constexpr int64_t kTileRows = 6;
+constexpr int64_t kPanelRows = 4 * kTileRows;
+
+template <int kVectors, int kRows>
+inline void broadcast_tile(const float* xt, int64_t padded, const float* w, int64_t cols,
+                           int64_t first_token, int64_t tokens, float* out, int64_t rows) {
+    using vec8::v8;
+    v8 acc[kRows][kVectors] = {};
+    for (int64_t k = 0; k < cols; ++k) {
+        v8 xk[kVectors];
+        for (int v = 0; v < kVectors; ++v) xk[v] = vec8::load8(xt + k * padded + 8 * v);
+        for (int r = 0; r < kRows; ++r) {
+            const v8 wk = vec8::splat8(w[r * cols + k]);
+            for (int v = 0; v < kVectors; ++v) acc[r][v] += wk * xk[v];
+        }
+    }
+    for (int r = 0; r < kRows; ++r)
+        for (int v = 0; v < kVectors; ++v) {
+            float lanes[8];
+            vec8::store8(lanes, acc[r][v]);
+            for (int j = 0; j < 8 && first_token + 8 * v + j < tokens; ++j)
+                out[(first_token + 8 * v + j) * rows + r] = lanes[j];
+        }
+}
+
+template <int kVectors>
+inline void broadcast_tiles(const float* xt, int64_t padded, const float* panel, int64_t count,
+                            int64_t cols, int64_t first, int64_t tokens, float* out,
+                            int64_t rows) {
+    int64_t r = 0;
+    for (; r + kTileRows <= count; r += kTileRows)
+        broadcast_tile<kVectors, kTileRows>(xt, padded, panel + r * cols, cols, first,
+                                            tokens, out + r, rows);
+    const float* w = panel + r * cols;
+    float* o = out + r;
+    switch (count - r) {   // a panel's last rows
+        case 5: broadcast_tile<kVectors, 5>(xt, padded, w, cols, first, tokens, o, rows); break;
+        case 4: broadcast_tile<kVectors, 4>(xt, padded, w, cols, first, tokens, o, rows); break;
+        case 3: broadcast_tile<kVectors, 3>(xt, padded, w, cols, first, tokens, o, rows); break;
+        case 2: broadcast_tile<kVectors, 2>(xt, padded, w, cols, first, tokens, o, rows); break;
+        case 1: broadcast_tile<kVectors, 1>(xt, padded, w, cols, first, tokens, o, rows); break;
+    }
+}
+
+template <bool kInt4>
+void run_panels(const float* x, int64_t tokens, int64_t cols, const uint8_t* weight,
+                int64_t rows, float* out) {
+    const int64_t row_bytes = cols / kBlock * block_bytes<kInt4>();
+    const int64_t panels = (rows + kPanelRows - 1) / kPanelRows;
+    const int64_t padded = (tokens + 7) / 8 * 8;
+    std::vector<float> xt(cols * padded);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < cols; ++k) {
+            for (int64_t t = 0; t < tokens; ++t) xt[k * padded + t] = x[t * cols + k];
+            for (int64_t t = tokens; t < padded; ++t) xt[k * padded + t] = 0.f;
+        }
+        std::vector<float> panel(kPanelRows * cols);
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; ++p) {
+            const int64_t first = p * kPanelRows, count = std::min(kPanelRows, rows - first);
+            for (int64_t r = 0; r < count; ++r)
+                dequantize_row<kInt4>(weight + (first + r) * row_bytes, cols,
+                                      panel.data() + r * cols);
+            for (int64_t t = 0; t < padded; t += 16) {
+                if (padded - t >= 16)
+                    broadcast_tiles<2>(xt.data() + t, padded, panel.data(), count, cols, t,
+                                       tokens, out + first, rows);
+                else
+                    broadcast_tiles<1>(xt.data() + t, padded, panel.data(), count, cols, t,
+                                       tokens, out + first, rows);
             }
         }
     }
@@ -219,7 +320,10 @@ void dequantize(const uint8_t* weight, int64_t rows, int64_t cols, float* out) {
 // cols % 32 == 0.
 inline void matmul(const float* x, int64_t tokens, int64_t cols, const uint8_t* weight,
                    bool is_int4, int64_t rows, float* out) {
-    if (is_int4) {
+    if (tokens >= kPanelFromTokens) {
+        if (is_int4) run_panels<true>(x, tokens, cols, weight, rows, out);
+        else run_panels<false>(x, tokens, cols, weight, rows, out);
+    } else if (is_int4) {
         run<true>(x, tokens, cols, weight, rows, out);
     } else {
         run<false>(x, tokens, cols, weight, rows, out);
