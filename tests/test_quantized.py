@@ -49,6 +49,17 @@ def test_parts_dequantize_like_gguf(kind):
         np.testing.assert_array_equal(blocks.reshape(-1), raw.reshape(-1))
 
 
+@pytest.mark.parametrize("kind", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_kernel_dequantisation_is_ggufs_bit_for_bit(kind, cpp_compiler):
+    """The float32 copy `auto` keeps and the kernel's widened panels share this code: its
+    matrix must be gguf's own, bit for bit."""
+    from aphrodite.executor import cpu_kernels
+    raw, reference = quantized_matrix(kind, rows=40, cols=256, seed=3)
+    blocks = torch.from_numpy(parts_from_gguf(raw, kind, reference.shape).gguf_blocks())
+    out = cpu_kernels.dequantize_blocks(blocks, kind != Q.Q8_0, reference.shape[1])
+    np.testing.assert_array_equal(out.numpy(), reference)
+
+
 @pytest.fixture(params=["kernel", "torch"])
 def kernel_path(request, monkeypatch):
     """QuantizedWeight's two paths: the C++ kernel, or torch's int4 kernel (no compiler)."""
