@@ -49,13 +49,14 @@ def quantised_model(config):
 
 
 @pytest.mark.parametrize("family", list(VARIANTS))
+@pytest.mark.parametrize("batch", [3, 10])     # 10: the quantised matmuls take panels
 @torch.inference_mode()
-def test_fused_decode_matches_layer_by_layer(family, cpp_compiler):
+def test_fused_decode_matches_layer_by_layer(family, batch, cpp_compiler):
     model = quantised_model(VARIANTS[family]())
     assert isinstance(model.layers[1].self_attn.o_weight, QuantizedWeight)
     assert model._build_decode_layers() is not None
     rng = np.random.default_rng(1)
-    lengths = [3, 9, 14]                       # contexts before the decode steps
+    lengths = [3, 9, 14, 5, 1, 12, 7, 2, 15, 8][:batch]   # contexts before the decode steps
     tables = np.arange(len(lengths) * 5).reshape(len(lengths), 5)[:, ::-1].copy()
     caches = allocate_kv_caches(2, tables.size, BLOCK, model.num_kv_heads, model.head_dim,
                                 torch.float32, "cpu")
@@ -72,9 +73,9 @@ def test_fused_decode_matches_layer_by_layer(family, cpp_compiler):
         slots = np.array([slot(s, p) for s, p in enumerate(positions)])
         if step == 2:
             slots[1] = -1                      # a token whose key and value are not stored
-        meta = AttentionMetadata.build(np.ones(3), positions + 1, tables, slots, "cpu",
+        meta = AttentionMetadata.build(np.ones(batch), positions + 1, tables, slots, "cpu",
                                        block_size=BLOCK)
-        ids = torch.tensor(rng.integers(0, 128, 3))
+        ids = torch.tensor(rng.integers(0, 128, batch))
         before = [c.clone() for c in caches]
         fused = model(ids, torch.from_numpy(positions), caches, meta)
         assert model._decode_layers                 # the fused path ran
