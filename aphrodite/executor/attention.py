@@ -45,9 +45,9 @@ def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv
     shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
     if torch.device(device).type != "cpu":
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-    # On CPU torch.zeros writes every page of a multi-GB pool at start-up (4 GiB: 8 s on a
-    # 2-core VM, whose host backs each fresh page). An anonymous mapping is zeroed lazily
-    # by the kernel when a block is first used instead.
+    # On CPU torch.zeros writes every page of a multi-GB pool at start-up (faulting in the
+    # default 4 GiB took start-up from 5 to 13 s on the 2-core dev VM). An anonymous mapping
+    # is zeroed lazily by the kernel when a block is first used instead.
     nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     return [_zeroed_host_buffer(nbytes).view(dtype).view(shape) for _ in range(num_layers)]
 
@@ -56,9 +56,9 @@ def _zeroed_host_buffer(nbytes: int) -> torch.Tensor:
     """uint8 [nbytes], zero, its 4 KiB pages given on first touch.
 
     Private, no huge-page hint: writing a 2048-token prefill's keys and values into fresh
-    blocks took 1.1 ms a layer so, 1.5 ms in a shared mapping (mmap's default for fileno
-    -1, which is shmem) and 5.7-6.7 ms with MADV_HUGEPAGE, where every fault zeroes 2 MiB;
-    0.25 ms into touched blocks (AMD EPYC VM, 2 threads)."""
+    blocks took 1.1 ms a layer this way, against 1.5 ms in a shared mapping (mmap's default
+    for fileno -1, which is shmem) and 5.7-6.7 ms with MADV_HUGEPAGE, where every fault
+    zeroes 2 MiB; 0.25 ms into touched blocks (AMD EPYC VM, 2 threads)."""
     buffer = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE)
     return torch.frombuffer(buffer, dtype=torch.uint8)[:nbytes]   # the tensor keeps it mapped
 
