@@ -47,9 +47,10 @@ DENSE_ABOVE_TOKENS = 128
 TORCH_INT4_DENSE_ABOVE_TOKENS = 16
 # With a float32 copy at hand (the loader's "int4+dense" mode, oneDNN-packed), calls above this
 # many tokens use it instead of the C++ kernel. Same measure, oneDNN against the kernel: 8
-# tokens 40 vs 30 ms, 16: 59 vs 44, 32: 94 vs 81-85, 48: 133 vs 122-130, 64: 165 vs 165. The
-# float32 copy's 538 MB a step from memory is what the kernel's 0.6-1.1 bytes a weight save.
-KERNEL_MAX_TOKENS = 48
+# tokens 40 vs 31 ms, 16: 58 vs 44, 32: 91 vs 78, 48: 130 vs 112, 64: 157 vs 146, 96: 223 vs
+# 219; whole decode steps of 64 sequences 172-184 vs 150 ms. The float32 copy's 538 MB a step
+# from memory is what the kernel's 0.6-1.1 bytes a weight save.
+KERNEL_MAX_TOKENS = 64
 INT4_TYPES = (Q4_0, Q4_1)
 _BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
 

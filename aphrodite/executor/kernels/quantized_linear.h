@@ -294,8 +294,10 @@ void run_panels(const float* x, int64_t tokens, int64_t cols, const uint8_t* wei
     {
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < cols; ++k) {
-            for (int64_t t = 0; t < tokens; ++t) xt[k * padded + t] = x[t * cols + k];
-            for (int64_t t = tokens; t < padded; ++t) xt[k * padded + t] = 0.f;
+            for (int64_t t = 0; t < padded; ++t) {
+                const int64_t tile = t / 16 * 16, width = std::min<int64_t>(16, padded - tile);
+                xt[tile * cols + k * width + t - tile] = t < tokens ? x[t * cols + k] : 0.f;
+            }
         }
         std::vector<float> panel(kPanelRows * cols);
 #pragma omp for schedule(static)
@@ -306,10 +308,10 @@ void run_panels(const float* x, int64_t tokens, int64_t cols, const uint8_t* wei
                                       panel.data() + r * cols);
             for (int64_t t = 0; t < padded; t += 16) {
                 if (padded - t >= 16)
-                    broadcast_tiles<2>(xt.data() + t, padded, panel.data(), count, cols, t,
+                    broadcast_tiles<2>(xt.data() + t * cols, 16, panel.data(), count, cols, t,
                                        tokens, out + first, rows);
                 else
-                    broadcast_tiles<1>(xt.data() + t, padded, panel.data(), count, cols, t,
+                    broadcast_tiles<1>(xt.data() + t * cols, 8, panel.data(), count, cols, t,
                                        tokens, out + first, rows);
             }
         }

@@ -30,7 +30,7 @@ AllReduce = Callable[[torch.Tensor], torch.Tensor]
 # Decode steps of up to this many sequences run fused on the quantised weights when float32
 # copies exist too ("int4+dense" loading); larger ones run layer by layer in float32 (the
 # quantised kernel's limit, quantized_linear.KERNEL_MAX_TOKENS, for the same reason).
-FUSED_DECODE_MAX_TOKENS = 48
+FUSED_DECODE_MAX_TOKENS = 64
 
 
 def _empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
