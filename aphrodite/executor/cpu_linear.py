@@ -9,7 +9,9 @@ EPYC (AVX2), ms per call. Column-major is the layout the model used before packi
     column-major  17.6   55.6   71.7  144.6  250    836   3285
     oneDNN packed 15.8   20.3   42.2  117.2  222    880   3529
 
-Decode batches are faster at every size; long prefills lose 5-7%.
+Decode batches are faster at every size; long prefills lose 5-7%. GGUF models' float32 copies
+(quantized_linear.py) are left plain for MKL: the quantised kernel takes every call of up to
+KERNEL_MAX_TOKENS tokens, so the copy serves only prefill chunks, where MKL is the faster.
 
 bfloat16 on a CPU without native bf16 dot products (AVX2 and older): torch emulates the bf16
 GEMM. From 8 tokens on, upcasting the weight to float32 per call, in 4 MB slices, is faster

@@ -45,12 +45,14 @@ GROUP_SIZE = 32
 # 137, 128: 317 vs 278. torch's int4 kernel (no compiler) is 1.3-2x slower from 16 tokens.
 DENSE_ABOVE_TOKENS = 128
 TORCH_INT4_DENSE_ABOVE_TOKENS = 16
-# With a float32 copy at hand (the loader's "int4+dense" mode, oneDNN-packed), calls above this
-# many tokens use it instead of the C++ kernel. Same measure, oneDNN against the kernel: 8
-# tokens 40 vs 31 ms, 16: 58 vs 44, 32: 91 vs 78, 48: 130 vs 112, 64: 157 vs 146, 96: 223 vs
-# 219; whole decode steps of 64 sequences 172-184 vs 150 ms. The float32 copy's 538 MB a step
-# from memory is what the kernel's 0.6-1.1 bytes a weight save.
-KERNEL_MAX_TOKENS = 64
+# With a float32 copy at hand (the loader's "int4+dense" mode), calls above this many tokens
+# multiply it instead (MKL). All linears of the default model, 2 threads, AVX2 dev machine,
+# ms, oneDNN-packed float32 / MKL on the plain copy / the C++ kernel: 64 tokens 157 / - /
+# 146, 128: 188 / 197 / 185, 192: 265 / 267 / 267, 512: 681 / 642 / 726, 2048: 2749 / 2489 /
+# 3153. Up to here the kernel is at least as fast and reads 0.6-1.1 bytes a weight instead of
+# the copy's 4. The same limit as DENSE_ABOVE_TOKENS: no call dequantises a matrix for itself
+# while a float32 copy exists.
+KERNEL_MAX_TOKENS = DENSE_ABOVE_TOKENS
 INT4_TYPES = (Q4_0, Q4_1)
 _BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
 
