@@ -38,6 +38,22 @@ inline const float* block_rows(const uint16_t* cache, int64_t offset, float* buf
     return buffer;
 }
 
+// The scores of one key for the kG query heads of its kv head (heads kv * kG ...): the key's
+// vectors are loaded once for all of them (it was once per head: 64 sequences x 400 tokens, a
+// layer, 2066-2572 -> 1909-2066 us from cache, 2631-2696 -> 2544-2594 from memory).
+// out[h * stride] for the group's head h.
+template <int kG>
+inline void group_scores(const float* q_seq, int64_t kv, const float* key, int64_t chunks,
+                         float scale, float* out, int64_t stride) {
+    const float* q = q_seq + kv * kG * chunks * 8;
+    v8 acc[kG] = {};
+    for (int64_t c = 0; c < chunks; ++c) {
+        const v8 k = load8(key + 8 * c);
+        for (int g = 0; g < kG; ++g) acc[g] += load8(q + (g * chunks + c) * 8) * k;
+    }
+    for (int g = 0; g < kG; ++g) out[g * stride] = sum8(acc[g]) * scale;
+}
+
 // head_dim must be a multiple of 8 (cpu_kernels.supports checks).
 template <typename T>
 void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
@@ -90,16 +106,16 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
                 for (int64_t t = 0; t < tokens; ++t)
                     for (int64_t kv = kv_first; kv < kv_last; ++kv) {
                         const float* key = keys + t * row_size + kv * head_dim;
-                        for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
-                            const float* qh = q_seq + h * head_dim;
-                            v8 even = {}, odd = {};
-                            int64_t c = 0;
-                            for (; c + 1 < chunks; c += 2) {
-                                even += load8(qh + 8 * c) * load8(key + 8 * c);
-                                odd += load8(qh + 8 * c + 8) * load8(key + 8 * c + 8);
-                            }
-                            if (c < chunks) even += load8(qh + 8 * c) * load8(key + 8 * c);
-                            scores[h * len + start + t] = sum8(even + odd) * scale;
+                        float* row = scores.data() + kv * group * len + start + t;
+                        switch (group) {   // each key vector loaded once for the group
+                            case 1: group_scores<1>(q_seq, kv, key, chunks, scale, row, len); break;
+                            case 2: group_scores<2>(q_seq, kv, key, chunks, scale, row, len); break;
+                            case 3: group_scores<3>(q_seq, kv, key, chunks, scale, row, len); break;
+                            case 4: group_scores<4>(q_seq, kv, key, chunks, scale, row, len); break;
+                            default:
+                                for (int64_t h = 0; h < group; ++h)
+                                    group_scores<1>(q_seq + h * head_dim, kv * group, key,
+                                                    chunks, scale, row + h * len, len);
                         }
                     }
             }
