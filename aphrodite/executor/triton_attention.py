@@ -19,7 +19,10 @@ TOKENS_PER_SPLIT = 512    # a program handles at most this many context tokens
 MAX_SPLITS = 16
 
 
-@triton.jit
+# Triton compiles a variant per integer argument that is or is not a multiple of 16. The
+# block table's width changes from step to step in eager (mixed prefill + decode) steps, so
+# without this each new kind of width compiled the kernel again while requests waited.
+@triton.jit(do_not_specialize=["tables_stride"])
 def _paged_decode_kernel(
         q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr,
         out_ptr, max_ptr, sum_ptr,
@@ -72,7 +75,10 @@ def _paged_decode_kernel(
 
 
 def num_splits_for(max_seq_len: int) -> int:
-    return max(1, min(MAX_SPLITS, -(-max_seq_len // TOKENS_PER_SPLIT)))
+    """A power of two, so eager steps use the variants CUDA-graph capture already compiled
+    (NUM_SPLITS is a compile-time constant) instead of compiling up to 16 more."""
+    wanted = -(-max_seq_len // TOKENS_PER_SPLIT)
+    return min(MAX_SPLITS, triton.next_power_of_2(max(1, wanted)))
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
