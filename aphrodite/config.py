@@ -17,6 +17,7 @@ class EngineConfig:
     max_model_len: int | None = None    # defaults to the model's max positions
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes for the KV pool on CPU; None = a share of free RAM
+    kv_cache_dtype: str = "auto"        # auto (the model's dtype) | float16 (CPU: half the bytes)
     gpu_memory_utilization: float = 0.90
     num_kv_blocks: int | None = None    # overrides the memory-based pool size (tests)
     max_num_seqs: int = 256
@@ -44,6 +45,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "float16"):
+            raise ValueError(f"kv_cache_dtype must be auto or float16, got {self.kv_cache_dtype!r}")
         if self.quantization not in ("auto", "none", "int4"):
             raise ValueError(f"quantization must be auto, none or int4, got {self.quantization!r}")
         if self.block_size < 1:

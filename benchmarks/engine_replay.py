@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=None, help="default: the concurrency")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16"])
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -40,7 +41,7 @@ def main() -> None:
     requests = level_requests(spec, WordSource(tokenizer), args.concurrency,
                               args.requests or args.concurrency, args.seed)
     prompts = [tokenizer.encode(r.prompt, add_special_tokens=False) for r in requests]
-    config = EngineConfig(num_threads=args.threads)
+    config = EngineConfig(num_threads=args.threads, kv_cache_dtype=args.kv_cache_dtype)
     runner = ModelRunner(config, "cpu")
     totals = {"prefill": defaultdict(float), "decode": defaultdict(float)}
     steps = {"prefill": 0, "decode": 0}
@@ -70,7 +71,8 @@ def main() -> None:
     output_tokens = sum(r.max_tokens for r in requests)
     print(f"{args.workload} c={args.concurrency}: {len(requests)} requests, "
           f"{sum(map(len, prompts))} prompt tokens, {output_tokens} output tokens in "
-          f"{elapsed:.1f} s ({output_tokens / elapsed:.1f} output tok/s), {args.threads} threads")
+          f"{elapsed:.1f} s ({output_tokens / elapsed:.1f} output tok/s), {args.threads} threads, "
+          f"KV cache {runner.kv_dtype}")
     phases = ["step", "forward", "attention", "linear", "logits", "sampling", "schedule",
               "inputs", "ipc", "output"]
     print(f"{'seconds':<12}" + "".join(f"{p:>10}" for p in phases))

@@ -34,16 +34,20 @@ def dense_reference(q, keys, values, prefix, scale):
     return torch.einsum("hln,nhd->lhd", scores.softmax(-1), v)
 
 
-def make_batch(spec, heads, kv_heads, head_dim, dtype, seed=0, unwritten=(), block_size=None):
+def make_batch(spec, heads, kv_heads, head_dim, dtype, seed=0, unwritten=(), block_size=None,
+               cache_dtype=None):
     """spec: list of (cached prefix length, new tokens). Returns everything paged_attention needs
     plus each sequence's full keys/values for the reference. Sequences listed in `unwritten`
     get slot -1 for their new tokens. block_size=BLOCK_SIZE turns on the CPU decode paths (the
     C++ kernel, or the grouped plan without it); None keeps the static-shape gather (the
-    CUDA-graph path)."""
+    CUDA-graph path). cache_dtype (default dtype): the cache's; keys and values are drawn
+    representable in it, so the reference sees what the cache holds."""
+    cache_dtype = cache_dtype or dtype
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     free_blocks = list(rng.permutation(NUM_BLOCKS))  # shuffled: tables are non-contiguous
-    cache = allocate_kv_caches(1, NUM_BLOCKS, BLOCK_SIZE, kv_heads, head_dim, dtype, "cpu")[0]
+    cache = allocate_kv_caches(1, NUM_BLOCKS, BLOCK_SIZE, kv_heads, head_dim, cache_dtype,
+                               "cpu")[0]
     max_blocks = max(math.ceil((p + n) / BLOCK_SIZE) for p, n in spec)
     tables = np.zeros((len(spec), max_blocks), dtype=np.int32)
     qs, ks, vs, slots, full = [], [], [], [], []
@@ -53,12 +57,12 @@ def make_batch(spec, heads, kv_heads, head_dim, dtype, seed=0, unwritten=(), blo
         tables[row, : len(blocks)] = blocks
         pos = np.arange(total)
         seq_slots = np.array(blocks)[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
-        keys = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
-        values = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
+        keys = torch.randn(total, kv_heads, head_dim, generator=gen).to(cache_dtype).to(dtype)
+        values = torch.randn(total, kv_heads, head_dim, generator=gen).to(cache_dtype).to(dtype)
         flat_k = cache[0].view(-1, kv_heads, head_dim)
         flat_v = cache[1].view(-1, kv_heads, head_dim)
-        flat_k[torch.from_numpy(seq_slots[:prefix])] = keys[:prefix]   # the cached prefix
-        flat_v[torch.from_numpy(seq_slots[:prefix])] = values[:prefix]
+        flat_k[torch.from_numpy(seq_slots[:prefix])] = keys[:prefix].to(cache_dtype)   # cached
+        flat_v[torch.from_numpy(seq_slots[:prefix])] = values[:prefix].to(cache_dtype)
         qs.append(torch.randn(new, heads, head_dim, generator=gen).to(dtype))
         ks.append(keys[prefix:])
         vs.append(values[prefix:])
@@ -86,10 +90,12 @@ PATHS = {"static": (None, None, False), "kernel": (BLOCK_SIZE, None, True),
 @pytest.mark.parametrize("spec", [MIXED, DECODES, MANY_DECODES, [(5, 6)]],
                          ids=["mixed", "all-decode", "many-decodes", "one-chunk"])
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)], ids=["gqa", "mha"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],
-                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype,cache_dtype,tol", [
+    (torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 2e-2),
+    (torch.float32, torch.float16, 1e-5)], ids=["fp32", "bf16", "fp32-fp16-cache"])
 @pytest.mark.parametrize("path", list(PATHS))
-def test_matches_dense_reference(spec, heads, kv_heads, dtype, tol, path, monkeypatch, request):
+def test_matches_dense_reference(spec, heads, kv_heads, dtype, cache_dtype, tol, path,
+                                 monkeypatch, request):
     block_size, group_tokens, kernel = PATHS[path]
     if kernel:
         request.getfixturevalue("cpp_compiler")
@@ -100,7 +106,7 @@ def test_matches_dense_reference(spec, heads, kv_heads, dtype, tol, path, monkey
     head_dim = 16
     scale = head_dim ** -0.5
     q, k, v, cache, meta, full = make_batch(spec, heads, kv_heads, head_dim, dtype,
-                                            block_size=block_size)
+                                            block_size=block_size, cache_dtype=cache_dtype)
     assert meta.num_decode_only == all(n == 1 for _, n in spec)
     has_decodes = any(n == 1 for _, n in spec)
     assert meta.decode_kernel == (kernel and has_decodes)
@@ -115,15 +121,16 @@ def test_matches_dense_reference(spec, heads, kv_heads, dtype, tol, path, monkey
         torch.testing.assert_close(out[start:start + new].float(), ref, atol=tol, rtol=tol)
         # the new tokens' keys/values landed in their slots
         written = torch.from_numpy(seq_slots)
-        assert torch.equal(cache[0].view(-1, kv_heads, head_dim)[written], keys)
-        assert torch.equal(cache[1].view(-1, kv_heads, head_dim)[written], values)
+        assert torch.equal(cache[0].view(-1, kv_heads, head_dim)[written].to(dtype), keys)
+        assert torch.equal(cache[1].view(-1, kv_heads, head_dim)[written].to(dtype), values)
         start += new
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("spec", [[(37, 1)], [(2, 1)], [(37, 1), (9, 1)], MANY_DECODES],
                          ids=["one-sequence", "one-short", "two", "many"])
-def test_decode_kernel_threads(spec, threads, cpp_compiler):
+def test_decode_kernel_threads(spec, threads, cache_dtype, cpp_compiler):
     """The kernel splits many sequences by sequence, and a few by kv head and then into runs
     of blocks of the context (merged afterwards; a short context leaves some runs empty);
     all agree with the reference whatever the thread count."""
@@ -131,7 +138,7 @@ def test_decode_kernel_threads(spec, threads, cpp_compiler):
     torch.set_num_threads(threads)
     try:
         q, k, v, cache, meta, full = make_batch(spec, 12, 3, 64, torch.float32, seed=3,
-                                                block_size=BLOCK_SIZE)
+                                                block_size=BLOCK_SIZE, cache_dtype=cache_dtype)
         assert meta.decode_kernel
         write_kv(k, v, cache, meta)
         out = paged_attention(q, k, v, cache, meta, 0.125)
@@ -147,18 +154,22 @@ def test_decode_kernel_threads(spec, threads, cpp_compiler):
 LONG_PREFILLS = [(0, 70), (37, 50), (5, 1), (90, 33), (0, 17)]
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 24), (14, 2, 16)],
                          ids=["gqa3-64", "mha-24", "gqa7-16"])
-def test_prefill_kernel_long_chunks(heads, kv_heads, head_dim, threads, cpp_compiler):
+def test_prefill_kernel_long_chunks(heads, kv_heads, head_dim, threads, cache_dtype,
+                                    cpp_compiler):
     """The C++ prefill kernel over chunks that span several tiles (48 query rows) and blocks:
     query heads per kv head that divide a tile (3), fill it with one token (1) or leave
-    padding rows (7); head sizes with and without a 32-float remainder."""
+    padding rows (7); head sizes with and without a 32-float remainder; float32 and float16
+    caches."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         q, k, v, cache, meta, full = make_batch(LONG_PREFILLS, heads, kv_heads, head_dim,
-                                                torch.float32, seed=5, block_size=BLOCK_SIZE)
+                                                torch.float32, seed=5, block_size=BLOCK_SIZE,
+                                                cache_dtype=cache_dtype)
         assert meta.prefill_seqs is not None and cpu_kernels.supports_prefill(q, cache)
         write_kv(k, v, cache, meta)
         scale = head_dim ** -0.5
@@ -226,3 +237,20 @@ def test_cache_allocation_and_size():
     assert not caches[0].any()
     per_block = kv_cache_bytes_per_block(3, 4, 2, 8, torch.bfloat16)
     assert per_block * 10 == sum(c.numel() * c.element_size() for c in caches)
+
+
+def test_kv_cache_dtype_choice():
+    """auto: the model's dtype; float16: on CPU under any model dtype, on a GPU only where it
+    is the model's (the Triton kernel and CUDA graphs read the model's dtype)."""
+    from aphrodite.config import EngineConfig
+    from aphrodite.executor.model_runner import pick_kv_cache_dtype
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    half = EngineConfig(kv_cache_dtype="float16")
+    assert pick_kv_cache_dtype(EngineConfig(), torch.float32, cpu) == torch.float32
+    assert pick_kv_cache_dtype(EngineConfig(), torch.bfloat16, cuda) == torch.bfloat16
+    assert pick_kv_cache_dtype(half, torch.float32, cpu) == torch.float16
+    assert pick_kv_cache_dtype(half, torch.float16, cuda) == torch.float16
+    with pytest.raises(ValueError, match="on a GPU the KV cache takes the model's dtype"):
+        pick_kv_cache_dtype(half, torch.bfloat16, cuda)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be auto or float16"):
+        EngineConfig(kv_cache_dtype="fp8")

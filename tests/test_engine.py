@@ -79,6 +79,26 @@ def test_chat_api_applies_the_template(llm, tokenizer, hf_greedy):
     assert out.outputs[0].token_ids == hf_greedy[0]
 
 
+def test_float16_kv_cache(llm, tokenizer, hf_greedy):
+    """kv_cache_dtype float16: twice the blocks in the same memory, and greedy output that only
+    rounding can move from transformers' (all 200 equal when written)."""
+    import torch
+    from aphrodite.executor.attention import kv_cache_bytes_per_block
+    from aphrodite.model_files import load_config, resolve_model
+    budget = 64 << 20
+    with LLM(num_threads=2, kv_cache_memory=budget, kv_cache_dtype="float16") as engine:
+        outs = engine.generate([{"prompt_token_ids": chat_ids(tokenizer, q)} for q in CHATS],
+                               GREEDY, use_tqdm=False)
+        blocks = engine.engine.ready["num_kv_blocks"]
+    config = load_config(resolve_model(None))    # SmolLM2-135M: 30 layers, 3 kv heads of 64
+    float32_block = kv_cache_bytes_per_block(config.num_hidden_layers, 16,
+                                             config.num_key_value_heads, 64, torch.float32)
+    assert blocks == budget // (float32_block // 2)
+    tokens = [out.outputs[0].token_ids for out in outs]
+    agree = sum(a == b for ours, ref in zip(tokens, hf_greedy) for a, b in zip(ours, ref))
+    assert agree >= 0.9 * sum(map(len, hf_greedy)), (tokens, hf_greedy)
+
+
 def _greedy_alone_and_together(engine, prompts, params):
     together = engine.generate(prompts, params, use_tqdm=False)
     alone = [engine.generate([p], params, use_tqdm=False)[0] for p in prompts]

@@ -25,7 +25,8 @@ def test_engine_options_map_to_config(tmp_path):
         "--model", "/models/x.gguf", "--max-model-len", "4096", "--dtype", "half",
         "--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--block-size", "32",
         "--no-enable-prefix-caching", "--kv-cache-memory", "1.5GiB", "--gpu-memory-utilization",
-        "0.8", "-tp", "2", "--enforce-eager", "--max-logprobs", "5", "--tokenizer", "tok"])
+        "0.8", "-tp", "2", "--enforce-eager", "--max-logprobs", "5", "--tokenizer", "tok",
+        "--kv-cache-dtype", "float16"])
     assert config.model == "/models/x.gguf" and config.tokenizer == "tok"
     assert config.max_model_len == 4096 and config.dtype == "float16"
     assert (config.max_num_seqs, config.max_num_batched_tokens, config.block_size) == (8, 512, 32)
@@ -33,6 +34,7 @@ def test_engine_options_map_to_config(tmp_path):
     assert config.kv_cache_memory == int(1.5 * 2**30)
     assert config.gpu_memory_utilization == 0.8 and config.tensor_parallel_size == 2
     assert config.enforce_eager is True and config.max_logprobs == 5
+    assert config.kv_cache_dtype == "float16" and parse_args([])[0].kv_cache_dtype == "auto"
 
 
 def test_enforce_eager_takes_an_explicit_value():
@@ -62,7 +64,8 @@ def test_inline_chat_template_and_typo_path():
 
 @pytest.mark.parametrize("argv", [["--dtype", "int3"], ["--block-size", "0"],
                                   ["--gpu-memory-utilization", "1.5"],
-                                  ["--ssl-keyfile", "k.pem"], ["--kv-cache-memory", "lots"]])
+                                  ["--ssl-keyfile", "k.pem"], ["--kv-cache-memory", "lots"],
+                                  ["--kv-cache-dtype", "fp8"]])
 def test_bad_values_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)

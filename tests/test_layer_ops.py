@@ -52,12 +52,14 @@ def test_silu_and_mul(rows, inter, threads, cpp_compiler):
     torch.testing.assert_close(out, expected, rtol=2e-6, atol=1e-30)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
 @pytest.mark.parametrize("head_dim", [64, 16, 12])
-def test_rotate_and_cache_matches_rotary_and_write_kv(head_dim, kernel, threads, cpp_compiler,
-                                                      monkeypatch):
-    """Rotated q and k as RotaryEmbedding.apply gives them, k and v in their slots, and no
-    write for slot -1: with the kernel, and on the torch path that runs without it."""
+def test_rotate_and_cache_matches_rotary_and_write_kv(head_dim, kernel, cache_dtype, threads,
+                                                      cpp_compiler, monkeypatch):
+    """Rotated q and k as RotaryEmbedding.apply gives them, k and v in their slots (a float16
+    cache: rounded as torch rounds them), and no write for slot -1: with the kernel, and on
+    the torch path that runs without it."""
     if not kernel:
         monkeypatch.setattr(cpu_kernels, "library_available", lambda: False)
     heads, kv_heads, block_size, num_blocks = 6, 2, 4, 80
@@ -76,7 +78,7 @@ def test_rotate_and_cache_matches_rotary_and_write_kv(head_dim, kernel, threads,
     qkv = torch.randn(len(slots), heads + 2 * kv_heads, head_dim)
 
     expected_qk = RotaryEmbedding.apply(qkv[:, :heads + kv_heads], cos_sin)
-    cache = allocate_kv_caches(1, num_blocks, block_size, kv_heads, head_dim, torch.float32,
+    cache = allocate_kv_caches(1, num_blocks, block_size, kv_heads, head_dim, cache_dtype,
                                "cpu")[0]
     q, k, v = layer_ops.rotate_and_cache(qkv.clone(), heads, kv_heads, cos_sin, cache, meta)
     torch.testing.assert_close(q, expected_qk[:, :heads], rtol=1e-6, atol=1e-6)
@@ -85,8 +87,8 @@ def test_rotate_and_cache_matches_rotary_and_write_kv(head_dim, kernel, threads,
     flat_k = cache[0].view(-1, kv_heads, head_dim)
     flat_v = cache[1].view(-1, kv_heads, head_dim)
     written = [i for i, slot in enumerate(slots) if slot >= 0]
-    assert torch.equal(flat_k[[slots[i] for i in written]], k[written])
-    assert torch.equal(flat_v[[slots[i] for i in written]], v[written])
+    assert torch.equal(flat_k[[slots[i] for i in written]], k[written].to(cache_dtype))
+    assert torch.equal(flat_v[[slots[i] for i in written]], v[written].to(cache_dtype))
     untouched = torch.ones(flat_k.shape[0], dtype=torch.bool)
     untouched[[slots[i] for i in written]] = False
     assert not flat_k[untouched].any() and not flat_v[untouched].any()

@@ -225,6 +225,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: Att
     if meta.write_token_idx is not None:
         k, v = k.index_select(0, meta.write_token_idx), v.index_select(0, meta.write_token_idx)
     kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+    k, v = k.to(kv_cache.dtype), v.to(kv_cache.dtype)   # a float16 cache under float32
     kv_cache[0].view(-1, kv_heads, head_dim).index_copy_(0, meta.write_slots, k)
     kv_cache[1].view(-1, kv_heads, head_dim).index_copy_(0, meta.write_slots, v)
 
@@ -286,8 +287,8 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
     block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = heads // kv_heads
     num_blocks = -(-max_seq_len // block_size)
-    keys = _gather_context(kv_cache[0], block_tables, num_blocks)     # [B, S, KVH, D]
-    values = _gather_context(kv_cache[1], block_tables, num_blocks)
+    keys = _gather_context(kv_cache[0], block_tables, num_blocks).to(q.dtype)   # [B, S, KVH, D]
+    values = _gather_context(kv_cache[1], block_tables, num_blocks).to(q.dtype)
     # GQA without copying K/V per query head: a group of query heads shares one K/V head.
     qg = q.view(batch, kv_heads, group, head_dim)
     scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)).float().mul_(scale)  # [B, KVH, G, S]
@@ -324,6 +325,7 @@ def _grouped_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, plan: Dec
         # [n * blocks, block_size, KVH, D] -> [n, KVH, width, D] as a strided view (no copy)
         keys = kv_cache[0].index_select(0, group.block_ids).view(n, width, kv_heads, head_dim)
         values = kv_cache[1].index_select(0, group.block_ids).view(n, width, kv_heads, head_dim)
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
         outs.append(_sdpa(
             q[group.start:group.end].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=group.visible, scale=scale, enable_gqa=True).squeeze(2))
@@ -342,8 +344,8 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cac
         keys, values, mask = k, v, None
     else:
         num_blocks = -(-seq_len // kv_cache.shape[2])
-        keys = _gather_context(kv_cache[0], block_table, num_blocks)[:seq_len]
-        values = _gather_context(kv_cache[1], block_table, num_blocks)[:seq_len]
+        keys = _gather_context(kv_cache[0], block_table, num_blocks)[:seq_len].to(q.dtype)
+        values = _gather_context(kv_cache[1], block_table, num_blocks)[:seq_len].to(q.dtype)
         # query i sits at position prefix + i and sees positions 0 ..= prefix + i
         rows = torch.arange(new, device=q.device)[:, None] + prefix
         mask = torch.arange(seq_len, device=q.device)[None, :] <= rows

@@ -43,7 +43,8 @@ KERNELS = Path(__file__).parent / "kernels"
 SOURCES = sorted([*KERNELS.glob("*.cpp"), *KERNELS.glob("*.h")])   # what the build key covers
 # gnu++17, not c++17: the strict ISO mode stops g++ from fusing multiply-adds.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17"]
-_KV_DTYPES = (torch.float32, torch.bfloat16)
+# The kernels' codes for a KV cache's element type (KvDtype in cpu_kernels.cpp).
+_KV_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _cpu_flags() -> str:
@@ -96,8 +97,8 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_float, pointer]
     library.paged_decode_attention.restype = None
     library.paged_prefill_attention.argtypes = [
-        pointer, i64, pointer, pointer, pointer, i64, pointer, i64, i64, i64, i64, i64,
-        ctypes.c_float, pointer]
+        pointer, i64, pointer, pointer, ctypes.c_int, pointer, i64, pointer, i64, i64, i64, i64,
+        i64, ctypes.c_float, pointer]
     library.paged_prefill_attention.restype = None
     library.quantized_linear.argtypes = [pointer, i64, i64, pointer, ctypes.c_int, i64, pointer]
     library.quantized_linear.restype = None
@@ -108,10 +109,12 @@ def _library() -> ctypes.CDLL | None:
     library.add_rms_norm.argtypes = [pointer, pointer, pointer, i64, i64, ctypes.c_float, pointer]
     library.add_rms_norm.restype = None
     library.rotate_and_cache.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i64,
-                                         pointer, pointer]
+                                         pointer, pointer, ctypes.c_int]
     library.rotate_and_cache.restype = None
     library.silu_and_mul.argtypes = [pointer, i64, i64, pointer]
     library.silu_and_mul.restype = None
+    library.kv_float16_supported.argtypes = []
+    library.kv_float16_supported.restype = ctypes.c_int
     return library
 
 
@@ -120,10 +123,25 @@ def library_available() -> bool:
     return _library() is not None
 
 
+def float16_cache_supported() -> bool:
+    """Whether the kernels read and write float16 caches (built with F16C: x86 CPUs since
+    2012); without, float16 caches take the torch paths."""
+    library = _library()
+    return library is not None and bool(library.kv_float16_supported())
+
+
+def cache_supported(kv_cache: torch.Tensor) -> bool:
+    """Caches the prefill kernel, rotate_and_cache and the fused decode step take: float32,
+    or float16 where float16_cache_supported()."""
+    return kv_cache.dtype == torch.float32 or (kv_cache.dtype == torch.float16
+                                               and float16_cache_supported())
+
+
 def supports(kv_cache: torch.Tensor) -> bool:
-    """Caches paged_decode_attention takes: float32 or bfloat16, head_dim a multiple of 8
-    (others, float16 say, take the torch path)."""
-    return kv_cache.dtype in _KV_DTYPES and kv_cache.shape[-1] % 8 == 0
+    """Caches paged_decode_attention takes: those of cache_supported() and bfloat16, head_dim a
+    multiple of 8 (others take the torch path)."""
+    return ((kv_cache.dtype == torch.bfloat16 or cache_supported(kv_cache))
+            and kv_cache.shape[-1] % 8 == 0)
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -139,7 +157,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
     _library().paged_decode_attention(
         q32.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
-        int(kv_cache.dtype == torch.bfloat16), block_tables.data_ptr(), block_tables.shape[1],
+        _KV_DTYPE_CODES[kv_cache.dtype], block_tables.data_ptr(), block_tables.shape[1],
         seq_lens.data_ptr(), batch, heads, kv_heads, head_dim, block_size, scale, out.data_ptr())
     return out.to(q.dtype)
 
@@ -149,10 +167,11 @@ PREFILL_TILE_ROWS = 48
 
 
 def supports_prefill(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """Prefills paged_prefill_attention takes: float32 throughout, head_dim a multiple of 8, at
-    most PREFILL_TILE_ROWS query heads per kv head, each token's heads contiguous."""
+    """Prefills paged_prefill_attention takes: float32 queries, a cache of cache_supported(),
+    head_dim a multiple of 8, at most PREFILL_TILE_ROWS query heads per kv head, each token's
+    heads contiguous."""
     heads, head_dim = q.shape[1], q.shape[2]
-    return (q.dtype == kv_cache.dtype == torch.float32 and head_dim % 8 == 0
+    return (q.dtype == torch.float32 and cache_supported(kv_cache) and head_dim % 8 == 0
             and heads // kv_cache.shape[3] <= PREFILL_TILE_ROWS
             and q.stride(2) == 1 and q.stride(1) == head_dim)
 
@@ -168,8 +187,9 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     assert block_tables.is_contiguous() and block_tables.dtype == seqs.dtype == torch.int64
     _library().paged_prefill_attention(
         q.data_ptr(), q.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
-        block_tables.data_ptr(), block_tables.shape[1], seqs.data_ptr(), seqs.shape[0],
-        q.shape[1], kv_heads, head_dim, block_size, scale, out.data_ptr())
+        int(kv_cache.dtype == torch.float16), block_tables.data_ptr(), block_tables.shape[1],
+        seqs.data_ptr(), seqs.shape[0], q.shape[1], kv_heads, head_dim, block_size, scale,
+        out.data_ptr())
 
 
 def quantized_linear(x: torch.Tensor, blocks: torch.Tensor, is_int4: bool) -> torch.Tensor:
@@ -210,13 +230,15 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
 def rotate_and_cache(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor,
                      slots: torch.Tensor, kv_cache: torch.Tensor) -> None:
     """qkv [tokens, heads + 2 * kv_heads, head_dim]: q and k heads rotated in place by cos/sin
-    [tokens, head_dim]; token t's k and v stored in cache slot slots[t] (< 0: not stored)."""
+    [tokens, head_dim]; token t's k and v stored in cache slot slots[t] (< 0: not stored).
+    kv_cache: one of cache_supported()."""
     tokens, all_heads, head_dim = qkv.shape
     assert qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
     assert kv_cache.is_contiguous() and slots.dtype == torch.int64 and slots.is_contiguous()
     _library().rotate_and_cache(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
                                 tokens, heads, (all_heads - heads) // 2, head_dim,
-                                kv_cache[0].data_ptr(), kv_cache[1].data_ptr())
+                                kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+                                int(kv_cache.dtype == torch.float16))
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -248,7 +270,7 @@ class DecodeStep(ctypes.Structure):
                 ("seq_lens", ctypes.c_void_p),
                 *((name, ctypes.c_int64) for name in (
                     "tokens", "hidden_size", "heads", "kv_heads", "head_dim", "block_size",
-                    "max_blocks", "cache_half")),
+                    "max_blocks", "cache_half", "kv_f16")),
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 

@@ -53,6 +53,18 @@ def pick_dtype(config: EngineConfig, hf_config, device: str) -> torch.dtype:
     return checkpoint if checkpoint in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
+def pick_kv_cache_dtype(config: EngineConfig, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's element type: the model's, or float16 on CPU (rounded on the way in,
+    widened to float32 when read: the CPU kernels' float16 loads cost about what float32 ones
+    do, and half the bytes cross the memory bus)."""
+    if config.kv_cache_dtype == "auto":
+        return dtype
+    if device.type != "cpu" and dtype != torch.float16:
+        raise ValueError("kv_cache_dtype float16 is for the CPU path: on a GPU the KV cache "
+                         "takes the model's dtype (--dtype float16 gives a float16 cache)")
+    return torch.float16
+
+
 @dataclass
 class RequestState:
     prompt_len: int
@@ -70,6 +82,7 @@ class ModelRunner:
         files = resolve_model(config.model)
         self.hf_config = load_config(files)
         self.dtype = pick_dtype(config, self.hf_config, device)
+        self.kv_dtype = pick_kv_cache_dtype(config, self.dtype, self.device)
         self.block_size = config.block_size
         model_cls = get_model_class(self.hf_config)
         with torch.device(self.device):
@@ -110,7 +123,7 @@ class ModelRunner:
     def _allocate_kv_cache(self, rank: int) -> tuple[int, list[torch.Tensor]]:
         layers, kv_heads, head_dim = self._kv_geometry()
         per_block = kv_cache_bytes_per_block(layers, self.block_size, kv_heads, head_dim,
-                                             self.dtype)
+                                             self.kv_dtype)
         if self.config.num_kv_blocks:
             num_blocks = self.config.num_kv_blocks
         elif self.device.type == "cpu":
@@ -125,7 +138,7 @@ class ModelRunner:
         # On CUDA one extra block, never handed out, takes the writes of CUDA-graph padding.
         extra = int(self.device.type == "cuda" and not self.config.enforce_eager)
         caches = allocate_kv_caches(layers, num_blocks + extra, self.block_size, kv_heads,
-                                    head_dim, self.dtype, self.device)
+                                    head_dim, self.kv_dtype, self.device)
         return num_blocks, caches
 
     def _gpu_kv_budget(self) -> int:
@@ -135,7 +148,7 @@ class ModelRunner:
         layers, kv_heads, head_dim = self._kv_geometry()
         probe_blocks = -(-tokens // self.block_size)
         probe = allocate_kv_caches(layers, probe_blocks, self.block_size, kv_heads, head_dim,
-                                   self.dtype, self.device)
+                                   self.kv_dtype, self.device)
         probe_bytes = sum(t.numel() * t.element_size() for t in probe)
         meta = AttentionMetadata.build(
             np.array([tokens]), np.array([tokens]), np.arange(probe_blocks)[None, :],

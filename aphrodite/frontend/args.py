@@ -181,6 +181,11 @@ def build_parser(prog: str, positional_model: bool = False) -> argparse.Argument
                      default=True, help="reuse KV blocks of identical prompt prefixes")
     eng.add_argument("--kv-cache-memory", type=parse_size, default=None, metavar="SIZE",
                      help="KV-cache pool size on CPU, e.g. 2GiB (default: a share of free RAM)")
+    eng.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16"],
+                     help="KV-cache element type (auto: the model's dtype). float16 on CPU "
+                          "halves the cache's memory and speeds up long-context attention; "
+                          "keys and values are rounded to float16, so greedy output can differ "
+                          "from the float32 model's")
     eng.add_argument("--num-kv-blocks", type=int, default=None,
                      help="fixed number of KV blocks, overriding the memory-based size")
     eng.add_argument("--gpu-memory-utilization", type=float, default=0.90,
@@ -214,7 +219,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m aphrodite.s
             model=model, tokenizer=a.tokenizer, dtype=_DTYPES.get(a.dtype, a.dtype),
             quantization=a.quantization,
             device=a.device, max_model_len=a.max_model_len, block_size=a.block_size,
-            kv_cache_memory=a.kv_cache_memory, gpu_memory_utilization=a.gpu_memory_utilization,
+            kv_cache_memory=a.kv_cache_memory, kv_cache_dtype=a.kv_cache_dtype,
+            gpu_memory_utilization=a.gpu_memory_utilization,
             num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs,
             max_num_batched_tokens=a.max_num_batched_tokens,
             enable_prefix_caching=a.enable_prefix_caching,

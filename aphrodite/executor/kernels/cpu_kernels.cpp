@@ -13,37 +13,64 @@
 #include "paged_prefill_attention.h"
 #include "quantized_linear.h"
 
+// Element types of a KV cache, as cpu_kernels.py passes them.
+enum KvDtype { kFloat32 = 0, kBfloat16 = 1, kFloat16 = 2 };
+
+// Whether this build reads and writes float16 caches (needs F16C: x86 since 2012).
+extern "C" int kv_float16_supported() { return vec8::kHasF16 ? 1 : 0; }
+
 // q, out: [batch, heads, head_dim] float32; k_cache, v_cache: [blocks, block_size, kv_heads,
-// head_dim], float32 or (kv_bf16 != 0) bfloat16; block_tables: [batch, max_blocks] int64;
-// seq_lens: [batch] int64, each >= 1.
+// head_dim] of kv_dtype; block_tables: [batch, max_blocks] int64; seq_lens: [batch] int64,
+// each >= 1.
 extern "C" void paged_decode_attention(const float* q, const void* k_cache, const void* v_cache,
-                                       int kv_bf16, const int64_t* block_tables,
+                                       int kv_dtype, const int64_t* block_tables,
                                        int64_t max_blocks, const int64_t* seq_lens,
                                        int64_t batch, int64_t heads, int64_t kv_heads,
                                        int64_t head_dim, int64_t block_size, float scale,
                                        float* out) {
-    if (kv_bf16)
-        attention::decode(q, static_cast<const uint16_t*>(k_cache),
-                          static_cast<const uint16_t*>(v_cache), block_tables, max_blocks,
-                          seq_lens, batch, heads, kv_heads, head_dim, block_size, scale, out);
-    else
-        attention::decode(q, static_cast<const float*>(k_cache),
-                          static_cast<const float*>(v_cache), block_tables, max_blocks,
-                          seq_lens, batch, heads, kv_heads, head_dim, block_size, scale, out);
+    switch (kv_dtype) {
+        case kBfloat16:
+            attention::decode(q, static_cast<const uint16_t*>(k_cache),
+                              static_cast<const uint16_t*>(v_cache), block_tables, max_blocks,
+                              seq_lens, batch, heads, kv_heads, head_dim, block_size, scale, out);
+            break;
+#if defined(__F16C__)
+        case kFloat16:
+            attention::decode(q, static_cast<const vec8::f16*>(k_cache),
+                              static_cast<const vec8::f16*>(v_cache), block_tables, max_blocks,
+                              seq_lens, batch, heads, kv_heads, head_dim, block_size, scale, out);
+            break;
+#endif
+        default:
+            attention::decode(q, static_cast<const float*>(k_cache),
+                              static_cast<const float*>(v_cache), block_tables, max_blocks,
+                              seq_lens, batch, heads, kv_heads, head_dim, block_size, scale, out);
+    }
 }
 
 // q [tokens, heads, head_dim] float32, q_stride floats from one token to the next; out
 // [tokens, heads, head_dim], the prefill rows written; k_cache, v_cache [blocks, block_size,
-// kv_heads, head_dim] float32; seqs [num_seqs, 4] int64: block-table row, first token, new
-// tokens, context length after the step.
-extern "C" void paged_prefill_attention(const float* q, int64_t q_stride, const float* k_cache,
-                                        const float* v_cache, const int64_t* block_tables,
-                                        int64_t max_blocks, const int64_t* seqs, int64_t num_seqs,
-                                        int64_t heads, int64_t kv_heads, int64_t head_dim,
-                                        int64_t block_size, float scale, float* out) {
-    attention::prefill(q, q_stride, k_cache, v_cache, block_tables, max_blocks,
-                       reinterpret_cast<const attention::PrefillSeq*>(seqs), num_seqs, heads,
-                       kv_heads, head_dim, block_size, scale, out);
+// kv_heads, head_dim], float32 or (kv_f16) float16; seqs [num_seqs, 4] int64: block-table
+// row, first token, new tokens, context length after the step.
+extern "C" void paged_prefill_attention(const float* q, int64_t q_stride, const void* k_cache,
+                                        const void* v_cache, int kv_f16,
+                                        const int64_t* block_tables, int64_t max_blocks,
+                                        const int64_t* seqs, int64_t num_seqs, int64_t heads,
+                                        int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                                        float scale, float* out) {
+    const auto* prefill_seqs = reinterpret_cast<const attention::PrefillSeq*>(seqs);
+#if defined(__F16C__)
+    if (kv_f16) {
+        attention::prefill(q, q_stride, static_cast<const vec8::f16*>(k_cache),
+                           static_cast<const vec8::f16*>(v_cache), block_tables, max_blocks,
+                           prefill_seqs, num_seqs, heads, kv_heads, head_dim, block_size, scale,
+                           out);
+        return;
+    }
+#endif
+    attention::prefill(q, q_stride, static_cast<const float*>(k_cache),
+                       static_cast<const float*>(v_cache), block_tables, max_blocks,
+                       prefill_seqs, num_seqs, heads, kv_heads, head_dim, block_size, scale, out);
 }
 
 // x [tokens, cols] float32; weight [rows, cols / 32 blocks] of GGUF Q4_1 (is_int4) or Q8_0
@@ -77,13 +104,22 @@ extern "C" void add_rms_norm(float* x, const float* delta, const float* weight, 
 }
 
 // qkv [tokens, heads + 2 * kv_heads, head_dim] float32, rotated in place; cos, sin
-// [tokens, head_dim]; slots [tokens] int64; k_cache, v_cache [slots, kv_heads, head_dim].
+// [tokens, head_dim]; slots [tokens] int64; k_cache, v_cache [slots, kv_heads, head_dim],
+// float32 or (kv_f16) float16.
 extern "C" void rotate_and_cache(float* qkv, const float* cos, const float* sin,
                                  const int64_t* slots, int64_t tokens, int64_t heads,
-                                 int64_t kv_heads, int64_t head_dim, float* k_cache,
-                                 float* v_cache) {
-    layer_ops::rotate_and_cache(qkv, cos, sin, slots, tokens, heads, kv_heads, head_dim, k_cache,
-                                v_cache);
+                                 int64_t kv_heads, int64_t head_dim, void* k_cache,
+                                 void* v_cache, int kv_f16) {
+#if defined(__F16C__)
+    if (kv_f16) {
+        layer_ops::rotate_and_cache(qkv, cos, sin, slots, tokens, heads, kv_heads, head_dim,
+                                    static_cast<vec8::f16*>(k_cache),
+                                    static_cast<vec8::f16*>(v_cache));
+        return;
+    }
+#endif
+    layer_ops::rotate_and_cache(qkv, cos, sin, slots, tokens, heads, kv_heads, head_dim,
+                                static_cast<float*>(k_cache), static_cast<float*>(v_cache));
 }
 
 // gate_up [rows, 2 * inter] float32 -> out [rows, inter].

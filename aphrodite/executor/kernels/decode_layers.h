@@ -34,7 +34,7 @@ struct LayerWeights {
     const float* input_norm;   // [hidden]
     const float* post_norm;    // [hidden]
     Matrix qkv, o, gate_up, down;
-    float* kv_cache;           // [2, blocks, block_size, kv_heads, head_dim] float32
+    void* kv_cache;            // [2, blocks, block_size, kv_heads, head_dim], float32 or f16
 };
 
 // What a step shares across layers. One new token per sequence: token t is sequence t.
@@ -46,7 +46,8 @@ struct Step {
     const int64_t* block_tables; // [tokens, max_blocks]
     const int64_t* seq_lens;     // [tokens], this step's token included
     int64_t tokens, hidden_size, heads, kv_heads, head_dim, block_size, max_blocks;
-    int64_t cache_half;          // floats in one of a cache's key and value halves
+    int64_t cache_half;          // elements in one of a cache's key and value halves
+    int64_t kv_f16;              // the caches hold float16 (vec8.h's f16), not float32
     float eps, scale;
 };
 
@@ -57,14 +58,15 @@ inline void matmul(const Matrix& m, const float* x, int64_t tokens, float* out) 
             for (int64_t r = 0; r < m.rows; ++r) out[t * m.rows + r] += m.bias[r];
 }
 
-inline void layer(const LayerWeights& w, const Step& s) {
+template <typename Cache>
+inline void layer_on(const LayerWeights& w, const Step& s) {
     const int64_t T = s.tokens, H = s.hidden_size, D = s.head_dim;
     const int64_t q_size = s.heads * D, qkv_size = w.qkv.rows;
     const int64_t inter = w.down.cols;
     std::vector<float> normed(T * H), qkv(T * qkv_size), q(T * q_size), attn(T * q_size);
     std::vector<float> delta(T * H), gate_up(T * 2 * inter), act(T * inter);
-    float* k_cache = w.kv_cache;
-    float* v_cache = w.kv_cache + s.cache_half;
+    Cache* k_cache = static_cast<Cache*>(w.kv_cache);
+    Cache* v_cache = k_cache + s.cache_half;
 
     layer_ops::add_rms_norm(s.hidden, nullptr, w.input_norm, T, H, s.eps, normed.data());
     matmul(w.qkv, normed.data(), T, qkv.data());
@@ -81,6 +83,13 @@ inline void layer(const LayerWeights& w, const Step& s) {
     layer_ops::silu_and_mul(gate_up.data(), T, inter, act.data());
     matmul(w.down, act.data(), T, delta.data());
     for (int64_t i = 0; i < T * H; ++i) s.hidden[i] += delta[i];
+}
+
+inline void layer(const LayerWeights& w, const Step& s) {
+#if defined(__F16C__)
+    if (s.kv_f16) return layer_on<vec8::f16>(w, s);
+#endif
+    layer_on<float>(w, s);
 }
 
 }  // namespace fused

@@ -1,5 +1,6 @@
 // The elementwise steps between a decoder layer's matrix products, float32: residual add and
-// RMS norm, rotary embedding and the KV-cache write, the SiLU-gated product.
+// RMS norm, rotary embedding and the KV-cache write (float32 or float16 caches), the
+// SiLU-gated product.
 //
 // Part of cpu_kernels.cpp (one translation unit), built at run time by cpu_kernels.py.
 //
@@ -82,12 +83,27 @@ inline void rotate(float* x, const float* cos, const float* sin, int64_t dim) {
     }
 }
 
+// n floats into a cache row: float32 copied, float16 rounded to nearest even.
+inline void store_row(float* dst, const float* src, int64_t n) {
+    std::memcpy(dst, src, n * sizeof(float));
+}
+
+#if defined(__F16C__)
+inline void store_row(f16* dst, const float* src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) store8(dst + i, load8(src + i));
+    for (; i < n; ++i) dst[i] = to_f16(src[i]);
+}
+#endif
+
 // qkv [tokens, heads + 2 * kv_heads, head_dim]: the q and k heads are rotated in place by
-// their token's cos/sin rows [tokens, head_dim]; then token t's k and v heads are copied to
-// row slots[t] of k_cache / v_cache [slots, kv_heads, head_dim] (slots[t] < 0: not stored).
-inline void rotate_and_cache(float* qkv, const float* cos, const float* sin, const int64_t* slots,
-                             int64_t tokens, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                             float* k_cache, float* v_cache) {
+// their token's cos/sin rows [tokens, head_dim]; then token t's k and v heads are stored in
+// row slots[t] of k_cache / v_cache [slots, kv_heads, head_dim] (slots[t] < 0: not stored),
+// whose elements T are float or f16 (vec8.h).
+template <typename T>
+void rotate_and_cache(float* qkv, const float* cos, const float* sin, const int64_t* slots,
+                      int64_t tokens, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                      T* k_cache, T* v_cache) {
     const int64_t row_size = (heads + 2 * kv_heads) * head_dim, kv_size = kv_heads * head_dim;
 #pragma omp parallel for schedule(static) if (tokens * row_size >= kParallelFloats)
     for (int64_t t = 0; t < tokens; ++t) {
@@ -95,9 +111,8 @@ inline void rotate_and_cache(float* qkv, const float* cos, const float* sin, con
         for (int64_t h = 0; h < heads + kv_heads; ++h)
             rotate(row + h * head_dim, cos + t * head_dim, sin + t * head_dim, head_dim);
         if (slots[t] < 0) continue;
-        std::memcpy(k_cache + slots[t] * kv_size, row + heads * head_dim, kv_size * sizeof(float));
-        std::memcpy(v_cache + slots[t] * kv_size, row + heads * head_dim + kv_size,
-                    kv_size * sizeof(float));
+        store_row(k_cache + slots[t] * kv_size, row + heads * head_dim, kv_size);
+        store_row(v_cache + slots[t] * kv_size, row + heads * head_dim + kv_size, kv_size);
     }
 }
 

@@ -25,11 +25,18 @@ namespace attention {
 
 using namespace vec8;
 
-// A block's keys (or values), n = tokens * kv_heads * head_dim floats: float32 caches are read
-// in place, bfloat16 ones (the high half of a float32) widened into buffer.
+// A block's keys (or values), n = tokens * kv_heads * head_dim elements: float32 and float16
+// caches are read in place (float16 widened as it is loaded, one instruction for eight),
+// bfloat16 ones (the high half of a float32) widened into buffer first. 64 sequences x 400
+// tokens, a layer, from memory: float32 2,649 us, bfloat16 2,561, float16 1,820.
 inline const float* block_rows(const float* cache, int64_t offset, float*, int64_t) {
     return cache + offset;
 }
+#if defined(__F16C__)
+inline const f16* block_rows(const f16* cache, int64_t offset, float*, int64_t) {
+    return cache + offset;
+}
+#endif
 inline const float* block_rows(const uint16_t* cache, int64_t offset, float* buffer, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
         uint32_t bits = static_cast<uint32_t>(cache[offset + i]) << 16;
@@ -42,8 +49,8 @@ inline const float* block_rows(const uint16_t* cache, int64_t offset, float* buf
 // vectors are loaded once for all of them (it was once per head: 64 sequences x 400 tokens, a
 // layer, 2066-2572 -> 1909-2066 us from cache, 2631-2696 -> 2544-2594 from memory).
 // out[h * stride] for the group's head h.
-template <int kG>
-inline void group_scores(const float* q_seq, int64_t kv, const float* key, int64_t chunks,
+template <int kG, typename K>
+inline void group_scores(const float* q_seq, int64_t kv, const K* key, int64_t chunks,
                          float scale, float* out, int64_t stride) {
     const float* q = q_seq + kv * kG * chunks * 8;
     v8 acc[kG] = {};
@@ -101,11 +108,11 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
             // Scores: each key vector is loaded once for the query heads that share it.
             for (int64_t start = 0; start < len; start += block_size) {
                 const int64_t tokens = std::min(block_size, len - start);
-                const float* keys = block_rows(k_cache, table[start / block_size] * block_size
-                                               * row_size, buffer.data(), tokens * row_size);
+                const auto* keys = block_rows(k_cache, table[start / block_size] * block_size
+                                              * row_size, buffer.data(), tokens * row_size);
                 for (int64_t t = 0; t < tokens; ++t)
                     for (int64_t kv = kv_first; kv < kv_last; ++kv) {
-                        const float* key = keys + t * row_size + kv * head_dim;
+                        const auto* key = keys + t * row_size + kv * head_dim;
                         float* row = scores.data() + kv * group * len + start + t;
                         switch (group) {   // each key vector loaded once for the group
                             case 1: group_scores<1>(q_seq, kv, key, chunks, scale, row, len); break;
@@ -143,18 +150,18 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
             std::fill(acc.begin(), acc.end(), 0.f);
             for (int64_t start = 0; start < len; start += block_size) {
                 const int64_t tokens = std::min(block_size, len - start);
-                const float* values = block_rows(v_cache, table[start / block_size] * block_size
-                                                 * row_size, buffer.data(), tokens * row_size);
+                const auto* values = block_rows(v_cache, table[start / block_size] * block_size
+                                                * row_size, buffer.data(), tokens * row_size);
                 for (int64_t h = kv_first * group; h < kv_last * group; ++h) {
                     const float* p = scores.data() + h * len + start;
-                    const float* v = values + (h / group) * head_dim;
+                    const auto* v = values + (h / group) * head_dim;
                     float* a = acc.data() + h * head_dim;
                     int64_t c = 0;
                     for (; c + 3 < chunks; c += 4) {     // four independent sums
                         v8 s0 = load8(a + 8 * c), s1 = load8(a + 8 * c + 8);
                         v8 s2 = load8(a + 8 * c + 16), s3 = load8(a + 8 * c + 24);
                         for (int64_t t = 0; t < tokens; ++t) {
-                            const float* vt = v + t * row_size + 8 * c;
+                            const auto* vt = v + t * row_size + 8 * c;
                             s0 += p[t] * load8(vt);
                             s1 += p[t] * load8(vt + 8);
                             s2 += p[t] * load8(vt + 16);

@@ -52,11 +52,34 @@ struct Tile {
 
 // Per-thread scratch for one tile.
 struct TileBuffers {
-    std::vector<float> qt, scores, acc, top, total, limit, corr;
+    std::vector<float> qt, scores, acc, top, total, limit, corr, widened;
     TileBuffers(int64_t head_dim, int64_t block_size)
         : qt(head_dim * kTileRows), scores(block_size * kTileRows), acc(head_dim * kTileRows),
-          top(kTileRows), total(kTileRows), limit(kTileRows), corr(kTileRows) {}
+          top(kTileRows), total(kTileRows), limit(kTileRows), corr(kTileRows),
+          widened(block_size * head_dim) {}
 };
+
+// n tokens' vectors of one kv head in a cache block, stride elements apart, as floats: a
+// float32 cache's in place, a float16 one's widened into buffer (head_dim floats a token).
+// The tiles reuse each vector for up to kTileRows rows, so widening once costs little.
+struct HeadRows {
+    const float* data;
+    int64_t stride;
+};
+
+inline HeadRows head_rows(const float* rows, int64_t stride, int64_t, int64_t, float*) {
+    return {rows, stride};
+}
+
+#if defined(__F16C__)
+inline HeadRows head_rows(const f16* rows, int64_t stride, int64_t n, int64_t head_dim,
+                          float* buffer) {
+    for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = 0; d < head_dim; d += 8)
+            store8(buffer + j * head_dim + d, load8(rows + j * stride + d));
+    return {buffer, head_dim};
+}
+#endif
 
 // A value the compiler must hold in a register: otherwise it folds the load into each
 // multiply-add that uses it, and a tile loop does twice the loads it needs.
@@ -131,8 +154,9 @@ constexpr int64_t kHalfVecs = kTileVecs / 2;
         }
 }
 
+template <typename T>
 inline void prefill_tile(const Tile& tile, const PrefillSeq& seq, const float* q,
-                         int64_t q_stride, const float* k_cache, const float* v_cache,
+                         int64_t q_stride, const T* k_cache, const T* v_cache,
                          const int64_t* table, int64_t heads, int64_t kv_heads,
                          int64_t head_dim, int64_t block_size, float scale, float* out,
                          TileBuffers& buf) {
@@ -160,7 +184,8 @@ inline void prefill_tile(const Tile& tile, const PrefillSeq& seq, const float* q
     for (int64_t start = 0; start < end; start += block_size) {
         const int64_t n = std::min(block_size, end - start);
         const int64_t base = table[start / block_size] * block_size * row_size + tile.kv * head_dim;
-        tile_scores(k_cache + base, row_size, n, buf.qt.data(), head_dim, buf.scores.data());
+        const HeadRows keys = head_rows(k_cache + base, row_size, n, head_dim, buf.widened.data());
+        tile_scores(keys.data, keys.stride, n, buf.qt.data(), head_dim, buf.scores.data());
         const bool diagonal = start + n - 1 > first_limit;    // some rows must not see some keys
         for (int64_t c = 0; c < kTileVecs; ++c) {
             const v8 limit = load8(buf.limit.data() + 8 * c), old_top = load8(buf.top.data() + 8 * c);
@@ -188,7 +213,9 @@ inline void prefill_tile(const Tile& tile, const PrefillSeq& seq, const float* q
             store8(buf.total.data() + 8 * c, total);
             store8(buf.corr.data() + 8 * c, corr);
         }
-        tile_values(v_cache + base, row_size, n, buf.scores.data(), buf.corr.data(), head_dim,
+        const HeadRows values = head_rows(v_cache + base, row_size, n, head_dim,
+                                          buf.widened.data());
+        tile_values(values.data, values.stride, n, buf.scores.data(), buf.corr.data(), head_dim,
                     buf.acc.data());
     }
     for (int64_t m = 0; m < rows; ++m) {
@@ -201,11 +228,13 @@ inline void prefill_tile(const Tile& tile, const PrefillSeq& seq, const float* q
 
 // q: [tokens, heads, head_dim] with q_stride floats between tokens (a view into the fused
 // projection's output); out: [tokens, heads, head_dim] contiguous, only the prefill
-// sequences' rows written. heads / kv_heads <= kTileRows, head_dim a multiple of 8.
-inline void prefill(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
-                    const int64_t* block_tables, int64_t max_blocks, const PrefillSeq* seqs,
-                    int64_t num_seqs, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                    int64_t block_size, float scale, float* out) {
+// sequences' rows written. heads / kv_heads <= kTileRows, head_dim a multiple of 8. The
+// cache's elements T: float, or f16 (vec8.h).
+template <typename T>
+void prefill(const float* q, int64_t q_stride, const T* k_cache, const T* v_cache,
+             const int64_t* block_tables, int64_t max_blocks, const PrefillSeq* seqs,
+             int64_t num_seqs, int64_t heads, int64_t kv_heads, int64_t head_dim,
+             int64_t block_size, float scale, float* out) {
     const int64_t group = heads / kv_heads, tokens_per_tile = kTileRows / group;
     std::vector<Tile> tiles;
     for (int64_t s = 0; s < num_seqs; ++s) {

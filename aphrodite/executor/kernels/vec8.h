@@ -8,6 +8,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 namespace vec8 {
 
 typedef float v8 __attribute__((vector_size(32)));
@@ -20,6 +24,33 @@ inline v8 load8(const float* p) {
 }
 
 inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// IEEE float16 cache elements (torch.float16's bits). Only with F16C, where a load or store
+// of eight is one conversion instruction; elsewhere float16 caches take the torch paths.
+struct f16 {
+    uint16_t bits;
+};
+
+#if defined(__F16C__)
+constexpr bool kHasF16 = true;
+
+inline v8 load8(const f16* p) {
+    return reinterpret_cast<v8>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Rounded to nearest, ties to even: what torch's .to(torch.float16) gives.
+inline void store8(f16* p, v8 v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
+}
+
+inline float to_float(f16 x) { return _cvtsh_ss(x.bits); }
+inline f16 to_f16(float x) { return f16{_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT)}; }
+#else
+constexpr bool kHasF16 = false;
+#endif
+
+inline float to_float(float x) { return x; }
 
 inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
 

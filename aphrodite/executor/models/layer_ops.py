@@ -44,7 +44,7 @@ def rotate_and_cache(qkv: torch.Tensor, heads: int, kv_heads: int,
                      meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qkv [tokens, heads + 2 kv_heads, head_dim] -> q, k, v: q and k rotated by their tokens'
     positions, and k and v stored in the tokens' cache slots."""
-    if _on_kernels(qkv) and kv_cache.dtype == torch.float32:
+    if _on_kernels(qkv) and cpu_kernels.cache_supported(kv_cache):
         cpu_kernels.rotate_and_cache(qkv, heads, *cos_sin, meta.slot_mapping, kv_cache)
         return qkv[:, :heads], qkv[:, heads: heads + kv_heads], qkv[:, heads + kv_heads:]
     # q and k heads are adjacent in the fused projection: rotate them in one go.

@@ -163,7 +163,8 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed_tokens)
         cos_sin = self.rotary.lookup(positions)
-        if meta.num_decode_only and meta.decode_kernel and kv_caches[0].dtype == torch.float32:
+        if (meta.num_decode_only and meta.decode_kernel
+                and cpu_kernels.cache_supported(kv_caches[0])):
             layers = self._fused_decode_layers(kv_caches, input_ids.shape[0])
             if layers is not None:
                 return self.norm(self._decode_fused(layers, x, cos_sin, kv_caches[0], meta))
@@ -224,8 +225,8 @@ class LlamaForCausalLM(nn.Module):
             hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(),
             meta.block_tables.data_ptr(), meta.seq_lens.data_ptr(), hidden.shape[0],
             hidden.shape[1], attn.heads, attn.kv_heads, self.head_dim, kv_cache.shape[2],
-            meta.block_tables.shape[1], kv_cache[0].numel(), self.layers[0].input_layernorm.eps,
-            attn.scale)
+            meta.block_tables.shape[1], kv_cache[0].numel(), int(kv_cache.dtype == torch.float16),
+            self.layers[0].input_layernorm.eps, attn.scale)
         cpu_kernels.decode_layers(layers, step)
         return hidden
 
