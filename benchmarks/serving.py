@@ -41,6 +41,8 @@ from serving_workloads import (WordSource, default_specs, level_requests,  # noq
 
 OURS = "aphrodite"
 OURS_NO_PREFIX = "aphrodite-no-prefix-cache"
+OURS_KV16 = "aphrodite-kv-float16"
+OUR_VARIANTS = {OURS, OURS_NO_PREFIX, OURS_KV16}
 
 
 def free_port() -> int:
@@ -118,6 +120,8 @@ def build_backends(args, gguf: str | None) -> list[Backend]:
                         else ours(OURS, ["--enable-prefix-caching"]))
     if OURS_NO_PREFIX in wanted and not args.base_url:
         backends.append(ours(OURS_NO_PREFIX, ["--no-enable-prefix-caching"], {"shared-prefix"}))
+    if OURS_KV16 in wanted and not args.base_url:
+        backends.append(ours(OURS_KV16, ["--enable-prefix-caching", "--kv-cache-dtype", "float16"]))
     for name, batch in (("hf-batched", args.hf_max_batch), ("hf-sequential", 1)):
         if name in wanted:
             port = free_port()
@@ -173,17 +177,18 @@ def run_backend(backend: Backend, plan: list[tuple], args) -> list[dict]:
 
 
 def compare(runs: list[dict]) -> tuple[list[dict], list[str]]:
-    """Ratios of our throughput to each baseline's, per (workload, level)."""
+    """Ratios of our throughput (default options, and float16 KV cache when run) to each
+    baseline's, per (workload, level)."""
     by_key = {(r["workload"], r["concurrency"], r["backend"]): r for r in runs}
     comparisons, notes = [], []
     for r in runs:
-        if r["backend"] != OURS:
+        if r["backend"] not in (OURS, OURS_KV16):
             continue
         w, c = r["workload"], r["concurrency"]
         ours = r["stats"]["output_tok_s"]
-        row = {"workload": w, "concurrency": c, "ours_tok_s": ours, "ratios": {},
-               "ttft_p50_ms": r["stats"]["ttft_ms"]["p50"]}
-        for other in {x["backend"] for x in runs} - {OURS, OURS_NO_PREFIX}:
+        row = {"workload": w, "concurrency": c, "backend": r["backend"], "ours_tok_s": ours,
+               "ratios": {}, "ttft_p50_ms": r["stats"]["ttft_ms"]["p50"]}
+        for other in {x["backend"] for x in runs} - OUR_VARIANTS:
             base, same = by_key.get((w, c, other)), True
             if base is None and other == "hf-sequential":
                 # One request at a time: its throughput does not grow with concurrency.
@@ -191,10 +196,10 @@ def compare(runs: list[dict]) -> tuple[list[dict], list[str]]:
             if base and base["stats"]["output_tok_s"]:
                 row["ratios"][other] = {"ratio": ours / base["stats"]["output_tok_s"],
                                         "same_prompts": same}
-                if base is by_key.get((w, c, other)):
+                if base is by_key.get((w, c, other)) and r["backend"] == OURS:
                     base["ours_over_this"] = row["ratios"][other]["ratio"]
         off = by_key.get((w, c, OURS_NO_PREFIX))
-        if off and off["stats"]["ttft_ms"]["p50"] and row["ttft_p50_ms"]:
+        if off and r["backend"] == OURS and off["stats"]["ttft_ms"]["p50"] and row["ttft_p50_ms"]:
             row["prefix_cache_ttft_speedup"] = off["stats"]["ttft_ms"]["p50"] / row["ttft_p50_ms"]
         comparisons.append(row)
     if any(not v["same_prompts"] for row in comparisons for v in row["ratios"].values()):
@@ -211,7 +216,8 @@ def print_comparisons(comparisons: list[dict]) -> None:
                  for name, v in sorted(row["ratios"].items())]
         if "prefix_cache_ttft_speedup" in row:
             parts.append(f"TTFT p50 prefix cache off/on {row['prefix_cache_ttft_speedup']:.2f}x")
-        print(f"  {row['workload']:<14} c={row['concurrency']:<3} {row['ours_tok_s']:8.1f} tok/s  "
+        print(f"  {row['backend']:<21} {row['workload']:<14} c={row['concurrency']:<3} "
+              f"{row['ours_tok_s']:8.1f} tok/s  "
               + ", ".join(parts))
 
 
