@@ -20,6 +20,9 @@ Prefill chunks on CPU run the C++ prefill kernel (kernels/paged_prefill_attentio
 sequence of a step in one call, over the cache as well; without it, torch's
 scaled_dot_product_attention runs per sequence, on a gathered copy of any cached prefix.
 
+A float16 cache under a float32 model (--kv-cache-dtype float16, CPU) is read by the same
+kernels; the torch paths cast what they gather to the queries' dtype.
+
 On CUDA, decode takes the static-shape path (the Triton kernel, or one padded gather), which
 CUDA graphs can replay.
 """

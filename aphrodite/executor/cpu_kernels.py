@@ -15,6 +15,10 @@
 - kernels/decode_layers.h: a whole decode step's layers for a model whose matrices are all
   quantised, in one call (see models/llama.py).
 
+The KV cache may be float32 or, with --kv-cache-dtype float16, IEEE float16 (kernels that
+read it widen eight elements at a time with F16C; writes round to nearest even). Decode
+attention also reads bfloat16 caches (bfloat16 models).
+
 kernels/cpu_kernels.cpp includes them all and holds the C entry points. It is built with the
 system's g++ (-O3 -march=native -fopenmp) into <cache_root>/kernels/cpu_kernels-<hash>.so,
 keyed by the sources, the compiler, the flags and this CPU's feature flags, so a cache shared

@@ -1,5 +1,6 @@
 // Eight floats at a time, in GNU vector extensions: g++ lowers a v8 to one AVX register, or to
-// two SSE ones on older CPUs, so the kernels need no intrinsics of one instruction set.
+// two SSE ones on older CPUs, so the kernels need no intrinsics of one instruction set. The
+// one exception is float16 conversion (F16C), which GNU vectors lower to one element at a time.
 //
 // Part of cpu_kernels.cpp (one translation unit), built at run time by cpu_kernels.py.
 
@@ -35,7 +36,8 @@ struct f16 {
 constexpr bool kHasF16 = true;
 
 inline v8 load8(const f16* p) {
-    return reinterpret_cast<v8>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return reinterpret_cast<v8>(_mm256_cvtph_ps(bits));
 }
 
 // Rounded to nearest, ties to even: what torch's .to(torch.float16) gives.
@@ -44,13 +46,10 @@ inline void store8(f16* p, v8 v) {
                      _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
 }
 
-inline float to_float(f16 x) { return _cvtsh_ss(x.bits); }
 inline f16 to_f16(float x) { return f16{_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT)}; }
 #else
 constexpr bool kHasF16 = false;
 #endif
-
-inline float to_float(float x) { return x; }
 
 inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
 
