@@ -53,7 +53,8 @@ def pick_dtype(config: EngineConfig, hf_config, device: str) -> torch.dtype:
     return checkpoint if checkpoint in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def pick_kv_cache_dtype(config: EngineConfig, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+def pick_kv_cache_dtype(config: EngineConfig, dtype: torch.dtype,
+                        device: torch.device) -> torch.dtype:
     """The KV cache's element type: the model's, or float16 on CPU (rounded on the way in,
     widened to float32 when read: the CPU kernels' float16 loads cost about what float32 ones
     do, and half the bytes cross the memory bus)."""
