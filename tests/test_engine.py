@@ -79,7 +79,7 @@ def test_chat_api_applies_the_template(llm, tokenizer, hf_greedy):
     assert out.outputs[0].token_ids == hf_greedy[0]
 
 
-def test_float16_kv_cache(llm, tokenizer, hf_greedy):
+def test_float16_kv_cache(tokenizer, hf_greedy):
     """kv_cache_dtype float16: twice the blocks in the same memory, and greedy output that only
     rounding can move from transformers' (all 200 equal when written)."""
     import torch
