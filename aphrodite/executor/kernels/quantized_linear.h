@@ -40,6 +40,11 @@ namespace quantized {
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kTokenTile = 4;
+// Decode streams each thread's rows from memory once, and the hardware prefetcher alone left
+// a core on a 2-vCPU Xeon VM (Sapphire Rapids class) at about 3 GB/s: one int4 matrix
+// product, 150 MB of blocks, 18.5 cycles a block without this software prefetch, 7.8 with
+// it 2 KB ahead (1 KB: 9; 4-8 KB: 7.8-8.0). Past the end of the rows it is a harmless hint.
+constexpr int64_t kPrefetchAhead = 2048;
 
 template <bool kInt4>
 constexpr int64_t block_bytes() { return kInt4 ? 4 + kBlock / 2 : 2 + kBlock; }
@@ -78,22 +83,41 @@ struct Block {
     __m256 w[4];   // weights 0-7, 8-15, 16-23, 24-31 as float
 };
 
+// The 16 bytes go to both halves of a register and an in-lane byte shuffle spreads them into
+// dwords: zero-extending loads (vpmovzxbd) cross lanes and run on one port of Intel cores,
+// which made them the bottleneck of the one-token loop there.
 inline Block widen_int4(const uint8_t* p) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i low = _mm_and_si128(raw, mask);
-    const __m128i high = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-    return {{_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(low)),
-             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(low, low))),
-             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(high)),
-             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(high, high)))}};
+    const __m256i raw = _mm256_broadcastsi128_si256(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i low = _mm256_and_si256(raw, mask);
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+    // Bytes 0-7 (then 8-15) to the low byte of each dword; -1 zeroes the other three.
+    const __m256i first = _mm256_setr_epi8(
+        0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
+        4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+    const __m256i second = _mm256_add_epi32(first, _mm256_set1_epi32(8));
+    return {{_mm256_cvtepi32_ps(_mm256_shuffle_epi8(low, first)),
+             _mm256_cvtepi32_ps(_mm256_shuffle_epi8(low, second)),
+             _mm256_cvtepi32_ps(_mm256_shuffle_epi8(high, first)),
+             _mm256_cvtepi32_ps(_mm256_shuffle_epi8(high, second))}};
 }
 
+// The same in-lane spreading, each byte to the top of its dword, then an arithmetic shift
+// extends its sign.
 inline Block widen_int8(const uint8_t* p) {
+    const __m256i top = _mm256_setr_epi8(
+        -1, -1, -1, 0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3,
+        -1, -1, -1, 4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7);
+    const __m256i top_second = _mm256_add_epi32(top, _mm256_set1_epi32(8 << 24));
     Block b;
-    for (int k = 0; k < 4; ++k) {
-        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * k));
-        b.w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+    for (int half = 0; half < 2; ++half) {
+        const __m256i raw = _mm256_broadcastsi128_si256(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * half)));
+        b.w[2 * half] = _mm256_cvtepi32_ps(
+            _mm256_srai_epi32(_mm256_shuffle_epi8(raw, top), 24));
+        b.w[2 * half + 1] = _mm256_cvtepi32_ps(
+            _mm256_srai_epi32(_mm256_shuffle_epi8(raw, top_second), 24));
     }
     return b;
 }
@@ -117,6 +141,7 @@ void row_tile(const uint8_t* row, int64_t blocks, const float* x, int64_t cols,
     }
     for (int64_t g = 0; g < blocks; ++g) {
         const uint8_t* block = row + g * block_bytes<kInt4>();
+        __builtin_prefetch(block + kPrefetchAhead);
         const Block b = kInt4 ? widen_int4(block + 4) : widen_int8(block + 2);
         const __m256 d = _mm256_set1_ps(half_to_float(block));
         const float m = kInt4 ? half_to_float(block + 2) : 0.0f;
@@ -200,6 +225,7 @@ __attribute__((optimize("fp-contract=off")))
 void dequantize_row(const uint8_t* row, int64_t cols, float* out) {
     for (int64_t g = 0; g < cols / kBlock; ++g) {
         const uint8_t* block = row + g * block_bytes<kInt4>();
+        __builtin_prefetch(block + kPrefetchAhead);
         const uint8_t* p = block + (kInt4 ? 4 : 2);
         const float d = half_to_float(block), m = kInt4 ? half_to_float(block + 2) : 0.f;
         float* o = out + g * kBlock;
