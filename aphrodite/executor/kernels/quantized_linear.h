@@ -312,6 +312,45 @@ inline void broadcast_tiles(const float* xt, const float* panel, int64_t count,
     }
 }
 
+#if defined(__AVX512F__)
+// With AVX-512 a tile of 16 tokens is one register, and 32 of them hold kWideRows rows x 32
+// tokens of sums: twice the arithmetic per instruction of the eight-wide tiles above, which
+// run at AVX2's peak. Each output is still one sequential sum over k, so the results are
+// bit-identical. xt: tiles of 16 tokens, [cols][16] each, kVectors of them back to back.
+typedef float v16 __attribute__((vector_size(64)));
+constexpr int64_t kWideRows = 12;
+
+template <int kVectors, int kRows>
+inline void wide_tile(const float* xt, const float* w, int64_t cols, int64_t first_token,
+                      int64_t tokens, float* out, int64_t rows) {
+    v16 acc[kRows][kVectors] = {};
+    for (int64_t k = 0; k < cols; ++k) {
+        v16 xk[kVectors];
+        for (int v = 0; v < kVectors; ++v) std::memcpy(&xk[v], xt + v * 16 * cols + k * 16, 64);
+        for (int r = 0; r < kRows; ++r) {
+            const float wk = w[r * cols + k];
+            for (int v = 0; v < kVectors; ++v) acc[r][v] += wk * xk[v];
+        }
+    }
+    for (int r = 0; r < kRows; ++r)
+        for (int v = 0; v < kVectors; ++v)
+            for (int j = 0; j < 16 && first_token + 16 * v + j < tokens; ++j)
+                out[(first_token + 16 * v + j) * rows + r] = acc[r][v][j];
+}
+
+template <int kVectors>
+inline void wide_tiles(const float* xt, const float* panel, int64_t count, int64_t cols,
+                       int64_t first, int64_t tokens, float* out, int64_t rows) {
+    int64_t r = 0;
+    for (; r + kWideRows <= count; r += kWideRows)
+        wide_tile<kVectors, kWideRows>(xt, panel + r * cols, cols, first, tokens, out + r, rows);
+    for (; r + 4 <= count; r += 4)
+        wide_tile<kVectors, 4>(xt, panel + r * cols, cols, first, tokens, out + r, rows);
+    for (; r < count; ++r)
+        wide_tile<kVectors, 1>(xt, panel + r * cols, cols, first, tokens, out + r, rows);
+}
+#endif
+
 template <bool kInt4>
 void run_panels(const float* x, int64_t tokens, int64_t cols, const uint8_t* weight,
                 int64_t rows, float* out) {
@@ -335,7 +374,16 @@ void run_panels(const float* x, int64_t tokens, int64_t cols, const uint8_t* wei
             for (int64_t r = 0; r < count; ++r)
                 dequantize_row<kInt4>(weight + (first + r) * row_bytes, cols,
                                       panel.data() + r * cols);
-            for (int64_t t = 0; t < padded; t += 16) {
+            int64_t t = 0;
+#if defined(__AVX512F__)
+            for (; t + 32 <= padded; t += 32)
+                wide_tiles<2>(xt.data() + t * cols, panel.data(), count, cols, t, tokens,
+                              out + first, rows);
+            for (; t + 16 <= padded; t += 16)
+                wide_tiles<1>(xt.data() + t * cols, panel.data(), count, cols, t, tokens,
+                              out + first, rows);
+#endif
+            for (; t < padded; t += 16) {
                 if (padded - t >= 16)
                     broadcast_tiles<2>(xt.data() + t * cols, panel.data(), count, cols, t,
                                        tokens, out + first, rows);
