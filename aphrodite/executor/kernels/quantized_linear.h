@@ -358,9 +358,10 @@ void run_panels(const float* x, int64_t tokens, int64_t cols, const uint8_t* wei
     const int64_t row_bytes = cols / kBlock * block_bytes<kInt4>();
     const int64_t panels = (rows + kPanelRows - 1) / kPanelRows;
     const int64_t padded = (tokens + 7) / 8 * 8;
-    std::vector<float> xt(cols * padded);   // tile by tile: tokens t.. at xt + t * cols
-    // [rows][padded], every element written by a tile: left uninitialised, since zeroing it
-    // (12.6 MB for the output matrix at 64 tokens) would be a pass over memory for nothing.
+    // Tile by tile, tokens t.. at xt + t * cols; and the sums, [rows][padded]. Both are left
+    // uninitialised, since every element is written before it is read: zeroing them (12.6 MB
+    // of sums for the output matrix at 64 tokens) was a pass over memory for nothing.
+    std::unique_ptr<float[]> xt(new float[cols * padded]);
     std::unique_ptr<float[]> sums(new float[rows * padded]);
 #pragma omp parallel
     {
@@ -382,16 +383,16 @@ void run_panels(const float* x, int64_t tokens, int64_t cols, const uint8_t* wei
             int64_t t = 0;
 #if defined(__AVX512F__)
             for (; t + 32 <= padded; t += 32)
-                wide_tiles<2>(xt.data() + t * cols, panel.data(), count, cols, res + t, padded);
+                wide_tiles<2>(xt.get() + t * cols, panel.data(), count, cols, res + t, padded);
             for (; t + 16 <= padded; t += 16)
-                wide_tiles<1>(xt.data() + t * cols, panel.data(), count, cols, res + t, padded);
+                wide_tiles<1>(xt.get() + t * cols, panel.data(), count, cols, res + t, padded);
 #endif
             for (; t < padded; t += 16) {
                 if (padded - t >= 16)
-                    broadcast_tiles<2>(xt.data() + t * cols, panel.data(), count, cols,
+                    broadcast_tiles<2>(xt.get() + t * cols, panel.data(), count, cols,
                                        res + t, padded);
                 else
-                    broadcast_tiles<1>(xt.data() + t * cols, panel.data(), count, cols,
+                    broadcast_tiles<1>(xt.get() + t * cols, panel.data(), count, cols,
                                        res + t, padded);
             }
         }
