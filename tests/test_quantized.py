@@ -105,17 +105,18 @@ def test_quantized_linear_matches_dequantized_matmul(kind, tokens, kernel_path):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_panels_cover_every_row_and_token(kind, threads, cpp_compiler):
     """From 8 tokens on the kernel widens panels of 24 rows and multiplies them in tiles of 6
-    rows x 16 tokens (with AVX-512, 12, 4 or 1 rows x 32 or 16 tokens first): row counts and
-    token counts that leave partial panels, tiles and vectors must still give every output
-    (against a float64 product of gguf's matrix)."""
+    rows x 16 tokens (with AVX-512, 12, 4 or 1 rows x 32 or 16 tokens first, zero-padded, over
+    columns in chunks of 128), transposing tokens and results 8 x 8 at a time: row, column and
+    token counts that leave partial panels, tiles, chunks and transposition blocks must still
+    give every output (against a float64 product of gguf's matrix)."""
     from aphrodite.executor import cpu_kernels
-    raw, reference = quantized_matrix(kind, rows=103, cols=96, seed=threads)
+    raw, reference = quantized_matrix(kind, rows=103, cols=288, seed=threads)
     blocks = torch.from_numpy(parts_from_gguf(raw, kind, reference.shape).gguf_blocks())
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for tokens in (7, 8, 9, 16, 21, 40, 56):
-            x = torch.randn(tokens, 96)
+        for tokens in (7, 8, 9, 16, 17, 21, 33, 40, 49, 56, 64, 70):
+            x = torch.randn(tokens, 288)
             out = cpu_kernels.quantized_linear(x, blocks, kind != Q.Q8_0)
             expected = x.double() @ torch.from_numpy(reference).double().T
             torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
