@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <omp.h>
@@ -22,6 +23,17 @@
 #include "vec8.h"
 
 namespace attention {
+// The hardware prefetcher follows a block only once its first lines have missed: the next
+// block's first eight lines (of 192 in a float32 block of the default model) are requested
+// while this one is worked on. 64 sequences x 400 tokens, a layer, 30 layers' caches in turn
+// (from memory), blocks in random order: 2,850 -> 2,590 us (4 lines: 2,630; 16-32: 2,640-
+// 2,670; 64: 2,790). With each sequence's blocks in order it was 2,390 without.
+constexpr int kPrefetchLines = 8;
+
+inline void prefetch_block_start(const void* block) {
+    for (int l = 0; l < kPrefetchLines; ++l)
+        __builtin_prefetch(static_cast<const char*>(block) + 64 * l);
+}
 
 using namespace vec8;
 
@@ -62,13 +74,129 @@ inline void group_scores(const float* q_seq, int64_t kv, const K* key, int64_t c
     for (int g = 0; g < kG; ++g) out[g * stride] = sum8(acc[g]) * scale;
 }
 
+#if defined(__AVX512F__) && defined(__F16C__)
+// With AVX-512, a block's scores and weighted values sixteen lanes at a time, head_dim =
+// 16 * kChunks. A query head's sixteen token dot products are sixteen vectors of partial
+// sums, added across lanes together in one tree (45 instructions for sixteen sums instead of
+// sixteen horizontal sums); a weighted sum keeps its heads' accumulators in registers across
+// a block's tokens. 64 sequences x 400 tokens, a layer, 30 layers' caches in turn (from
+// memory), float32 cache: 3,120 -> 2,850 us; the same work with the cache hot: 1,090 -> 920.
+namespace wide {
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const f16* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// Lane t of the result: the sum of v[t]'s sixteen lanes.
+inline __m512 sum_lanes16(__m512 v[16]) {
+    __m512 s[8], u[4];
+    for (int i = 0; i < 8; ++i)
+        s[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; ++i)    // per 128-bit lane: tokens 4i..4i+3, that lane's part
+        u[i] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 a = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 b = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Scores of `tokens` keys (rows row_size apart) for query heads first_head..last_head, whose
+// kv head is h / group: out[h * stride + t].
+template <int kChunks, typename K>
+inline void block_scores(const float* q_seq, const K* keys, int64_t row_size, int64_t tokens,
+                         int64_t first_head, int64_t last_head, int64_t group, float scale,
+                         float* out, int64_t stride) {
+    for (int64_t h = first_head; h < last_head; ++h) {
+        __m512 q[kChunks];
+        for (int c = 0; c < kChunks; ++c) q[c] = _mm512_loadu_ps(q_seq + (h * kChunks + c) * 16);
+        const K* key = keys + h / group * kChunks * 16;
+        for (int64_t t0 = 0; t0 < tokens; t0 += 16) {
+            const int64_t n = std::min<int64_t>(16, tokens - t0);
+            __m512 partial[16];
+            for (int t = 0; t < 16; ++t) {
+                partial[t] = _mm512_setzero_ps();
+                if (t >= n) continue;
+                const K* row = key + (t0 + t) * row_size;
+                for (int c = 0; c < kChunks; ++c)
+                    partial[t] = _mm512_fmadd_ps(load16(row + 16 * c), q[c], partial[t]);
+            }
+            const __m512 sums = _mm512_mul_ps(sum_lanes16(partial), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(out + h * stride + t0, static_cast<__mmask16>((1u << n) - 1),
+                                  sums);
+        }
+    }
+}
+
+// acc[h] += sum over the block's tokens t of p[h * stride + t] * value t's vector, for the
+// query heads of kv heads kv_first..kv_last (kG per kv head).
+template <int kChunks, int kG, typename V>
+inline void block_values(const float* p, int64_t stride, const V* values, int64_t row_size,
+                         int64_t tokens, int64_t kv_first, int64_t kv_last, float* acc) {
+    for (int64_t kv = kv_first; kv < kv_last; ++kv) {
+        __m512 sum[kG][kChunks];
+        float* a = acc + kv * kG * kChunks * 16;
+        for (int g = 0; g < kG; ++g)
+            for (int c = 0; c < kChunks; ++c)
+                sum[g][c] = _mm512_loadu_ps(a + (g * kChunks + c) * 16);
+        const V* v = values + kv * kChunks * 16;
+        const float* pk = p + kv * kG * stride;
+        for (int64_t t = 0; t < tokens; ++t) {
+            __m512 row[kChunks];
+            for (int c = 0; c < kChunks; ++c) row[c] = load16(v + t * row_size + 16 * c);
+            for (int g = 0; g < kG; ++g) {
+                const __m512 weight = _mm512_set1_ps(pk[g * stride + t]);
+                for (int c = 0; c < kChunks; ++c)
+                    sum[g][c] = _mm512_fmadd_ps(weight, row[c], sum[g][c]);
+            }
+        }
+        for (int g = 0; g < kG; ++g)
+            for (int c = 0; c < kChunks; ++c)
+                _mm512_storeu_ps(a + (g * kChunks + c) * 16, sum[g][c]);
+    }
+}
+
+template <int kValue>
+using constant = std::integral_constant<int, kValue>;
+
+// block_values with the head shape as template arguments: head_dim 64 (kG <= 4) or 128 (<= 2).
+template <typename V>
+inline void values_for(int64_t group, int64_t head_dim, const float* p, int64_t stride,
+                       const V* values, int64_t row_size, int64_t tokens, int64_t kv_first,
+                       int64_t kv_last, float* acc) {
+    const auto run = [&](auto chunks, auto heads) {
+        block_values<decltype(chunks)::value, decltype(heads)::value>(
+            p, stride, values, row_size, tokens, kv_first, kv_last, acc);
+    };
+    if (head_dim == 128) return group == 1 ? run(constant<8>{}, constant<1>{})
+                                           : run(constant<8>{}, constant<2>{});
+    switch (group) {
+        case 1: return run(constant<4>{}, constant<1>{});
+        case 2: return run(constant<4>{}, constant<2>{});
+        case 3: return run(constant<4>{}, constant<3>{});
+        default: return run(constant<4>{}, constant<4>{});
+    }
+}
+
+}  // namespace wide
+#endif
+
 // head_dim must be a multiple of 8 (cpu_kernels.supports checks).
 template <typename T>
 void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
             int64_t max_blocks, const int64_t* seq_lens, int64_t batch, int64_t heads,
             int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale, float* out) {
     const int64_t group = heads / kv_heads, chunks = head_dim / 8;
+#if defined(__AVX512F__) && defined(__F16C__)
+    // head_dim 64 with up to four query heads per kv head, or 128 with up to two.
+    const bool wide_form = (chunks == 8 && group <= 4) || (chunks == 16 && group <= 2);
+#endif
     const int64_t row_size = kv_heads * head_dim;      // one token: every kv head's vector
+    const int64_t block_elems = block_size * row_size;
     // A work item is a sequence, or with fewer sequences than threads can share evenly, one
     // kv head of a sequence (each item then reads its part of every token's row), and when
     // even those are too few to share evenly, a run of whole blocks of that kv head's context
@@ -111,6 +239,23 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
                 const int64_t tokens = std::min(block_size, len - start);
                 const auto* keys = block_rows(k_cache, table[start / block_size] * block_size
                                               * row_size, buffer.data(), tokens * row_size);
+                if (start + block_size < len)   // after the last, the first block of values
+                    prefetch_block_start(k_cache + table[start / block_size + 1] * block_elems);
+                else
+                    prefetch_block_start(v_cache + table[0] * block_elems);
+#if defined(__AVX512F__) && defined(__F16C__)
+                if (wide_form) {
+                    if (chunks == 8)
+                        wide::block_scores<4>(q_seq, keys, row_size, tokens, kv_first * group,
+                                              kv_last * group, group, scale,
+                                              scores.data() + start, len);
+                    else
+                        wide::block_scores<8>(q_seq, keys, row_size, tokens, kv_first * group,
+                                              kv_last * group, group, scale,
+                                              scores.data() + start, len);
+                    continue;
+                }
+#endif
                 for (int64_t t = 0; t < tokens; ++t)
                     for (int64_t kv = kv_first; kv < kv_last; ++kv) {
                         const auto* key = keys + t * row_size + kv * head_dim;
@@ -153,6 +298,15 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
                 const int64_t tokens = std::min(block_size, len - start);
                 const auto* values = block_rows(v_cache, table[start / block_size] * block_size
                                                 * row_size, buffer.data(), tokens * row_size);
+                if (start + block_size < len)
+                    prefetch_block_start(v_cache + table[start / block_size + 1] * block_elems);
+#if defined(__AVX512F__) && defined(__F16C__)
+                if (wide_form) {
+                    wide::values_for(group, head_dim, scores.data() + start, len, values,
+                                     row_size, tokens, kv_first, kv_last, acc.data());
+                    continue;
+                }
+#endif
                 for (int64_t h = kv_first * group; h < kv_last * group; ++h) {
                     const float* p = scores.data() + h * len + start;
                     const auto* v = values + (h / group) * head_dim;

@@ -479,7 +479,8 @@ void run_panels(const float* x, int64_t tokens, int64_t cols, const uint8_t* wei
             const int64_t count = std::min<int64_t>(8, tokens - t0);
             if (r == row_groups * 8) {      // rows past the last whole group
                 for (int64_t rr = r; rr < rows; ++rr)
-                    for (int64_t t = t0; t < t0 + count; ++t) out[t * rows + rr] = sums[rr * padded + t];
+                    for (int64_t t = t0; t < t0 + count; ++t)
+                        out[t * rows + rr] = sums[rr * padded + t];
                 continue;
             }
             if (count == 8) {
