@@ -10,7 +10,8 @@
 // (AVX2), same process: torch 190 / 230 ms, this kernel 121 / 148 ms (two runs); in the
 // mixed c=64 replay, prefill attention went from 4.8 to 3.1-3.3 s. Register tiles of four keys
 // (or four dimensions) x 24 rows, each vector of queries or probabilities loaded once: 8
-// prompts of 512 tokens 26.6-26.8 -> 19.7-21.2 ms; replay 3.10 -> 2.46 s, same spell.
+// prompts of 512 tokens 26.6-26.8 -> 19.7-21.2 ms; replay 3.10 -> 2.46 s, same spell. With
+// AVX-512 the rows are vectors of sixteen (a Xeon VM, replay 2.23 -> 1.98 s).
 //
 // A work item is a tile of up to kTileRows query rows: a run of tokens times the query heads
 // that share one kv head, so each key and value vector loaded serves all of them. Keys are
@@ -37,7 +38,7 @@ namespace attention {
 using namespace vec8;
 
 constexpr int64_t kTileRows = 48;               // query rows per work item: 6 vectors of 8
-constexpr int64_t kTileVecs = kTileRows / 8;
+constexpr int64_t kTileVecs = kTileRows / kLanes;  // (or 3 of 16 with AVX-512)
 
 // One prefill sequence: its row in the block tables, its new tokens' place in the flat batch,
 // and its context length after this step (new tokens included).
@@ -83,9 +84,15 @@ inline HeadRows head_rows(const f16* rows, int64_t stride, int64_t n, int64_t he
 
 // A value the compiler must hold in a register: otherwise it folds the load into each
 // multiply-add that uses it, and a tile loop does twice the loads it needs.
-inline void in_register(v8& x) { __asm__("" : "+x"(x)); }
+#if defined(__AVX512F__)
+inline void in_register(vn& x) { __asm__("" : "+v"(x)); }
+#else
+inline void in_register(vn& x) { __asm__("" : "+x"(x)); }
+#endif
 
-constexpr int64_t kHalfVecs = kTileVecs / 2;
+// The rows a register tile holds: half of them with eight lanes (four keys x 3 vectors), all
+// of them with sixteen (four keys x 3): 12 accumulators either way.
+constexpr int64_t kPartVecs = kLanes == 16 ? kTileVecs : kTileVecs / 2;
 
 // scores[j][m] = sum_d key_j[d] * qt[d][m]: four keys x half the rows at a time, 12
 // accumulators, each vector of queries loaded once for the four keys. Not inlined, here and
@@ -94,63 +101,65 @@ constexpr int64_t kHalfVecs = kTileVecs / 2;
                                           const float* qt, int64_t head_dim, float* scores) {
     int64_t j = 0;
     for (; j + 4 <= n; j += 4)
-        for (int64_t h = 0; h < kTileVecs; h += kHalfVecs) {
+        for (int64_t h = 0; h < kTileVecs; h += kPartVecs) {
             const float* k0 = keys + j * key_stride;
-            v8 a[4][kHalfVecs] = {};
+            vn a[4][kPartVecs] = {};
             for (int64_t d = 0; d < head_dim; ++d) {
-                v8 qc[kHalfVecs];
-                for (int64_t c = 0; c < kHalfVecs; ++c) {
-                    qc[c] = load8(qt + d * kTileRows + 8 * (h + c));
+                vn qc[kPartVecs];
+                for (int64_t c = 0; c < kPartVecs; ++c) {
+                    qc[c] = loadn(qt + d * kTileRows + kLanes * (h + c));
                     in_register(qc[c]);
                 }
                 for (int i = 0; i < 4; ++i) {
-                    const v8 x = splat8(k0[i * key_stride + d]);
-                    for (int64_t c = 0; c < kHalfVecs; ++c) a[i][c] += x * qc[c];
+                    const vn x = splatn(k0[i * key_stride + d]);
+                    for (int64_t c = 0; c < kPartVecs; ++c) a[i][c] += x * qc[c];
                 }
             }
             for (int i = 0; i < 4; ++i)
-                for (int64_t c = 0; c < kHalfVecs; ++c)
-                    store8(scores + (j + i) * kTileRows + 8 * (h + c), a[i][c]);
+                for (int64_t c = 0; c < kPartVecs; ++c)
+                    storen(scores + (j + i) * kTileRows + kLanes * (h + c), a[i][c]);
         }
     for (; j < n; ++j) {   // a block's last few keys
         const float* k0 = keys + j * key_stride;
-        v8 a[kTileVecs] = {};
+        vn a[kTileVecs] = {};
         for (int64_t d = 0; d < head_dim; ++d) {
-            const v8 x0 = splat8(k0[d]);
-            for (int64_t c = 0; c < kTileVecs; ++c) a[c] += x0 * load8(qt + d * kTileRows + 8 * c);
+            const vn x0 = splatn(k0[d]);
+            for (int64_t c = 0; c < kTileVecs; ++c)
+                a[c] += x0 * loadn(qt + d * kTileRows + kLanes * c);
         }
-        for (int64_t c = 0; c < kTileVecs; ++c) store8(scores + j * kTileRows + 8 * c, a[c]);
+        for (int64_t c = 0; c < kTileVecs; ++c)
+            storen(scores + j * kTileRows + kLanes * c, a[c]);
     }
 }
 
 // acc[d][m] = acc[d][m] * corr[m] + sum_j value_j[d] * p[j][m]: the weighted values, kept
-// transposed like the queries so that this too runs across rows, four dimensions x half the
-// rows at a time.
+// transposed like the queries so that this too runs across rows, four dimensions x a part of
+// the rows at a time.
 [[gnu::noinline]] inline void tile_values(const float* values, int64_t value_stride, int64_t n,
                                           const float* probs, const float* corr,
                                           int64_t head_dim, float* acc) {
     for (int64_t d = 0; d < head_dim; d += 4)
-        for (int64_t h = 0; h < kTileVecs; h += kHalfVecs) {
-            v8 x[4][kHalfVecs];
+        for (int64_t h = 0; h < kTileVecs; h += kPartVecs) {
+            vn x[4][kPartVecs];
             for (int i = 0; i < 4; ++i)
-                for (int64_t c = 0; c < kHalfVecs; ++c)
-                    x[i][c] = load8(acc + (d + i) * kTileRows + 8 * (h + c))
-                              * load8(corr + 8 * (h + c));
+                for (int64_t c = 0; c < kPartVecs; ++c)
+                    x[i][c] = loadn(acc + (d + i) * kTileRows + kLanes * (h + c))
+                              * loadn(corr + kLanes * (h + c));
             for (int64_t j = 0; j < n; ++j) {
                 const float* value = values + j * value_stride + d;
-                v8 p[kHalfVecs];
-                for (int64_t c = 0; c < kHalfVecs; ++c) {
-                    p[c] = load8(probs + j * kTileRows + 8 * (h + c));
+                vn p[kPartVecs];
+                for (int64_t c = 0; c < kPartVecs; ++c) {
+                    p[c] = loadn(probs + j * kTileRows + kLanes * (h + c));
                     in_register(p[c]);
                 }
                 for (int i = 0; i < 4; ++i) {
-                    const v8 v = splat8(value[i]);
-                    for (int64_t c = 0; c < kHalfVecs; ++c) x[i][c] += v * p[c];
+                    const vn v = splatn(value[i]);
+                    for (int64_t c = 0; c < kPartVecs; ++c) x[i][c] += v * p[c];
                 }
             }
             for (int i = 0; i < 4; ++i)
-                for (int64_t c = 0; c < kHalfVecs; ++c)
-                    store8(acc + (d + i) * kTileRows + 8 * (h + c), x[i][c]);
+                for (int64_t c = 0; c < kPartVecs; ++c)
+                    storen(acc + (d + i) * kTileRows + kLanes * (h + c), x[i][c]);
         }
 }
 
@@ -188,30 +197,31 @@ inline void prefill_tile(const Tile& tile, const PrefillSeq& seq, const float* q
         tile_scores(keys.data, keys.stride, n, buf.qt.data(), head_dim, buf.scores.data());
         const bool diagonal = start + n - 1 > first_limit;    // some rows must not see some keys
         for (int64_t c = 0; c < kTileVecs; ++c) {
-            const v8 limit = load8(buf.limit.data() + 8 * c), old_top = load8(buf.top.data() + 8 * c);
-            v8 top = old_top;
+            const vn limit = loadn(buf.limit.data() + kLanes * c);
+            const vn old_top = loadn(buf.top.data() + kLanes * c);
+            vn top = old_top;
             for (int64_t j = 0; j < n; ++j) {
-                float* s = buf.scores.data() + j * kTileRows + 8 * c;
-                v8 x = load8(s);
+                float* s = buf.scores.data() + j * kTileRows + kLanes * c;
+                vn x = loadn(s);
                 if (diagonal) {
-                    x = splat8(static_cast<float>(start + j)) > limit ? splat8(lowest) : x;
-                    store8(s, x);
+                    x = splatn(static_cast<float>(start + j)) > limit ? splatn(lowest) : x;
+                    storen(s, x);
                 }
                 top = x > top ? x : top;
             }
             // Every row sees key 0, so top is finite from the first block on.
-            const v8 corr = exp8(old_top - top);
-            v8 total = load8(buf.total.data() + 8 * c) * corr;
+            const vn corr = expn(old_top - top);
+            vn total = loadn(buf.total.data() + kLanes * c) * corr;
             for (int64_t j = 0; j < n; ++j) {
-                float* s = buf.scores.data() + j * kTileRows + 8 * c;
-                const v8 x = load8(s);
-                const v8 p = x == splat8(lowest) ? v8{} : exp8(x - top);
+                float* s = buf.scores.data() + j * kTileRows + kLanes * c;
+                const vn x = loadn(s);
+                const vn p = x == splatn(lowest) ? vn{} : expn(x - top);
                 total += p;
-                store8(s, p);
+                storen(s, p);
             }
-            store8(buf.top.data() + 8 * c, top);
-            store8(buf.total.data() + 8 * c, total);
-            store8(buf.corr.data() + 8 * c, corr);
+            storen(buf.top.data() + kLanes * c, top);
+            storen(buf.total.data() + kLanes * c, total);
+            storen(buf.corr.data() + kLanes * c, corr);
         }
         const HeadRows values = head_rows(v_cache + base, row_size, n, head_dim,
                                           buf.widened.data());

@@ -57,29 +57,52 @@ inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
 // polynomial for e^r (Cephes' expf coefficients), within 1 ulp of std::exp (checked at steps
 // of 1e-4 over [-87, 0], the softmax range). The input is clamped to [-87.3, 88], so nothing
 // below 2^-126 and no infinity comes out: 1 / (1 + e^88) is still a number.
-inline v8 exp8(v8 x) {
-    const v8 lowest = splat8(-87.3f), highest = splat8(88.f);
+template <typename V, typename VI>
+inline V exp_lanes(V x) {
+    const V lowest = V{} + -87.3f, highest = V{} + 88.f;
     x = x < lowest ? lowest : x;
     x = x > highest ? highest : x;
-    const v8 big = splat8(12582912.f);               // 1.5 * 2^23: adding it rounds to an integer
-    v8 n = (x * 1.44269504088896341f + big) - big;
-    v8 r = x - n * 0.693359375f;
+    const V big = V{} + 12582912.f;                  // 1.5 * 2^23: adding it rounds to an integer
+    V n = (x * 1.44269504088896341f + big) - big;
+    V r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
-    v8 p = splat8(1.9875691500e-4f);
+    V p = V{} + 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.f;
-    v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-    v8 scale;
+    VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+    V scale;
     std::memcpy(&scale, &bits, sizeof(scale));
     return p * scale;
 }
 
+inline v8 exp8(v8 x) { return exp_lanes<v8, v8i>(x); }
+
 inline float sum8(v8 v) {   // a tree, not a chain of 7 dependent adds
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
+
+// The widest vectors of floats the build has: sixteen lanes with AVX-512, else eight. For
+// loops that only need "a vector of rows", so they run at the machine's width.
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+#else
+constexpr int64_t kLanes = 8;
+#endif
+typedef float vn __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vni __attribute__((vector_size(4 * kLanes)));
+
+inline vn loadn(const float* p) {
+    vn v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+inline void storen(float* p, vn v) { std::memcpy(p, &v, sizeof(v)); }
+inline vn splatn(float x) { return vn{} + x; }
+inline vn expn(vn x) { return exp_lanes<vn, vni>(x); }
 
 }  // namespace vec8
