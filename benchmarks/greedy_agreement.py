@@ -4,7 +4,7 @@
     python benchmarks/greedy_agreement.py save after.json      # in the new one
     python benchmarks/greedy_agreement.py compare before.json after.json
 
-Two sets: 4 chat prompts x 128 new tokens, and 16 of the mixed serving workload's prompts x
+Two sets: quantized_decode.py's 4 chat prompts x 128 new tokens, and 16 of the mixed serving workload's prompts x
 64 new tokens run as one batch (so batched decode, prefill chunks and the KV cache's paging
 all take part). A kernel change that only reorders float32 sums should leave every sequence
 identical; `compare` prints, per set, how many are, the mean fraction of positions before
@@ -20,22 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # aphrodite, when not installed
 
-CHAT = [
-    "What is the capital of France? Answer in one sentence.",
-    "Write a short poem about the sea.",
-    "Explain what a hash table is to a beginner.",
-    "List three tips for staying focused while studying.",
-]
-
 
 def generate(args) -> dict[str, list[list[int]]]:
     from aphrodite.llm import LLM
     from aphrodite.sampling_params import SamplingParams
+    from quantized_decode import PROMPTS
     from serving_workloads import WordSource, default_specs, level_requests
 
     with LLM(kv_cache_dtype=args.kv_cache_dtype) as llm:
         greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-        chats = llm.chat([[{"role": "user", "content": p}] for p in CHAT], greedy(128),
+        chats = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS], greedy(128),
                          use_tqdm=False)
         requests = level_requests(default_specs([16])["mixed"], WordSource(llm.tokenizer), 16,
                                   16, seed=0)

@@ -23,6 +23,7 @@
 #include "vec8.h"
 
 namespace attention {
+
 // The hardware prefetcher follows a stream only within a 4 KB page, and only once its first
 // lines there have missed: so the first four lines of each page of the next block are
 // requested while this one is worked on. 64 sequences x 400 tokens, a layer, 30 layers'

@@ -94,9 +94,10 @@ inline void in_register(vn& x) { __asm__("" : "+x"(x)); }
 // of them with sixteen (four keys x 3): 12 accumulators either way.
 constexpr int64_t kPartVecs = kLanes == 16 ? kTileVecs : kTileVecs / 2;
 
-// scores[j][m] = sum_d key_j[d] * qt[d][m]: four keys x half the rows at a time, 12
-// accumulators, each vector of queries loaded once for the four keys. Not inlined, here and
-// below: inlined into the tile loop, its accumulators spilled to the stack (2x slower).
+// scores[j][m] = sum_d key_j[d] * qt[d][m]: four keys x kPartVecs vectors of rows at a
+// time, 12 accumulators, each vector of queries loaded once for the four keys. Not inlined,
+// here and below: inlined into the tile loop, its accumulators spilled to the stack (2x
+// slower).
 [[gnu::noinline]] inline void tile_scores(const float* keys, int64_t key_stride, int64_t n,
                                           const float* qt, int64_t head_dim, float* scores) {
     int64_t j = 0;

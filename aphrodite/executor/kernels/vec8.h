@@ -1,6 +1,7 @@
 // Eight floats at a time, in GNU vector extensions: g++ lowers a v8 to one AVX register, or to
 // two SSE ones on older CPUs, so the kernels need no intrinsics of one instruction set. The
 // one exception is float16 conversion (F16C), which GNU vectors lower to one element at a time.
+// vn (at the end) is the same for the build's widest vectors: sixteen floats with AVX-512.
 //
 // Part of cpu_kernels.cpp (one translation unit), built at run time by cpu_kernels.py.
 
