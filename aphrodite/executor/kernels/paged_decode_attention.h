@@ -37,6 +37,16 @@ inline void prefetch_block(const void* block, int64_t bytes) {
             __builtin_prefetch(first + line);
 }
 
+// Loads one byte of each of a block's lines before any arithmetic on it: all its misses are
+// then in flight together, where the arithmetic's own loads, spread over the block's work,
+// kept only a few outstanding. 64 sequences x 400 tokens, a layer, 30 layers' caches in turn
+// (from memory), float32 blocks in random order: 2,410 -> 2,010-2,120 us (with only every
+// other line: 2,730).
+inline void touch_block(const void* block, int64_t bytes) {
+    const volatile char* first = static_cast<const volatile char*>(block);
+    for (int64_t line = 0; line < bytes; line += 64) (void)first[line];
+}
+
 using namespace vec8;
 
 // A block's keys (or values), n = tokens * kv_heads * head_dim elements: float32 and float16
@@ -242,6 +252,7 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
                 const int64_t tokens = std::min(block_size, len - start);
                 const auto* keys = block_rows(k_cache, table[start / block_size] * block_size
                                               * row_size, buffer.data(), tokens * row_size);
+                touch_block(keys, tokens * row_size * static_cast<int64_t>(sizeof(*keys)));
                 if (start + block_size < len)   // after the last, the first block of values
                     prefetch_block(k_cache + table[start / block_size + 1] * block_elems,
                                    block_bytes);
@@ -309,6 +320,7 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
                 const int64_t tokens = std::min(block_size, len - start);
                 const auto* values = block_rows(v_cache, table[start / block_size] * block_size
                                                 * row_size, buffer.data(), tokens * row_size);
+                touch_block(values, tokens * row_size * static_cast<int64_t>(sizeof(*values)));
                 if (start + block_size < len)
                     prefetch_block(v_cache + table[start / block_size + 1] * block_elems,
                                    block_bytes);
