@@ -223,22 +223,28 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
     const int64_t part_heads = kv_per_part * group;
     // Per item, when split: its heads' unnormalised sums, then their maxima and totals.
     std::vector<float> partial(splits > 1 ? batch * parts * splits * part_heads * (head_dim + 2) : 0);
-    // Items are handed out one at a time: lengths differ, so static shares would leave
-    // threads idle. (A plain parallel region and an atomic counter need nothing newer from
-    // libgomp than torch's bundled copy provides.)
+    // Items are handed out one at a time, longest sequences first: lengths differ, so static
+    // shares would leave threads idle, and so would a long sequence taken last. (A plain
+    // parallel region and an atomic counter need nothing newer from libgomp than torch's
+    // bundled copy provides.)
+    std::vector<int64_t> order(batch);
+    for (int64_t i = 0; i < batch; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return seq_lens[a] > seq_lens[b]; });
     std::atomic<int64_t> next{0};
 #pragma omp parallel
     {
         std::vector<float> scores, total(heads), tops(heads), acc(heads * head_dim);
         std::vector<float> buffer(block_size * row_size);
         for (int64_t item = next++; item < batch * parts * splits; item = next++) {
-            const int64_t seq = item / (parts * splits), part = item / splits % parts;
+            const int64_t seq = order[item / (parts * splits)], part = item / splits % parts;
             const int64_t kv_first = part * kv_per_part, kv_last = kv_first + kv_per_part;
             const int64_t full = seq_lens[seq];
             const int64_t run = (full + block_size * splits - 1) / (block_size * splits) * block_size;
             const int64_t first = std::min(full, item % splits * run);
             const int64_t len = std::min(full, first + run) - first;   // this item's tokens
-            float* mine = splits > 1 ? partial.data() + item * part_heads * (head_dim + 2) : nullptr;
+            const int64_t slot = (seq * parts + part) * splits + item % splits;
+            float* mine = splits > 1 ? partial.data() + slot * part_heads * (head_dim + 2) : nullptr;
             if (len == 0) {                       // a run past a short context's end
                 std::fill(mine + part_heads * head_dim, mine + part_heads * (head_dim + 2), 0.f);
                 continue;
