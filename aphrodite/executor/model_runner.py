@@ -8,6 +8,7 @@ a step into flat tensors with vectorised numpy, not per-token Python.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ import torch
 from aphrodite.config import EngineConfig
 from aphrodite.executor import cpu_kernels
 from aphrodite.executor.attention import (AttentionMetadata, allocate_kv_caches,
-                                          kv_cache_bytes_per_block)
+                                          kv_cache_bytes_per_block, populate_host_pool)
 from aphrodite.executor.models import get_model_class
 from aphrodite.executor.sampler import Sampler, SamplingRow
 from aphrodite.executor.sampling.logprobs import summarise
@@ -30,6 +31,8 @@ logger = logging.getLogger("aphrodite.worker")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_DEFAULT_FRACTION = 0.25
 CPU_KV_DEFAULT_CAP = 4 << 30
+# Start-up time given to faulting the CPU KV pool in (attention.populate_host_pool).
+KV_POPULATE_SECONDS = 2.0
 # Prompt logprobs materialise [positions, vocab] float32 logits; this many positions at a
 # time bounds that memory for long prefill chunks.
 PROMPT_LOGPROBS_ROWS = 256
@@ -102,6 +105,10 @@ class ModelRunner:
         self.num_kv_blocks, self.kv_caches = self._allocate_kv_cache(rank)
         if self.device.type == "cpu":
             cpu_kernels.library_available()     # built (or found cached) now, not in a step
+            began = time.perf_counter()
+            done = populate_host_pool(self.kv_caches, KV_POPULATE_SECONDS)
+            logger.info("Faulted in %d of %d KV blocks in %.2f s", done, self.num_kv_blocks,
+                        time.perf_counter() - began)
         # The pool must hold at least one sequence of max_model_len tokens.
         self.max_model_len = min(self.max_model_len, self.num_kv_blocks * self.block_size)
         self.sampler = Sampler(eos_token_ids=self.eos_token_ids)
