@@ -124,6 +124,47 @@ def test_kernel_panels_cover_every_row_and_token(kind, threads, cpp_compiler):
         torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def amx(cpp_compiler):
+    from aphrodite.executor import cpu_kernels
+    if not cpu_kernels.amx_available():
+        pytest.skip("no AMX tiles on this CPU, or not granted by the OS")
+
+
+@pytest.mark.parametrize("kind", [Q.Q4_0, Q.Q4_1])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_product_is_float32_accurate(kind, threads, amx):
+    """Prefill's AMX product (kernels/amx_linear.h) against a float64 product of gguf's
+    matrix. It sums x * d * q and sum(x) * m apart, as the decode kernel does, so its error
+    scale is sum |x| * (|d * q| + |m|); each output is within 2e-7 of that (measured: at most
+    8.6e-8; float32 GEMM on the dequantised matrix: 1.5e-7). With 64 columns, leaving out an
+    activation's third bfloat16 part alone would be off by 4.2e-7 to 1.4e-6; a weight's
+    second part or a wrong min by far more. 1,088 columns take two steps of mins, the second
+    partly filled; token counts leave partial tiles; the threads split the output tiles."""
+    from aphrodite.executor import cpu_kernels
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows, cols in ((64, 64), (96, 1088)):
+            raw, reference = quantized_matrix(kind, rows=rows, cols=cols, seed=threads)
+            parts = parts_from_gguf(raw, kind, reference.shape)
+            packed = cpu_kernels.amx_pack(torch.from_numpy(parts.gguf_blocks()), cols)
+            weight = torch.from_numpy(reference).double()
+            scaled = parts.codes.reshape(rows, -1, 32) * parts.scales[..., None]
+            magnitude = torch.from_numpy(
+                (np.abs(scaled) + np.abs(parts.mins[..., None])).reshape(rows, cols)).double()
+            for tokens in (1, 17, 32, 129, 300):
+                x = torch.randn(tokens, cols)
+                out = cpu_kernels.amx_linear(x, packed, rows)
+                assert out.shape == (tokens, rows) and out.is_contiguous()
+                error = (out.double() - x.double() @ weight.T).abs()
+                bound = 2e-7 * (x.double().abs() @ magnitude.T)
+                assert bool((error <= bound).all()), \
+                    f"{rows}x{cols}, {tokens} tokens: {(error / bound).max().item() * 2e-7:.2e}"
+    finally:
+        torch.set_num_threads(previous)
+
+
 # ---------------------------------------------------------------------------------------------
 # The default model: quantised vs dequantised float32
 
@@ -222,11 +263,15 @@ def test_quantization_modes(cpp_compiler, monkeypatch):
 @torch.inference_mode()
 def test_auto_holds_both_and_picks_per_call(cpp_compiler):
     """auto: quantised blocks for a few tokens, the float32 copy (equal to the dequantised
-    matrix) above KERNEL_MAX_TOKENS; the same numbers either way up to rounding order."""
+    matrix) or AMX tiles above KERNEL_MAX_TOKENS; the same numbers each way up to rounding
+    order."""
     files = resolve_model(None)
     model = build(files, "auto")
     weight = model.layers[3].mlp.down_weight
-    assert isinstance(weight, QuantizedWeight) and weight.dense is not None
+    # int4 matrices hold AMX operand tiles instead of the float32 copy where the CPU has AMX.
+    amx = quantized_linear.cpu_kernels.amx_available()
+    assert isinstance(weight, QuantizedWeight) and (weight.amx is not None) == amx
+    assert (weight.dense is not None) == (not amx)
     assert isinstance(model.embed_tokens, QuantizedWeight) and model.embed_tokens.dense is not None
     from aphrodite.executor.cpu_linear import linear
     for tokens in (1, quantized_linear.KERNEL_MAX_TOKENS + 1, 40):

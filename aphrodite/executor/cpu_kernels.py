@@ -9,6 +9,9 @@
   paged cache too (torch's flash kernel runs one sequence a call, its prefix gathered first).
 - kernels/quantized_linear.h: GGUF-style int4/int8 weights times float32 activations for
   decode (see quantized_linear.py for why not torch's weight-only kernels).
+- kernels/amx_linear.h: the same int4 matrices times many tokens (prefill chunks) on Intel
+  AMX's bfloat16 tiles, with every float32 bit kept (weights and activations split into
+  exact bfloat16 parts); only where amx_available().
 - kernels/layer_ops.h: the elementwise steps between a layer's matrix products (residual add
   and RMS norm, rotary and the KV-cache write, the SiLU-gated product), one call each (see
   models/layer_ops.py).
@@ -117,6 +120,14 @@ def _library() -> ctypes.CDLL | None:
     library.rotate_and_cache.restype = None
     library.silu_and_mul.argtypes = [pointer, i64, i64, pointer]
     library.silu_and_mul.restype = None
+    library.amx_enable.argtypes = []
+    library.amx_enable.restype = ctypes.c_int
+    library.amx_packed_size.argtypes = [i64, i64]
+    library.amx_packed_size.restype = i64
+    library.amx_pack.argtypes = [pointer, i64, i64, pointer]
+    library.amx_pack.restype = None
+    library.amx_linear.argtypes = [pointer, i64, i64, pointer, i64, pointer]
+    library.amx_linear.restype = None
     library.kv_float16_supported.argtypes = []
     library.kv_float16_supported.restype = ctypes.c_int
     return library
@@ -206,6 +217,42 @@ def quantized_linear(x: torch.Tensor, blocks: torch.Tensor, is_int4: bool) -> to
     _library().quantized_linear(x.data_ptr(), x.shape[0], x.shape[1], blocks.data_ptr(),
                                 int(is_int4), blocks.shape[0], out.data_ptr())
     return out
+
+
+@cache
+def amx_available() -> bool:
+    """Whether amx_linear runs here: a build for a CPU with AMX (bfloat16 tiles) and a kernel
+    that grants this process the tile state. APHRODITE_AMX=0 turns it off."""
+    library = _library()
+    if library is None or os.environ.get("APHRODITE_AMX", "1") == "0":
+        return False
+    return bool(library.amx_enable())
+
+
+def amx_pack(blocks: torch.Tensor, cols: int) -> torch.Tensor:
+    """Q4_1 blocks (quantized_linear's layout) of a [rows, cols] matrix, rows and cols
+    multiples of 32 -> amx_linear's operand tiles (int16 storage of bfloat16 parts, 4 bytes
+    a weight; see kernels/amx_linear.h)."""
+    rows = blocks.shape[0]
+    assert blocks.dtype == torch.uint8 and blocks.is_contiguous() and rows % 32 == 0 \
+        and cols % 32 == 0
+    out = torch.empty(_library().amx_packed_size(rows, cols), dtype=torch.int16)
+    _library().amx_pack(blocks.data_ptr(), rows, cols, out.data_ptr())
+    return out
+
+
+def amx_linear(x: torch.Tensor, packed: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [tokens, cols] float32 @ W^T -> [tokens, rows] float32, W packed by amx_pack; only
+    where amx_available()."""
+    x = x.contiguous()
+    # Also what asks Linux for the tile state in this process: without it, AMX instructions
+    # fault (SIGILL).
+    assert amx_available() and x.dtype == torch.float32 and x.dim() == 2
+    tokens = x.shape[0]
+    out = torch.empty((tokens + 31) // 32 * 32, rows, dtype=torch.float32)
+    _library().amx_linear(x.data_ptr(), tokens, x.shape[1], packed.data_ptr(), rows,
+                          out.data_ptr())
+    return out[:tokens]
 
 
 def dequantize_blocks(blocks: torch.Tensor, is_int4: bool, cols: int) -> torch.Tensor:

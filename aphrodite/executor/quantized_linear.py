@@ -20,6 +20,10 @@ the dequantised matrix, built for the call):
   activations are rounded to bfloat16 there, which flips greedy tokens now and then. int8
   without the C++ kernel multiplies the dequantised matrix.
 
+In the loader's "int4+dense" mode, larger calls multiply a float32 copy made at load (MKL)
+instead, or, for int4 matrices on CPUs with AMX, their AMX operand tiles (`amx`,
+cpu_kernels.amx_linear, kernels/amx_linear.h); cpu_linear.linear picks.
+
 GGUF blocks (ggml-common.h): 32 values per block, Q4_0 = fp16 d + 16 bytes of nibbles,
 x = d * (q - 8); Q4_1 = fp16 d, fp16 m + nibbles, x = d * q + m; Q8_0 = fp16 d + 32 int8, x = d * q.
 Nibble j of a block is the low half of byte j (values 0-15) or the high half of byte j - 16.
@@ -152,6 +156,9 @@ class QuantizedWeight(torch.Tensor):
         # A float32 copy (oneDNN-packed where available), set by the loader in "int4+dense"
         # mode: cpu_linear.linear uses it above KERNEL_MAX_TOKENS tokens.
         self.dense: torch.Tensor | None = None
+        # Or, for int4 where the CPU has AMX, its operand tiles (cpu_kernels.amx_pack): the
+        # same calls run cpu_kernels.amx_linear instead, float32-accurate and faster.
+        self.amx: torch.Tensor | None = None
         if cpu_kernels.library_available():
             self.blocks = torch.from_numpy(parts.gguf_blocks())
             return

@@ -195,7 +195,8 @@ def available_ram() -> int:
 
 def quantization_mode(config, files: ModelFiles, device, model) -> str:
     """How a model's GGUF matrices are held: "none" (float32), "int4" (quantised only) or
-    "int4+dense" (both: quantised for decode steps of a few tokens, float32 for the rest).
+    "int4+dense" (both: quantised for decode steps of a few tokens, float32 for the rest; on
+    CPUs with AMX, int4 matrices' "rest" is AMX operand tiles, as large and float32-accurate).
 
     Quantised execution needs a GGUF model on CPU in float32 without tensor parallelism.
     "auto" holds both when the C++ kernels are there: the float32 copy costs 4 bytes a weight
@@ -259,8 +260,13 @@ def load_model_weights(model, files: ModelFiles, config, device, progress: bool 
         # Plain float32, multiplied by MKL (F.linear), not packed for oneDNN: the copy only
         # serves calls above KERNEL_MAX_TOKENS, and there MKL is the faster one (all linears
         # of the default model, ms, MKL vs oneDNN: 512 tokens 642 vs 681, 2048: 2489 vs 2749).
+        # AMX tiles beat both (see kernels/amx_linear.h).
         for weight in quantized_weights(model):
-            weight.dense = weight.dequantize()
+            if weight.kind == "int4" and weight.out_features % 32 == 0 \
+                    and cpu_kernels.amx_available():
+                weight.amx = cpu_kernels.amx_pack(weight.blocks, weight.in_features)
+            else:
+                weight.dense = weight.dequantize()
 
 
 def swap_in_quantized(model, quantized: dict[str, QuantizedParts], tied: bool) -> None:

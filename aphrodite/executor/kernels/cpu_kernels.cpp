@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "amx_linear.h"
 #include "decode_layers.h"
 #include "layer_ops.h"
 #include "paged_decode_attention.h"
@@ -88,6 +89,26 @@ extern "C" void dequantize_blocks(const uint8_t* weight, int is_int4, int64_t ro
     } else {
         quantized::dequantize<false>(weight, rows, cols, out);
     }
+}
+
+// Whether this process may use AMX's tiles (Linux grants them on request, once); 0 on builds
+// or CPUs without AMX, where amx_linear must not be called.
+extern "C" int amx_enable() { return amx::enable() ? 1 : 0; }
+
+// Q4_1 blocks of a [rows, cols] matrix (as quantized_linear's) -> amx_packed_size(rows, cols)
+// bfloat16s of AMX operand tiles. rows % 32 == 0, cols % 32 == 0.
+extern "C" int64_t amx_packed_size(int64_t rows, int64_t cols) {
+    return amx::packed_size(rows, cols);
+}
+
+extern "C" void amx_pack(const uint8_t* weight, int64_t rows, int64_t cols, uint16_t* out) {
+    amx::pack(weight, rows, cols, out);
+}
+
+// x [tokens, cols] float32 times a packed matrix -> out [tokens rounded up to 32, rows].
+extern "C" void amx_linear(const float* x, int64_t tokens, int64_t cols, const uint16_t* packed,
+                           int64_t rows, float* out) {
+    amx::matmul(x, tokens, cols, packed, rows, out);
 }
 
 // Runs every layer of a decode step over step->hidden, in place (see decode_layers.h).
