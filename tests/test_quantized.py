@@ -263,8 +263,8 @@ def test_quantization_modes(cpp_compiler, monkeypatch):
 @torch.inference_mode()
 def test_auto_holds_both_and_picks_per_call(cpp_compiler):
     """auto: quantised blocks for a few tokens, the float32 copy (equal to the dequantised
-    matrix) or AMX tiles above KERNEL_MAX_TOKENS; the same numbers each way up to rounding
-    order."""
+    matrix) above KERNEL_MAX_TOKENS, or AMX tiles above AMX_ABOVE_TOKENS; the same numbers
+    each way up to rounding order."""
     files = resolve_model(None)
     model = build(files, "auto")
     weight = model.layers[3].mlp.down_weight
@@ -274,7 +274,8 @@ def test_auto_holds_both_and_picks_per_call(cpp_compiler):
     assert (weight.dense is not None) == (not amx)
     assert isinstance(model.embed_tokens, QuantizedWeight) and model.embed_tokens.dense is not None
     from aphrodite.executor.cpu_linear import linear
-    for tokens in (1, quantized_linear.KERNEL_MAX_TOKENS + 1, 40):
+    for tokens in (1, 40, quantized_linear.AMX_ABOVE_TOKENS + 1,
+                   quantized_linear.KERNEL_MAX_TOKENS + 1):
         x = torch.randn(tokens, weight.in_features)
         expected = x.double() @ weight.dequantize().double().T
         torch.testing.assert_close(linear(x, weight).double(), expected, rtol=1e-4, atol=1e-4)

@@ -12,8 +12,9 @@ EPYC (AVX2), ms per call. Column-major is the layout the model used before packi
 Decode batches are faster at every size; long prefills lose 5-7%. GGUF models' float32 copies
 (quantized_linear.py) are left plain for MKL: the quantised kernel takes every call of up to
 KERNEL_MAX_TOKENS tokens, so the copy serves only prefill chunks, where MKL is the faster.
-On CPUs with AMX, int4 matrices hold AMX operand tiles instead of the copy and those calls
-run kernels/amx_linear.h, as accurate as float32 and 1.4x MKL's speed there.
+On CPUs with AMX, int4 matrices hold AMX operand tiles instead of the copy, and calls above
+AMX_ABOVE_TOKENS run kernels/amx_linear.h, as accurate as float32 and 1.4x MKL's speed at
+prefill sizes.
 
 bfloat16 on a CPU without native bf16 dot products (AVX2 and older): torch emulates the bf16
 GEMM. From 8 tokens on, upcasting the weight to float32 per call, in 4 MB slices, is faster
@@ -30,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from aphrodite.executor import cpu_kernels
-from aphrodite.executor.quantized_linear import KERNEL_MAX_TOKENS, QuantizedWeight
+from aphrodite.executor.quantized_linear import (AMX_ABOVE_TOKENS, KERNEL_MAX_TOKENS,
+                                                 QuantizedWeight)
 
 # oneDNN picks its blocked layout for this many rows of input. Measured with hints 1, 64 and the
 # real row count: 64 is within noise of the real count from 1 to 2048 tokens; 1 is 1.5x slower
@@ -61,11 +63,11 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for 2-D x, with the kernel choices above."""
     if type(weight) is QuantizedWeight:   # weight-only quantised (see quantized_linear.py)
-        if x.shape[0] <= KERNEL_MAX_TOKENS or (weight.dense is None and weight.amx is None):
-            return weight.linear(x, bias)
-        if weight.amx is not None:
+        if weight.amx is not None and x.shape[0] > AMX_ABOVE_TOKENS:
             out = cpu_kernels.amx_linear(x, weight.amx, weight.out_features)
             return out if bias is None else out + bias
+        if weight.dense is None or x.shape[0] <= KERNEL_MAX_TOKENS:
+            return weight.linear(x, bias)
         weight = weight.dense
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

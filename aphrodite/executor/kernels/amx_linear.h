@@ -22,8 +22,8 @@
 // (2 vCPUs): 25.5-27.7 ms against MKL's 38.5 on the float32 copy (524-568 against 376
 // GFLOP/s); in the mixed c=64 replay, prefill 13.8-14.2 -> 10.5-10.8 s. Operands take 4 bytes
 // a weight, as that copy did, which they replace. At decode sizes the tiles are streamed from
-// memory each call and lose to quantized_linear.h below 64 tokens; calls go here only above
-// KERNEL_MAX_TOKENS.
+// memory each call and lose to quantized_linear.h below 64 tokens; calls go here above
+// AMX_ABOVE_TOKENS (quantized_linear.py).
 
 #pragma once
 
