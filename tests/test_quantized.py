@@ -132,7 +132,7 @@ def amx(cpp_compiler):
 
 
 @pytest.mark.parametrize("kind", [Q.Q4_0, Q.Q4_1])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 5])
 def test_amx_product_is_float32_accurate(kind, threads, amx):
     """Prefill's AMX product (kernels/amx_linear.h) against a float64 product of gguf's
     matrix. It sums x * d * q and sum(x) * m apart, as the decode kernel does, so its error
@@ -140,7 +140,8 @@ def test_amx_product_is_float32_accurate(kind, threads, amx):
     8.6e-8; float32 GEMM on the dequantised matrix: 1.5e-7). With 64 columns, leaving out an
     activation's third bfloat16 part alone would be off by 4.2e-7 to 1.4e-6; a weight's
     second part or a wrong min by far more. 1,088 columns take two steps of mins, the second
-    partly filled; token counts leave partial tiles; the threads split the output tiles."""
+    partly filled; token counts leave partial tiles; the threads (5: more than output
+    tile pairs) split the products."""
     from aphrodite.executor import cpu_kernels
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

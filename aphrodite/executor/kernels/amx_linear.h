@@ -260,7 +260,10 @@ inline void matmul(const float* x, int64_t tokens, int64_t cols, const uint16_t*
         configure_tiles();
         for (int64_t first = 0; first < token_pairs; first += group) {
             const int64_t last = std::min(token_pairs, first + group);
-#pragma omp for schedule(static) nowait
+            // Both loops are split, so that more threads than output pairs (18 for a 576-row
+            // matrix) all get work; a thread's share is contiguous, each pair's weights
+            // reused across its token pairs.
+#pragma omp for collapse(2) schedule(static) nowait
             for (int64_t np = 0; np < output_pairs; ++np)
                 for (int64_t tp = first; tp < last; ++tp)
                     product(a_tiles, packed, total, tp, np, out, rows);
