@@ -199,8 +199,8 @@ inline void product(const uint16_t* a_tiles, const uint16_t* b_tiles, int64_t to
     for (int64_t s = 0; s < total; ++s) {
         const uint16_t *x0 = a0 + s * a_step, *x1 = a1 + s * a_step;
         const uint16_t *w0 = b0 + s * b_step, *w1 = b1 + s * b_step;
-        // Parts in the order (x1, w1) (x1, w2) (x2, w2) (x2, w1) (x3, w1): each load serves
-        // two products before it is replaced.
+        // Parts in the order (x1, w1) (x1, w2) (x2, w2) (x2, w1) (x3, w1), so that each
+        // product after the first reloads only one operand pair.
         _tile_loadd(4, x0, 64);
         _tile_loadd(5, x1, 64);
         _tile_loadd(6, w0, 64);
