@@ -162,8 +162,8 @@ class QuantizedWeight(torch.Tensor):
         # A float32 copy (oneDNN-packed where available), set by the loader in "int4+dense"
         # mode: cpu_linear.linear uses it above KERNEL_MAX_TOKENS tokens.
         self.dense: torch.Tensor | None = None
-        # Or, for int4 where the CPU has AMX, its operand tiles (cpu_kernels.amx_pack): the
-        # same calls run cpu_kernels.amx_linear instead, float32-accurate and faster.
+        # Or, for int4 where the CPU has AMX, its operand tiles (cpu_kernels.amx_pack): calls
+        # above AMX_ABOVE_TOKENS run cpu_kernels.amx_linear, float32-accurate and faster.
         self.amx: torch.Tensor | None = None
         if cpu_kernels.library_available():
             self.blocks = torch.from_numpy(parts.gguf_blocks())
