@@ -4,6 +4,8 @@
     python benchmarks/greedy_agreement.py save after.json      # in the new one
     python benchmarks/greedy_agreement.py compare before.json after.json
 
+`--quantization none` runs the float32 model instead of the default GGUF path.
+
 Two sets: quantized_decode.py's 4 chat prompts x 128 new tokens, and 16 of the mixed serving workload's prompts x
 64 new tokens run as one batch (so batched decode, prefill chunks and the KV cache's paging
 all take part). A kernel change that only reorders float32 sums should leave every sequence
@@ -27,7 +29,7 @@ def generate(args) -> dict[str, list[list[int]]]:
     from quantized_decode import PROMPTS
     from serving_workloads import WordSource, default_specs, level_requests
 
-    with LLM(kv_cache_dtype=args.kv_cache_dtype) as llm:
+    with LLM(kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization) as llm:
         greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         chats = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS], greedy(128),
                          use_tqdm=False)
@@ -57,6 +59,8 @@ def main() -> None:
     save = sub.add_parser("save")
     save.add_argument("path")
     save.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16"])
+    save.add_argument("--quantization", default="auto", choices=["auto", "none", "int4"],
+                      help="none: the float32 model; auto: the default GGUF path")
     both = sub.add_parser("compare")
     both.add_argument("before")
     both.add_argument("after")

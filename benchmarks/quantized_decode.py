@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # aphrodite, when not installed
 from aphrodite.config import EngineConfig
-from aphrodite.executor.attention import AttentionMetadata, allocate_kv_caches
+from aphrodite.executor.layers.attention import AttentionMetadata, allocate_kv_caches
 from aphrodite.executor.models import get_model_class
-from aphrodite.executor.weight_loader import load_model_weights
+from aphrodite.executor.loader import load_model_weights
 from aphrodite.model_files import load_config, load_tokenizer, resolve_model
 
 PROMPTS = [

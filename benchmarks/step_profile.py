@@ -42,7 +42,8 @@ from aphrodite.core.engine_core import EngineCore
 from aphrodite.core.kv_cache_manager import KVCacheManager
 from aphrodite.core.request import Request
 from aphrodite.core.scheduler import Scheduler
-from aphrodite.executor import attention, cpu_kernels
+from aphrodite.executor.layers import attention
+from aphrodite.executor.kernels.cpu import ops as cpu_kernels
 from aphrodite.executor.model_runner import ModelRunner
 from aphrodite.executor.models import llama
 from aphrodite.protocol import Frame, decode, encode

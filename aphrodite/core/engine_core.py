@@ -21,7 +21,7 @@ from aphrodite.config import EngineConfig
 from aphrodite.core.kv_cache_manager import KVCacheManager
 from aphrodite.core.request import Request
 from aphrodite.core.scheduler import Scheduler, SchedulerOutput
-from aphrodite.executor.executor import Executor, ParentGone, WorkerFailure, die_with_parent
+from aphrodite.core.workers import Executor, ParentGone, WorkerFailure, die_with_parent
 from aphrodite.protocol import Frame, decode, encode
 
 logger = logging.getLogger("aphrodite.engine")

@@ -17,7 +17,7 @@ import logging
 import numpy as np
 import torch
 
-from aphrodite.executor.attention import AttentionMetadata
+from aphrodite.executor.layers.attention import AttentionMetadata
 
 logger = logging.getLogger("aphrodite.worker")
 

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from aphrodite.config import EngineConfig
-from aphrodite.executor import cpu_kernels
-from aphrodite.executor.attention import (AttentionMetadata, allocate_kv_caches,
+from aphrodite.executor.kernels.cpu import ops as cpu_kernels
+from aphrodite.executor.layers.attention import (AttentionMetadata, allocate_kv_caches,
                                           kv_cache_bytes_per_block, populate_host_pool)
 from aphrodite.executor.models import get_model_class
 from aphrodite.executor.sampler import Sampler, SamplingRow
 from aphrodite.executor.sampling.logprobs import summarise
-from aphrodite.executor.weight_loader import available_ram, load_model_weights
+from aphrodite.executor.loader import available_ram, load_model_weights
 from aphrodite.model_files import eos_token_ids, load_config, max_model_len, resolve_model
 from aphrodite.sampling_params import SamplingParams
 

@@ -42,7 +42,7 @@ def _run_step(runner, step: dict) -> dict:
 
 def run_worker(config_dict: dict, rank: int, step_addr: str, result_addr: str,
                parent_pid: int, ipc_dir: str) -> None:
-    from aphrodite.executor.executor import ParentGone, die_with_parent
+    from aphrodite.core.workers import ParentGone, die_with_parent
     try:
         # SIGKILL: a worker holds nothing that needs cleaning up, and may be stuck in a kernel.
         die_with_parent(parent_pid, signal.SIGKILL)

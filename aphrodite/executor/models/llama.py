@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aphrodite.executor import cpu_kernels
-from aphrodite.executor.attention import AttentionMetadata, paged_attention
-from aphrodite.executor.cpu_linear import linear, onednn_available, pack_weight
-from aphrodite.executor.models.layer_ops import add_rms_norm, rotate_and_cache, silu_and_mul
-from aphrodite.executor.models.rotary import RotaryEmbedding
-from aphrodite.executor.quantized_linear import QuantizedWeight
+from aphrodite.executor.kernels.cpu import ops as cpu_kernels
+from aphrodite.executor.layers.attention import AttentionMetadata, paged_attention
+from aphrodite.executor.layers.linear import linear, onednn_available, pack_weight
+from aphrodite.executor.layers.layer_ops import add_rms_norm, rotate_and_cache, silu_and_mul
+from aphrodite.executor.layers.rotary import RotaryEmbedding
+from aphrodite.executor.layers.quantized import QuantizedWeight
 from aphrodite.model_files import head_dim as config_head_dim
 from aphrodite.model_files import max_model_len, rope_settings
 

@@ -83,7 +83,7 @@ def test_float16_kv_cache(tokenizer, hf_greedy):
     """kv_cache_dtype float16: twice the blocks in the same memory, and greedy output that only
     rounding can move from transformers' (all 200 equal when written)."""
     import torch
-    from aphrodite.executor.attention import kv_cache_bytes_per_block
+    from aphrodite.executor.layers.attention import kv_cache_bytes_per_block
     from aphrodite.model_files import load_config, resolve_model
     budget = 64 << 20
     with LLM(num_threads=2, kv_cache_memory=budget, kv_cache_dtype="float16") as engine:

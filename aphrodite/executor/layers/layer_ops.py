@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aphrodite.executor import cpu_kernels
-from aphrodite.executor.attention import AttentionMetadata, write_kv
-from aphrodite.executor.models.rotary import RotaryEmbedding
+from aphrodite.executor.kernels.cpu import ops as cpu_kernels
+from aphrodite.executor.layers.attention import AttentionMetadata, write_kv
+from aphrodite.executor.layers.rotary import RotaryEmbedding
 
 
 def _on_kernels(x: torch.Tensor) -> bool:

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aphrodite.executor import cpu_kernels
-from aphrodite.executor.cpu_linear import bf16_gemm_is_emulated
+from aphrodite.executor.kernels.cpu import ops as cpu_kernels
+from aphrodite.executor.layers.linear import bf16_gemm_is_emulated
 
 
 def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -334,7 +334,7 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
     """One new token per sequence: q [B, H, D] over each sequence's whole cached context."""
     batch, heads, head_dim = q.shape
     if q.is_cuda and _triton_decode_usable(head_dim):
-        from aphrodite.executor.triton_attention import paged_decode_attention
+        from aphrodite.executor.kernels.triton.paged_decode import paged_decode_attention
         return paged_decode_attention(q, kv_cache, block_tables, seq_lens, max_seq_len, scale)
     block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = heads // kv_heads

@@ -16,10 +16,10 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from aphrodite.executor.attention import AttentionMetadata, allocate_kv_caches
-from aphrodite.executor.gguf_tensors import GGUFTensors
+from aphrodite.executor.layers.attention import AttentionMetadata, allocate_kv_caches
+from aphrodite.executor.loader.gguf_file import GGUFTensors
 from aphrodite.executor.models import get_model_class
-from aphrodite.executor.weight_loader import gguf_to_hf_name, iter_weights
+from aphrodite.executor.loader import gguf_to_hf_name, iter_weights
 from aphrodite.model_files import (
     ModelFiles,
     eos_token_ids,

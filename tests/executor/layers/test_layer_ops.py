@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aphrodite.executor import cpu_kernels
-from aphrodite.executor.attention import AttentionMetadata, allocate_kv_caches
-from aphrodite.executor.models import layer_ops
-from aphrodite.executor.models.rotary import RotaryEmbedding
+from aphrodite.executor.kernels.cpu import ops as cpu_kernels
+from aphrodite.executor.layers.attention import AttentionMetadata, allocate_kv_caches
+from aphrodite.executor.layers import layer_ops
+from aphrodite.executor.layers.rotary import RotaryEmbedding
 from aphrodite.model_files import RopeSettings
 
 # rows, size: one decode row, a decode batch, a prefill chunk (split over threads), odd sizes

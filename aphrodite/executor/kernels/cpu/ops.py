@@ -46,7 +46,7 @@ from aphrodite.model_files import cache_root, write_file_atomically
 
 logger = logging.getLogger("aphrodite.worker")
 
-KERNELS = Path(__file__).parent / "kernels"
+KERNELS = Path(__file__).parent
 SOURCES = sorted([*KERNELS.glob("*.cpp"), *KERNELS.glob("*.h")])   # what the build key covers
 # gnu++17, not c++17: the strict ISO mode stops g++ from fusing multiply-adds.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17"]

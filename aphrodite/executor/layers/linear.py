@@ -30,8 +30,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from aphrodite.executor import cpu_kernels
-from aphrodite.executor.quantized_linear import (AMX_ABOVE_TOKENS, KERNEL_MAX_TOKENS,
+from aphrodite.executor.kernels.cpu import ops as cpu_kernels
+from aphrodite.executor.layers.quantized import (AMX_ABOVE_TOKENS, KERNEL_MAX_TOKENS,
                                                  QuantizedWeight)
 
 # oneDNN picks its blocked layout for this many rows of input. Measured with hints 1, 64 and the

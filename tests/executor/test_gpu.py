@@ -58,8 +58,8 @@ def test_gpu_matches_cpu(tiny_llama):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (9, 3, 64), (8, 8, 128)])
 def test_triton_decode_matches_torch_reference(dtype, tol, heads, kv_heads, head_dim):
-    from aphrodite.executor.attention import _gather_context
-    from aphrodite.executor.triton_attention import paged_decode_attention
+    from aphrodite.executor.layers.attention import _gather_context
+    from aphrodite.executor.kernels.triton.paged_decode import paged_decode_attention
     torch.manual_seed(0)
     block_size, num_blocks = 16, 400
     lens = [1, 17, 511, 513, 3000]

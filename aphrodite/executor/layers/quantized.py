@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aphrodite.executor import cpu_kernels
+from aphrodite.executor.kernels.cpu import ops as cpu_kernels
 
 # GGMLQuantizationType values as plain ints (they compare equal to gguf's IntEnum), so that
 # loading a safetensors model never needs the gguf package.

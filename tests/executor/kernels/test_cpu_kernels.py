@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from aphrodite.executor import cpu_kernels
-from aphrodite.executor.attention import AttentionMetadata
+from aphrodite.executor.kernels.cpu import ops as cpu_kernels
+from aphrodite.executor.layers.attention import AttentionMetadata
 
 
 @pytest.fixture

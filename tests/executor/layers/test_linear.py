@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aphrodite.executor import cpu_linear
+from aphrodite.executor.layers import linear as cpu_linear
 
 torch.set_num_threads(1)
 

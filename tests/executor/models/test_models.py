@@ -12,9 +12,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-from aphrodite.executor.attention import AttentionMetadata, allocate_kv_caches
+from aphrodite.executor.layers.attention import AttentionMetadata, allocate_kv_caches
 from aphrodite.executor.models import LlamaForCausalLM, get_model_class
-from aphrodite.executor.weight_loader import iter_weights
+from aphrodite.executor.loader import iter_weights
 from aphrodite.model_files import load_config, load_tokenizer, max_model_len, resolve_model
 
 torch.set_num_threads(1)

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from aphrodite.config import EngineConfig
-from aphrodite.executor.attention import AttentionMetadata, allocate_kv_caches
+from aphrodite.executor.layers.attention import AttentionMetadata, allocate_kv_caches
 from aphrodite.executor.models import get_model_class
-from aphrodite.executor import quantized_linear, weight_loader
-from aphrodite.executor.quantized_linear import QuantizedWeight, parts_from_gguf
-from aphrodite.executor.weight_loader import iter_weights, load_gguf_converted, load_model_weights
+from aphrodite.executor import loader as weight_loader
+from aphrodite.executor.layers import quantized as quantized_linear
+from aphrodite.executor.layers.quantized import QuantizedWeight, parts_from_gguf
+from aphrodite.executor.loader import iter_weights, load_gguf_converted, load_model_weights
 from aphrodite.model_files import gguf_weights_cache_path, load_config, load_tokenizer, resolve_model
 
 torch.set_num_threads(1)
@@ -53,7 +54,7 @@ def test_parts_dequantize_like_gguf(kind):
 def test_kernel_dequantisation_is_ggufs_bit_for_bit(kind, cpp_compiler):
     """The float32 copy `auto` keeps and the kernel's widened panels share this code: its
     matrix must be gguf's own, bit for bit."""
-    from aphrodite.executor import cpu_kernels
+    from aphrodite.executor.kernels.cpu import ops as cpu_kernels
     raw, reference = quantized_matrix(kind, rows=40, cols=256, seed=3)
     blocks = torch.from_numpy(parts_from_gguf(raw, kind, reference.shape).gguf_blocks())
     out = cpu_kernels.dequantize_blocks(blocks, kind != Q.Q8_0, reference.shape[1])
@@ -109,7 +110,7 @@ def test_kernel_panels_cover_every_row_and_token(kind, threads, cpp_compiler):
     columns in chunks of 128), transposing tokens and results 8 x 8 at a time: row, column and
     token counts that leave partial panels, tiles, chunks and transposition blocks must still
     give every output (against a float64 product of gguf's matrix)."""
-    from aphrodite.executor import cpu_kernels
+    from aphrodite.executor.kernels.cpu import ops as cpu_kernels
     raw, reference = quantized_matrix(kind, rows=103, cols=288, seed=threads)
     blocks = torch.from_numpy(parts_from_gguf(raw, kind, reference.shape).gguf_blocks())
     previous = torch.get_num_threads()
@@ -126,7 +127,7 @@ def test_kernel_panels_cover_every_row_and_token(kind, threads, cpp_compiler):
 
 @pytest.fixture
 def amx(cpp_compiler):
-    from aphrodite.executor import cpu_kernels
+    from aphrodite.executor.kernels.cpu import ops as cpu_kernels
     if not cpu_kernels.amx_available():
         pytest.skip("no AMX tiles on this CPU, or not granted by the OS")
 
@@ -142,7 +143,7 @@ def test_amx_product_is_float32_accurate(kind, threads, amx):
     second part or a wrong min by far more. 1,088 columns take two steps of mins, the second
     partly filled; token counts leave partial tiles; the threads (5: more than output
     tile pairs) split the products."""
-    from aphrodite.executor import cpu_kernels
+    from aphrodite.executor.kernels.cpu import ops as cpu_kernels
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -274,7 +275,7 @@ def test_auto_holds_both_and_picks_per_call(cpp_compiler):
     assert isinstance(weight, QuantizedWeight) and (weight.amx is not None) == amx
     assert (weight.dense is not None) == (not amx)
     assert isinstance(model.embed_tokens, QuantizedWeight) and model.embed_tokens.dense is not None
-    from aphrodite.executor.cpu_linear import linear
+    from aphrodite.executor.layers.linear import linear
     for tokens in (1, 40, quantized_linear.AMX_ABOVE_TOKENS + 1,
                    quantized_linear.KERNEL_MAX_TOKENS + 1):
         x = torch.randn(tokens, weight.in_features)

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from server_utils import REPO_ROOT, RemoteServer
-from test_server_faults import Client, no_process_left
+from test_faults import Client, no_process_left
 
 pytestmark = pytest.mark.slow   # starts the real server with the default model
 

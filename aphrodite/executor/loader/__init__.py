@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aphrodite.executor import cpu_kernels
-from aphrodite.executor.quantized_linear import (INT4_TYPES, Q8_0, QuantizedParts,
+from aphrodite.executor.kernels.cpu import ops as cpu_kernels
+from aphrodite.executor.layers.quantized import (INT4_TYPES, Q8_0, QuantizedParts,
                                                  QuantizedWeight, parts_from_gguf)
 from aphrodite.model_files import ModelFiles, gguf_weights_cache_path, write_file_atomically
 
@@ -123,7 +123,7 @@ def _iter_gguf(path: str, progress: bool, quantize: tuple[int, ...] = ()
     as QuantizedParts instead of dequantised float32."""
     from gguf.quants import dequantize
 
-    from aphrodite.executor.gguf_tensors import GGUFTensors
+    from aphrodite.executor.loader.gguf_file import GGUFTensors
 
     gguf_file = GGUFTensors(path)
     meta = gguf_file.metadata
@@ -223,7 +223,7 @@ def quantization_mode(config, files: ModelFiles, device, model) -> str:
     if (not cpu_kernels.library_available()
             or os.path.getsize(files.gguf_path) > DENSE_CACHE_MAX_FILE):
         return "none"   # larger files stream their float32 tensors (see load_model_weights)
-    from aphrodite.executor.gguf_tensors import GGUFTensors
+    from aphrodite.executor.loader.gguf_file import GGUFTensors
     dense_bytes = 4 * sum(int(np.prod(t.shape)) for t in GGUFTensors(files.gguf_path).tensors)
     if dense_bytes > DENSE_COPY_MAX_SHARE * available_ram():
         logger.info("Keeping the GGUF weights quantised only: a float32 copy would take "

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from aphrodite.executor.attention import AttentionMetadata, allocate_kv_caches
+from aphrodite.executor.layers.attention import AttentionMetadata, allocate_kv_caches
 from aphrodite.executor.models import get_model_class
-from aphrodite.executor.quantized_linear import QuantizedWeight, parts_from_gguf
-from aphrodite.executor.weight_loader import swap_in_quantized
+from aphrodite.executor.layers.quantized import QuantizedWeight, parts_from_gguf
+from aphrodite.executor.loader import swap_in_quantized
 
 Q = gguf.GGMLQuantizationType
 BLOCK = 4
@@ -119,7 +119,7 @@ def default_model_greedy(model, config, fused: bool, cache_dtype: torch.dtype,
 @pytest.fixture(scope="module")
 def default_model():
     from aphrodite.config import EngineConfig
-    from aphrodite.executor.weight_loader import load_model_weights
+    from aphrodite.executor.loader import load_model_weights
     from aphrodite.model_files import load_config, resolve_model
 
     files = resolve_model(None)

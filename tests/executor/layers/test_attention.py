@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from aphrodite.executor import attention, cpu_kernels
-from aphrodite.executor.attention import (
+from aphrodite.executor.layers import attention
+from aphrodite.executor.kernels.cpu import ops as cpu_kernels
+from aphrodite.executor.layers.attention import (
     AttentionMetadata,
     allocate_kv_caches,
     kv_cache_bytes_per_block,
