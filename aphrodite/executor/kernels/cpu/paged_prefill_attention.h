@@ -85,11 +85,14 @@ inline HeadRows head_rows(const f16* rows, int64_t stride, int64_t n, int64_t he
 #endif
 
 // A value the compiler must hold in a register: otherwise it folds the load into each
-// multiply-add that uses it, and a tile loop does twice the loads it needs.
+// multiply-add that uses it, and a tile loop does twice the loads it needs. Without AVX a vn
+// spans two SSE registers, which no asm operand can name: there the hint is left out.
 #if defined(__AVX512F__)
 inline void in_register(vn& x) { __asm__("" : "+v"(x)); }
-#else
+#elif defined(__AVX__)
 inline void in_register(vn& x) { __asm__("" : "+x"(x)); }
+#else
+inline void in_register(vn&) {}
 #endif
 
 // The rows a register tile holds: half of them with eight lanes (four keys x 3 vectors), all
