@@ -18,7 +18,8 @@ from aphrodite.frontend.detokenizer import RequestDetokenizer
 from aphrodite.frontend.engine_process import EngineDeadError, EngineProcess
 from aphrodite.model_files import load_tokenizer, resolve_model
 from aphrodite.outputs import CompletionOutput, RequestOutput
-from aphrodite.protocol import Frame, decode
+from aphrodite.protocol import (AbortRequests, AddRequest, EngineOutput, EngineStats, Frame,
+                                decode)
 from aphrodite.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict
@@ -35,11 +36,12 @@ class LLM:
         except BaseException:
             self.engine.shutdown(timeout_s=2)
             raise
-        self.max_model_len = self.engine.ready["max_model_len"]
-        self.vocab_size = self.engine.ready["vocab_size"]
+        self.max_model_len = self.engine.ready.max_model_len
+        self.vocab_size = self.engine.ready.vocab_size
         self._ids = itertools.count()
         self._dead: str | None = None
-        self.last_stats: dict = {}     # engine counters from the latest step (KV use, cache hits)
+        # Engine counters from the latest step (KV use, cache hits).
+        self.last_stats = EngineStats()
 
     # ---- public API ------------------------------------------------------------------------
     def generate(self, prompts: PromptType | Sequence[PromptType],
@@ -123,46 +125,45 @@ class LLM:
                 sub_id = f"{req.request_id}-{index}"
                 live[sub_id] = (req, completion,
                                 RequestDetokenizer(self.tokenizer, req.prompt_token_ids, child))
-                self.engine.send(Frame.ADD, {
-                    "request_id": sub_id, "prompt_token_ids": req.prompt_token_ids,
-                    "sampling_params": child.to_dict(), "arrival_time": time.time()})
+                self.engine.send(Frame.ADD, AddRequest(sub_id, req.prompt_token_ids,
+                                                       child.to_dict(), time.time()))
         remaining = {req.request_id: req._params.n for req in requests}
         bar = tqdm(total=len(requests), desc="Generating", disable=not use_tqdm)
         try:
             while live:
                 for output in self._next_outputs():
-                    entry = live.get(output["request_id"])
+                    entry = live.get(output.request_id)
                     if entry is None:
                         continue
                     req, completion, detok = entry
-                    finish = output["finish_reason"]
-                    if output.get("logprobs"):
-                        completion.logprobs = (completion.logprobs or []) + output["logprobs"]
-                    if "prompt_logprobs" in output and req.prompt_logprobs is None:
-                        req.prompt_logprobs = [None, *output["prompt_logprobs"]]
+                    finish = output.finish_reason
+                    if output.logprobs:
+                        completion.logprobs = (completion.logprobs or []) + output.logprobs
+                    if output.prompt_logprobs is not None and req.prompt_logprobs is None:
+                        req.prompt_logprobs = [None, *output.prompt_logprobs]
                     # Ends on EOS or a stop token id: that token's text is not output.
-                    _, stopped_by = detok.add_tokens(output["new_token_ids"],
+                    _, stopped_by = detok.add_tokens(output.new_token_ids,
                                                      ends_with_stop_token=finish == "stop")
                     if stopped_by is not None and finish is None:
-                        self.engine.send(Frame.ABORT, {"request_ids": [output["request_id"]]})
+                        self.engine.send(Frame.ABORT, AbortRequests([output.request_id]))
                         finish, completion.stop_reason = "stop", stopped_by
                     elif finish is not None:
-                        completion.stop_reason = output["stop_reason"]
+                        completion.stop_reason = output.stop_reason
                     if finish is None:
                         continue
                     detok.finish()
                     completion.text = detok.text
                     completion.token_ids = list(detok.token_ids)   # cut at a stop string
                     completion.finish_reason = finish
-                    req.num_cached_tokens = output.get("num_cached_tokens", 0)
-                    del live[output["request_id"]]
+                    req.num_cached_tokens = output.num_cached_tokens
+                    del live[output.request_id]
                     remaining[req.request_id] -= 1
                     if remaining[req.request_id] == 0:
                         req.finished = True
                         bar.update(1)
         except BaseException:
             if live and self._dead is None:
-                self.engine.send(Frame.ABORT, {"request_ids": list(live)})
+                self.engine.send(Frame.ABORT, AbortRequests(list(live)))
             raise
         finally:
             bar.close()
@@ -170,7 +171,7 @@ class LLM:
             del req._params
         return requests
 
-    def _next_outputs(self) -> list[dict]:
+    def _next_outputs(self) -> list[EngineOutput]:
         socket = self.engine.output_socket
         while not socket.poll(500):
             if not self.engine.proc.is_alive():
@@ -178,11 +179,11 @@ class LLM:
                 raise EngineDeadError(self._dead)
         frame, body = decode(socket.recv())
         if frame is Frame.DEAD:
-            self._dead = body.get("message", "engine failed")
+            self._dead = body.message or "engine failed"
             raise EngineDeadError(f"the engine failed: {self._dead}")
         if frame is Frame.STEP_OUTPUTS:
-            self.last_stats = body["stats"]
-            return body["outputs"]
+            self.last_stats = body.stats
+            return body.outputs
         return []
 
 

@@ -11,6 +11,7 @@ child process outlives the server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -121,7 +122,8 @@ class Server:
             if startup.done() else []
         if not self.stop_requested.is_set() and not failures:
             tokenizer, ready = startup.result()
-            logger.info("Engine ready: %s", ", ".join(f"{k}={v}" for k, v in ready.items()))
+            logger.info("Engine ready: %s", ", ".join(
+                f"{k}={v}" for k, v in dataclasses.asdict(ready).items()))
             return engine, tokenizer, files
         for failure in failures:
             logger.error("Start-up failed: %s", failure)
@@ -143,7 +145,7 @@ class Server:
         from aphrodite.frontend.serving_base import ServingContext
 
         names = self.options.served_model_names or [files.name]
-        metrics = ServerMetrics(names[0], engine.ready["max_model_len"])
+        metrics = ServerMetrics(names[0], engine.ready.max_model_len)
         client = AsyncEngineClient(engine, tokenizer, metrics,
                                    log_requests=not self.options.disable_log_requests)
         metrics.frontend_requests.set_function(lambda: client.num_in_flight)
@@ -161,14 +163,11 @@ class Server:
                            ssl_context=self._ssl_context(), shutdown_timeout=2.0)
         await site.start()
         if not self.options.disable_log_stats:
-            on_gpu = str(engine.ready.get("device", "cpu")).startswith("cuda")
+            on_gpu = engine.ready.device.startswith("cuda")
 
             def memory() -> int:
-                if on_gpu:
-                    used = client.latest_stats.get("gpu_memory_bytes") or gpu_memory_bytes(tree.pids())
-                    if used:
-                        return used
-                return tree.rss_bytes()
+                used = gpu_memory_bytes(tree.pids()) if on_gpu else None
+                return used or tree.rss_bytes()
 
             stats = StatsLogger(metrics, memory, self.options.log_stats_interval_s)
             self.stats_task = asyncio.ensure_future(stats.run())

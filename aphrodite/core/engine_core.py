@@ -17,12 +17,14 @@ import traceback
 
 import zmq
 
+from aphrodite import processes
 from aphrodite.config import EngineConfig
 from aphrodite.core.kv_cache_manager import KVCacheManager
 from aphrodite.core.request import Request
-from aphrodite.core.scheduler import Scheduler, SchedulerOutput
-from aphrodite.core.workers import Executor, ParentGone, WorkerFailure, die_with_parent
-from aphrodite.protocol import Frame, decode, encode
+from aphrodite.core.scheduler import Scheduler
+from aphrodite.core.workers import WorkerFailure, WorkerGroup
+from aphrodite.protocol import (AbortRequests, AddRequest, EngineOutput, EngineStats, Failure,
+                                Frame, SchedulerOutput, StepOutputs, decode, encode)
 
 logger = logging.getLogger("aphrodite.engine")
 
@@ -30,54 +32,34 @@ PARENT_CHECK_S = 1.0      # how often the idle loop checks the frontend and the 
 SEND_TIMEOUT_MS = 1000    # a frontend that stops reading is checked for life this often
 
 
-class Terminated(BaseException):
-    """SIGTERM: from the frontend's shutdown, or PDEATHSIG when the frontend died."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # let the clean-up run to its end
-    raise Terminated()
-
-
 class EngineCore:
-    def __init__(self, config: EngineConfig, ctx: zmq.Context, ipc_dir: str, parent_pid: int):
+    def __init__(self, config: EngineConfig, ctx: zmq.Context, ipc_dir: str, frontend_pid: int):
         self.config = config
-        self.parent_pid = parent_pid
-        self.executor = Executor(config, ctx, ipc_dir, parent_pid)
-        info = self.executor.ready
-        self.max_model_len = info["max_model_len"]
-        self.eos_token_ids = info["eos_token_ids"]
-        self.kv = KVCacheManager(info["num_kv_blocks"], config.block_size,
+        self.frontend_pid = frontend_pid
+        self.workers = WorkerGroup(config, ctx, ipc_dir, frontend_pid)
+        self.ready = self.workers.ready
+        self.max_model_len = self.ready.max_model_len
+        self.eos_token_ids = self.ready.eos_token_ids
+        self.kv = KVCacheManager(self.ready.num_kv_blocks, config.block_size,
                                  config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len)
-        self.ready_info = {**info, "block_size": config.block_size}
         self.num_worker_requests = 0      # as rank 0 last reported it
 
     # ---- frontend frames ---------------------------------------------------------------------
-    def handle(self, frame: Frame, body) -> bool:
+    def handle(self, frame: Frame, body: AddRequest | AbortRequests | None) -> bool:
         """Apply one frontend frame; False means shut down."""
         if frame is Frame.ADD:
             self.scheduler.add_request(
                 Request.from_add_frame(body, self.eos_token_ids, self.max_model_len))
         elif frame is Frame.ABORT:
-            self.scheduler.abort(body["request_ids"])
-        elif frame is Frame.UTILITY:
-            self.pending_utility.append(body)
+            self.scheduler.abort(body.request_ids)
         elif frame is Frame.SHUTDOWN:
             return False
         return True
 
-    def run_utility(self, body) -> dict:
-        method = body.get("method")
-        if method == "reset_prefix_cache":
-            return {"call_id": body["call_id"], "result": self.kv.reset_prefix_cache()}
-        if method == "stats":
-            return {"call_id": body["call_id"], "result": self.stats()}
-        return {"call_id": body["call_id"], "result": None, "error": f"unknown method {method!r}"}
-
     # ---- outputs -----------------------------------------------------------------------------
-    def stats(self, step: SchedulerOutput | None = None, num_generated: int = 0) -> dict:
+    def stats(self, step: SchedulerOutput | None = None, num_generated: int = 0) -> EngineStats:
         num_prompt = 0
         if step is not None:
             for rid, n in step.num_scheduled_tokens.items():
@@ -85,41 +67,35 @@ class EngineCore:
                 if req is not None:
                     start = req.num_computed_tokens - n
                     num_prompt += max(0, min(start + n, len(req.prompt_token_ids)) - start)
-        return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
-            "kv_cache_usage": self.kv.usage,
-            "num_kv_blocks": self.kv.num_blocks,
-            "prefix_cache_queries": self.kv.prefix_queries,
-            "prefix_cache_hits": self.kv.prefix_hits,
-            "num_preemptions": self.scheduler.num_preemptions,
-            "num_prompt_tokens": num_prompt,
-            "num_generation_tokens": num_generated,
-            # Per-request state held here and in the workers (resource hygiene: both
-            # return to 0 once traffic stops).
-            "num_engine_requests": len(self.scheduler.requests),
-            "num_worker_requests": self.num_worker_requests,
-        }
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv.usage,
+            num_kv_blocks=self.kv.num_blocks,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_prompt_tokens=num_prompt,
+            num_generation_tokens=num_generated,
+            num_engine_requests=len(self.scheduler.requests),
+            num_worker_requests=self.num_worker_requests)
 
-    def collect_outputs(self, updated: list[Request], logprobs: dict) -> list[dict]:
+    def collect_outputs(self, updated: list[Request], logprobs: dict) -> list[EngineOutput]:
         outputs = {}
         for req in updated:
-            entry = {"request_id": req.request_id, "new_token_ids": req.output_token_ids[-1:],
-                     "finish_reason": req.finish_reason, "stop_reason": req.stop_reason,
-                     "num_cached_tokens": req.num_cached_tokens}
+            entry = EngineOutput(req.request_id, req.output_token_ids[-1:], req.finish_reason,
+                                 req.stop_reason, req.num_cached_tokens)
             if req.request_id in logprobs:
-                entry["logprobs"] = [logprobs[req.request_id]]
+                entry.logprobs = [logprobs[req.request_id]]
             # Prompt logprobs are gathered over the prefill chunks and sent once, with the
             # first generated token.
             if req.wants_prompt_logprobs and len(req.output_token_ids) == 1:
-                entry["prompt_logprobs"] = req.prompt_logprobs
+                entry.prompt_logprobs = req.prompt_logprobs
             outputs[req.request_id] = entry
         for req in self.scheduler.pop_finished():
             if req.request_id not in outputs:
-                outputs[req.request_id] = {
-                    "request_id": req.request_id, "new_token_ids": [],
-                    "finish_reason": req.finish_reason, "stop_reason": req.stop_reason,
-                    "num_cached_tokens": req.num_cached_tokens}
+                outputs[req.request_id] = EngineOutput(req.request_id, [], req.finish_reason,
+                                                       req.stop_reason, req.num_cached_tokens)
         return list(outputs.values())
 
     def add_prompt_logprobs(self, step: SchedulerOutput, chunks: dict[str, list[dict]]) -> None:
@@ -150,16 +126,15 @@ class EngineCore:
                 outbox.send(message)      # SNDTIMEO bounds the wait
                 return
             except zmq.Again:
-                if os.getppid() != self.parent_pid:
-                    raise ParentGone("the frontend exited") from None
+                if os.getppid() != self.frontend_pid:
+                    raise processes.ParentGone("the frontend exited") from None
 
     # ---- main loop -----------------------------------------------------------------------------
     def run(self, inbox: zmq.Socket, outbox: zmq.Socket) -> bool:
         """Serve until SHUTDOWN (returns True) or until the frontend is gone (False)."""
-        self.pending_utility: list[dict] = []
         poller = zmq.Poller()
         poller.register(inbox, zmq.POLLIN)
-        poller.register(self.executor.result_socket, zmq.POLLIN)
+        poller.register(self.workers.result_socket, zmq.POLLIN)
         in_flight: SchedulerOutput | None = None
         step_started = 0.0
         last_parent_check = time.monotonic()
@@ -170,17 +145,16 @@ class EngineCore:
             if in_flight is None and self.scheduler.has_unfinished():
                 step = self.scheduler.schedule()
                 if step.num_scheduled_tokens:
-                    self.executor.send(Frame.STEP, step)
+                    self.workers.send_step(step)
                     in_flight, step_started = step, time.monotonic()
             if in_flight is None and not self.scheduler.has_unfinished():
                 step = self.forget_step()
                 if step is not None:
-                    self.executor.send(Frame.STEP, step)
+                    self.workers.send_step(step)
                     in_flight, step_started = step, time.monotonic()
             if in_flight is None and dirty:
-                self.emit(outbox, Frame.STEP_OUTPUTS, {
-                    "outputs": self.collect_outputs([], {}), "stats": self.stats(),
-                    "timestamp": time.time()})
+                self.emit(outbox, Frame.STEP_OUTPUTS, StepOutputs(
+                    self.collect_outputs([], {}), self.stats(), time.time()))
                 dirty = False
 
             if in_flight is not None:
@@ -200,23 +174,18 @@ class EngineCore:
                     if not self.handle(*decode(message)):
                         return True
                     dirty = True
-                for body in self.pending_utility:
-                    self.emit(outbox, Frame.UTILITY_RESULT, self.run_utility(body))
-                self.pending_utility.clear()
 
-            if self.executor.result_socket in events:
-                result = self.executor.recv_result()
-                if "prompt_logprobs" in result:
-                    self.add_prompt_logprobs(in_flight, result["prompt_logprobs"])
-                self.num_worker_requests = result.get("num_requests", 0)
-                updated = self.scheduler.update_from_output(in_flight, result["sampled"])
-                self.emit(outbox, Frame.STEP_OUTPUTS, {
-                    "outputs": self.collect_outputs(updated, result.get("logprobs", {})),
-                    "stats": self.stats(in_flight, len(updated)),
-                    "timestamp": time.time()})
+            if self.workers.result_socket in events:
+                result = self.workers.recv_result()
+                self.add_prompt_logprobs(in_flight, result.prompt_logprobs)
+                self.num_worker_requests = result.num_requests
+                updated = self.scheduler.update_from_output(in_flight, result.sampled)
+                self.emit(outbox, Frame.STEP_OUTPUTS, StepOutputs(
+                    self.collect_outputs(updated, result.logprobs),
+                    self.stats(in_flight, len(updated)), time.time()))
                 in_flight, dirty = None, False
             elif in_flight is not None:
-                self.executor.check_alive()
+                self.workers.check_alive()
                 if time.monotonic() - step_started > timeout_s:
                     raise WorkerFailure(f"a model step took longer than {timeout_s:.0f} s "
                                         "(APHRODITE_ENGINE_ITERATION_TIMEOUT_S)")
@@ -224,38 +193,27 @@ class EngineCore:
             now = time.monotonic()
             if now - last_parent_check > PARENT_CHECK_S:
                 last_parent_check = now
-                if os.getppid() != self.parent_pid:
+                if os.getppid() != self.frontend_pid:
                     logger.warning("frontend process is gone; shutting down")
                     return False
-                self.executor.check_alive()     # a worker may die while we are idle
+                self.workers.check_alive()     # a worker may die while we are idle
 
 
-def run_engine_core(config_dict: dict, input_addr: str, output_addr: str,
-                    parent_pid: int, follow_parent: bool = False) -> None:
-    """Process main, started by the frontend (aphrodite.frontend.engine_process).
-
-    follow_parent: the frontend started us from its main thread, so PR_SET_PDEATHSIG is
-    safe (it fires when the forking *thread* ends) and SIGTERMs us if the frontend dies.
-    """
-    logging.basicConfig(level=os.environ.get("APHRODITE_LOG_LEVEL", "INFO"),
-                        format="%(levelname)s %(asctime)s engine %(message)s")
+def run_engine_core(args: dict) -> None:
+    """Process main, started by the frontend (aphrodite/frontend/engine_process.py)."""
+    processes.configure_logging("engine")
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the frontend decides when we stop
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    processes.raise_on_sigterm()
     try:
-        if follow_parent:
-            die_with_parent(parent_pid, signal.SIGTERM)
-        elif os.getppid() != parent_pid:
-            raise ParentGone("the frontend exited before the engine core started")
-    except (ParentGone, Terminated):
+        processes.follow_parent(args, signal.SIGTERM)
+    except (processes.ParentGone, processes.Terminated):
         raise SystemExit(0)
-    config = EngineConfig.from_dict(config_dict)
+    config = EngineConfig.from_dict(args["config"])
+    input_addr, output_addr = args["input_addr"], args["output_addr"]
     ctx = zmq.Context()
-    inbox = ctx.socket(zmq.PULL)
-    inbox.connect(input_addr)
-    outbox = ctx.socket(zmq.PUSH)
-    outbox.setsockopt(zmq.LINGER, 2000)
-    outbox.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
-    outbox.connect(output_addr)
+    inbox = processes.socket(ctx, zmq.PULL, input_addr, bind=False)
+    outbox = processes.socket(ctx, zmq.PUSH, output_addr, bind=False, linger_ms=2000,
+                              send_timeout_ms=SEND_TIMEOUT_MS)
     # Our sockets live inside the frontend's socket folder, so whichever process outlives
     # the other removes both: the frontend after a killed core, the core after a killed
     # frontend. Nothing is left in /tmp by a supervisor's restarts.
@@ -266,11 +224,11 @@ def run_engine_core(config_dict: dict, input_addr: str, output_addr: str,
     orderly = False        # SHUTDOWN from the frontend: the workers get time to exit
     stopped = False        # SIGTERM, or the frontend gone: it may not clean up after us
     try:
-        engine = EngineCore(config, ctx, ipc_dir, parent_pid)
-        engine.emit(outbox, Frame.READY, engine.ready_info)
+        engine = EngineCore(config, ctx, ipc_dir, args["parent_pid"])
+        engine.emit(outbox, Frame.READY, engine.ready)
         orderly = engine.run(inbox, outbox)
         stopped = not orderly                      # run() returns False: the frontend is gone
-    except (Terminated, ParentGone) as exc:
+    except (processes.Terminated, processes.ParentGone) as exc:
         logger.warning("stopping at once: %s", exc or "SIGTERM")
         stopped = True
         outbox.setsockopt(zmq.LINGER, 0)           # nobody may be left to read
@@ -279,15 +237,15 @@ def run_engine_core(config_dict: dict, input_addr: str, output_addr: str,
         detail = str(exc) if isinstance(exc, WorkerFailure) else traceback.format_exc()
         logger.error("engine core failed: %s", detail)
         try:
-            outbox.send(encode(Frame.DEAD, {"message": detail}), zmq.NOBLOCK)
+            outbox.send(encode(Frame.DEAD, Failure(detail)), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
     finally:
         if engine is not None:
-            engine.executor.shutdown(graceful=orderly)
+            engine.workers.shutdown(graceful=orderly)
         inbox.close(0)
         outbox.close()
-        # destroy(), not term(): sockets of an Executor that failed half-built are still
+        # destroy(), not term(): sockets of a WorkerGroup that failed half-built are still
         # open, and term() would wait for them forever.
         ctx.destroy(linger=0)
         # Stopped, the whole folder goes. A frontend killed with -9 sends our SIGTERM (the
@@ -299,9 +257,4 @@ def run_engine_core(config_dict: dict, input_addr: str, output_addr: str,
 
 
 if __name__ == "__main__":
-    import sys
-
-    import orjson
-    _input, _output, _parent, _config = sys.argv[1:5]
-    run_engine_core(orjson.loads(_config), _input, _output, int(_parent),
-                    follow_parent=sys.argv[5:6] == ["follow-parent"])
+    run_engine_core(processes.child_args())

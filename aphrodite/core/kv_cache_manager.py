@@ -128,14 +128,6 @@ class KVCacheManager:
             if block.ref_count == 0:
                 self.free_blocks[block_id] = None
 
-    def reset_prefix_cache(self) -> bool:
-        if len(self.free_blocks) != self.num_blocks:
-            return False
-        self.cached.clear()
-        for block in self.blocks:
-            block.block_hash, block.token_ids = None, ()
-        return True
-
     # ---- internals -----------------------------------------------------------------------
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

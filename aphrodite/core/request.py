@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from aphrodite.protocol import AddRequest
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -38,20 +40,21 @@ class Request:
     prompt_logprobs: list[dict] = field(default_factory=list)
 
     @classmethod
-    def from_add_frame(cls, body: dict, eos_token_ids: list[int], max_model_len: int) -> "Request":
-        params = body["sampling_params"]
-        prompt = body["prompt_token_ids"]
+    def from_add_frame(cls, body: AddRequest, eos_token_ids: list[int],
+                       max_model_len: int) -> "Request":
+        params = body.sampling_params
+        prompt = body.prompt_token_ids
         max_tokens = params.get("max_tokens")
         room = max_model_len - len(prompt)
         return cls(
-            request_id=body["request_id"],
+            request_id=body.request_id,
             prompt_token_ids=prompt,
             sampling_params=params,
             max_tokens=room if max_tokens is None else min(max_tokens, room),
             min_tokens=params.get("min_tokens") or 0,
             stop_token_ids=frozenset(params.get("stop_token_ids") or ()),
             eos_token_ids=frozenset() if params.get("ignore_eos") else frozenset(eos_token_ids),
-            arrival_time=body.get("arrival_time", 0.0),
+            arrival_time=body.arrival_time,
         )
 
     @property

@@ -14,47 +14,10 @@ tokens), then only new tokens and new block ids.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 from aphrodite.core.kv_cache_manager import KVCacheManager
 from aphrodite.core.request import Request, RequestStatus
-
-
-@dataclass
-class NewRequestData:
-    req_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    block_ids: list[int]
-    num_computed_tokens: int
-    sampling_params: dict
-
-
-@dataclass
-class CachedRequestData:
-    req_id: str
-    new_token_ids: list[int]
-    new_block_ids: list[int]
-    num_computed_tokens: int
-
-
-@dataclass
-class SchedulerOutput:
-    """One STEP frame body (orjson serialises dataclasses as dicts)."""
-    step_id: int
-    new_requests: list[NewRequestData] = field(default_factory=list)
-    cached_requests: list[CachedRequestData] = field(default_factory=list)
-    # Scheduled token counts, in batch order; requests not listed do not run this step.
-    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
-    # Requests the workers must forget (finished or aborted).
-    finished_req_ids: list[str] = field(default_factory=list)
-    # Requests preempted by recompute: the workers drop their tokens and blocks but keep
-    # their sampler state (mirostat's mu) for when they come back as new requests.
-    preempted_req_ids: list[str] = field(default_factory=list)
-
-    @property
-    def total_num_scheduled_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens.values())
+from aphrodite.protocol import CachedRequestData, NewRequestData, SchedulerOutput
 
 
 class Scheduler:

@@ -1,95 +1,66 @@
-"""Engine-core side of the workers: spawns one worker process per device and talks to them.
+"""The engine core's side of the worker processes: starts one per device, sends each STEP
+to all of them, and reads rank 0's RESULT.
 
-No torch here: this module runs inside the engine-core process, which must stay free of
-torch threads. Every rank receives each STEP frame; only rank 0 answers with a RESULT.
+No torch here: this runs inside the engine-core process, which must stay free of torch
+threads. The workers themselves run aphrodite/executor/worker.py.
 """
 
 from __future__ import annotations
 
-import ctypes
-import multiprocessing
 import os
-import sys
-import time
 
 import zmq
 
+from aphrodite import processes
 from aphrodite.config import EngineConfig
-from aphrodite.protocol import Frame, decode, encode
+from aphrodite.protocol import (EngineReady, Failure, Frame, SchedulerOutput, StepResult,
+                                WorkerReady, decode, encode)
 
 
 class WorkerFailure(RuntimeError):
     """A worker died, hung or reported a fatal error."""
 
 
-class ParentGone(RuntimeError):
-    """The process that started this one has exited."""
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent_pid: int, sig: int) -> None:
-    """Ask Linux to send `sig` to this process when its parent exits.
-
-    Polling getppid() alone misses a parent that dies while this process is blocked
-    (loading weights, a long step). The kernel ties the signal to the *thread* that
-    forked us, so callers only use it when the parent started us from its main thread.
-    Elsewhere (or if prctl fails) the getppid() polls remain the only guard.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:     # it died before prctl took effect
-        raise ParentGone(f"parent process {parent_pid} is gone")
-
-
-class Executor:
+class WorkerGroup:
     def __init__(self, config: EngineConfig, ctx: zmq.Context, ipc_dir: str,
-                 parent_pid: int | None = None):
+                 frontend_pid: int | None = None):
+        """Starts the workers and waits until every one has loaded the model (`ready`)."""
         self.config = config
-        self.parent_pid = parent_pid      # the frontend: stop waiting for workers if it goes
+        self.frontend_pid = frontend_pid   # stop waiting for the workers if it goes
         self.world_size = config.tensor_parallel_size
-        self.result_socket = ctx.socket(zmq.PULL)
         result_addr = f"ipc://{ipc_dir}/results"
-        self.result_socket.bind(result_addr)
-        self.step_sockets = []
-        self.procs: list[multiprocessing.Process] = []
-        mp = multiprocessing.get_context("spawn")
-        from aphrodite.executor.worker import run_worker  # torch-free at import time
+        self.result_socket = processes.socket(ctx, zmq.PULL, result_addr, bind=True)
+        self.step_sockets: list[zmq.Socket] = []
+        self.procs: list[processes.ChildProcess] = []
         for rank in range(self.world_size):
-            step_socket = ctx.socket(zmq.PUSH)
             step_addr = f"ipc://{ipc_dir}/steps-{rank}"
-            step_socket.bind(step_addr)
-            self.step_sockets.append(step_socket)
-            proc = mp.Process(target=run_worker, name=f"aphrodite-worker-{rank}", daemon=True,
-                              args=(config.to_dict(), rank, step_addr, result_addr,
-                                    os.getpid(), ipc_dir))
-            proc.start()
-            self.procs.append(proc)
+            self.step_sockets.append(processes.socket(ctx, zmq.PUSH, step_addr, bind=True))
+            self.procs.append(processes.ChildProcess(
+                "aphrodite.executor.worker",
+                {"config": config.to_dict(), "rank": rank, "step_addr": step_addr,
+                 "result_addr": result_addr, "ipc_dir": ipc_dir},
+                name=f"aphrodite-worker-{rank}"))
         self.ready = self._wait_ready()
 
-    def _wait_ready(self) -> dict:
-        infos: dict[int, dict] = {}
+    def _wait_ready(self) -> EngineReady:
+        infos: dict[int, WorkerReady] = {}
         while len(infos) < self.world_size:
             self.check_alive()
-            if self.parent_pid is not None and os.getppid() != self.parent_pid:
-                raise ParentGone("the frontend exited while the workers were loading")
+            if self.frontend_pid is not None and os.getppid() != self.frontend_pid:
+                raise processes.ParentGone("the frontend exited while the workers were loading")
             if not self.result_socket.poll(200):
                 continue
-            frame, body = decode(self.result_socket.recv())
+            frame, body = decode(self.result_socket.recv(), ready=WorkerReady)
             if frame is Frame.DEAD:
-                raise WorkerFailure(f"worker failed to start: {body.get('message')}")
+                raise WorkerFailure(f"worker failed to start: {body.message}")
             if frame is Frame.READY:
-                infos[body["rank"]] = body
-        ready = dict(infos[0])
-        ready.pop("rank", None)
-        ready["num_kv_blocks"] = min(info["num_kv_blocks"] for info in infos.values())
-        ready["worker_pids"] = [p.pid for p in self.procs]
-        return ready
+                infos[body.rank] = body
+        first = infos[0]
+        return EngineReady(
+            num_kv_blocks=min(info.num_kv_blocks for info in infos.values()),
+            block_size=self.config.block_size, max_model_len=first.max_model_len,
+            vocab_size=first.vocab_size, eos_token_ids=first.eos_token_ids,
+            device=first.device, dtype=first.dtype, worker_pids=[p.pid for p in self.procs])
 
     def check_alive(self) -> None:
         for proc in self.procs:
@@ -97,44 +68,31 @@ class Executor:
                 raise WorkerFailure(f"worker {proc.name} (pid {proc.pid}) died "
                                     f"with exit code {proc.exitcode}")
 
-    def send(self, frame: Frame, body) -> None:
-        message = encode(frame, body)
-        for socket in self.step_sockets:
+    def send_step(self, step: SchedulerOutput) -> None:
+        self._send(encode(Frame.STEP, step))
+
+    def _send(self, message: bytes) -> None:
+        for sock in self.step_sockets:
             try:
                 # Never block: a PUSH socket whose worker is gone would wait forever.
-                socket.send(message, zmq.NOBLOCK, copy=False)
+                sock.send(message, zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 self.check_alive()
-                raise WorkerFailure("a worker stopped taking steps")
+                raise WorkerFailure("a worker stopped taking steps") from None
 
-    def recv_result(self) -> dict:
+    def recv_result(self) -> StepResult:
         """Read one frame from rank 0 (call when result_socket is readable)."""
         frame, body = decode(self.result_socket.recv())
-        if frame is Frame.DEAD:
-            raise WorkerFailure(f"worker error: {body.get('message')}")
+        if isinstance(body, Failure):
+            raise WorkerFailure(f"worker error: {body.message}")
         if frame is not Frame.RESULT:
             raise WorkerFailure(f"unexpected frame {frame.name} from a worker")
         return body
 
     def shutdown(self, timeout_s: float = 5.0, graceful: bool = True) -> None:
-        """Stop the workers: SHUTDOWN and up to timeout_s to exit, then SIGKILL.
-
-        graceful=False (after a failure) kills at once: a hung or SIGSTOPped worker can
-        never act on SHUTDOWN, and SIGKILL is the one signal a stopped process obeys.
-        """
-        if graceful:
-            try:
-                self.send(Frame.SHUTDOWN, {})
-            except (zmq.ZMQError, WorkerFailure):
-                pass
-            deadline = time.monotonic() + timeout_s
-            for proc in self.procs:
-                proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.kill()
-        for proc in self.procs:
-            proc.join(2)
+        """SHUTDOWN and up to timeout_s to exit, then signals (see processes.stop_children)."""
+        processes.stop_children(self.procs, lambda: self._send(encode(Frame.SHUTDOWN)),
+                                timeout_s, graceful)
         # Unsent steps to a dead worker would otherwise block the context's term().
-        for socket in (*self.step_sockets, self.result_socket):
-            socket.close(linger=0)
+        for sock in (*self.step_sockets, self.result_socket):
+            sock.close(linger=0)

@@ -17,13 +17,15 @@ import torch
 
 from aphrodite.config import EngineConfig
 from aphrodite.executor.kernels.cpu import ops as cpu_kernels
-from aphrodite.executor.layers.attention import (AttentionMetadata, allocate_kv_caches,
-                                          kv_cache_bytes_per_block, populate_host_pool)
+from aphrodite.executor.layers.attention import (AttentionConfig, AttentionMetadata,
+                                                 allocate_kv_caches, kv_cache_bytes_per_block,
+                                                 populate_host_pool)
 from aphrodite.executor.models import get_model_class
 from aphrodite.executor.sampler import Sampler, SamplingRow
 from aphrodite.executor.sampling.logprobs import summarise
 from aphrodite.executor.loader import available_ram, load_model_weights
 from aphrodite.model_files import eos_token_ids, load_config, max_model_len, resolve_model
+from aphrodite.protocol import SchedulerOutput, StepResult
 from aphrodite.sampling_params import SamplingParams
 
 logger = logging.getLogger("aphrodite.worker")
@@ -102,6 +104,11 @@ class ModelRunner:
                 raise ValueError(f"max_model_len {config.max_model_len} exceeds what this model "
                                  f"supports ({self.max_model_len} positions)")
             self.max_model_len = config.max_model_len
+        # What picks each step's attention backends (a benchmark may set .decode/.prefill).
+        self.attention_config = AttentionConfig(
+            self.device, self.dtype, self.kv_dtype,
+            self.hf_config.num_attention_heads // config.tensor_parallel_size,
+            self.model.num_kv_heads, self.model.head_dim, self.block_size)
         self.num_kv_blocks, self.kv_caches = self._allocate_kv_cache(rank)
         if self.device.type == "cpu":
             cpu_kernels.library_available()     # built (or found cached) now, not in a step
@@ -120,8 +127,8 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             from aphrodite.executor.cuda_graphs import CudaGraphRunner
             self.cuda_graphs = CudaGraphRunner(
-                self.model, self.kv_caches, self.block_size, self.max_model_len,
-                config.max_num_seqs, scratch_block=self.num_kv_blocks, device=self.device)
+                self.model, self.kv_caches, self.attention_config, self.max_model_len,
+                config.max_num_seqs, scratch_block=self.num_kv_blocks)
             self.cuda_graphs.capture()
 
     # ---- start-up ------------------------------------------------------------------------
@@ -160,7 +167,7 @@ class ModelRunner:
         probe_bytes = sum(t.numel() * t.element_size() for t in probe)
         meta = AttentionMetadata.build(
             np.array([tokens]), np.array([tokens]), np.arange(probe_blocks)[None, :],
-            np.arange(tokens), self.device)
+            np.arange(tokens), self.attention_config)
         with torch.inference_mode():
             hidden = self.model(torch.zeros(tokens, dtype=torch.long, device=self.device),
                                 torch.arange(tokens, device=self.device), probe, meta)
@@ -183,43 +190,45 @@ class ModelRunner:
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
 
     # ---- one step --------------------------------------------------------------------------
-    def _apply_diff(self, step: dict) -> None:
-        for rid in step.get("preempted_req_ids", ()):
+    def _apply_diff(self, step: SchedulerOutput) -> None:
+        for rid in step.preempted_req_ids:
             state = self.requests.pop(rid, None)
             if state is not None:
                 self.preempted_states[rid] = state.row.state
-        for rid in step["finished_req_ids"]:
+        for rid in step.finished_req_ids:
             self.requests.pop(rid, None)
             self.preempted_states.pop(rid, None)
-        for new in step["new_requests"]:
-            params = SamplingParams.from_dict(new["sampling_params"])
-            outputs = list(new["output_token_ids"])
-            prompt = new["prompt_token_ids"]
+        for new in step.new_requests:
+            params = SamplingParams.from_dict(new.sampling_params)
+            outputs = list(new.output_token_ids)
+            prompt = new.prompt_token_ids
             # A recomputed request carries on with its sampler state; its token history
             # cache stays valid, since the engine core keeps the tokens generated so far.
             row = SamplingRow(params=params, prompt_token_ids=prompt, output_token_ids=outputs,
-                              state=self.preempted_states.pop(new["req_id"], {}))
-            self.requests[new["req_id"]] = RequestState(
+                              state=self.preempted_states.pop(new.req_id, {}))
+            self.requests[new.req_id] = RequestState(
                 prompt_len=len(prompt), token_ids=prompt + outputs,
-                block_ids=list(new["block_ids"]),
-                num_computed_tokens=new["num_computed_tokens"], row=row,
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens, row=row,
                 output_token_ids=outputs)
-        for cached in step["cached_requests"]:
-            state = self.requests[cached["req_id"]]
-            new_tokens = cached["new_token_ids"]
-            state.token_ids.extend(new_tokens)
-            state.output_token_ids.extend(new_tokens)
-            state.block_ids.extend(cached["new_block_ids"])
-            state.num_computed_tokens = cached["num_computed_tokens"]
+        for cached in step.cached_requests:
+            state = self.requests[cached.req_id]
+            state.token_ids.extend(cached.new_token_ids)
+            state.output_token_ids.extend(cached.new_token_ids)
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
 
     @torch.inference_mode()
-    def execute(self, step: dict, mark: Callable[[str], None] | None = None) -> dict:
+    def execute(self, step: SchedulerOutput,
+                mark: Callable[[str], None] | None = None) -> StepResult:
         """Run one step. mark(phase), when given, is called as each phase ends ("inputs",
         "forward", "logits", "sampling"), so benchmarks/step_profile.py can time them."""
         self._apply_diff(step)
-        scheduled = step["num_scheduled_tokens"]
+        result = StepResult()
+        scheduled = step.num_scheduled_tokens
         if not scheduled:   # an idle engine core's step that only drops finished requests
-            return {"sampled": {}}
+            result.num_requests = self.num_request_states
+            return result
         req_ids = list(scheduled)
         states = [self.requests[rid] for rid in req_ids]
         query_lens = np.fromiter(scheduled.values(), dtype=np.int64, count=len(req_ids))
@@ -252,7 +261,7 @@ class ModelRunner:
                                           block_tables)
         else:
             meta = AttentionMetadata.build(query_lens, seq_lens, block_tables, slot_mapping,
-                                           self.device, self.block_size)
+                                           self.attention_config)
             if mark is not None:
                 mark("inputs")
             hidden = self.model(torch.from_numpy(token_ids).to(self.device),
@@ -261,11 +270,10 @@ class ModelRunner:
         if mark is not None:
             mark("forward")
 
-        result: dict = {"sampled": {}}
+        result.num_requests = self.num_request_states
         if self.reports_results:
-            prompt_logprobs = self._prompt_logprobs(hidden, req_ids, states, starts, seq_lens, cu)
-            if prompt_logprobs:
-                result["prompt_logprobs"] = prompt_logprobs
+            result.prompt_logprobs = self._prompt_logprobs(hidden, req_ids, states, starts,
+                                                           seq_lens, cu)
         # Only requests whose known tokens are all computed produce a next token.
         sampling = [i for i, s in enumerate(states) if seq_lens[i] == len(s.token_ids)]
         if not sampling:
@@ -277,10 +285,9 @@ class ModelRunner:
         if mark is not None:
             mark("logits")
         out = self.sampler(logits, [states[i].row for i in sampling])
-        result["sampled"] = {req_ids[i]: int(t) for i, t in zip(sampling, out.token_ids)}
-        logprobs = {req_ids[i]: lp for i, lp in zip(sampling, out.logprobs) if lp is not None}
-        if logprobs:
-            result["logprobs"] = {rid: _logprobs_to_json(lp) for rid, lp in logprobs.items()}
+        result.sampled = {req_ids[i]: int(t) for i, t in zip(sampling, out.token_ids)}
+        result.logprobs = {req_ids[i]: lp.to_dict() for i, lp in zip(sampling, out.logprobs)
+                           if lp is not None}
         if mark is not None:
             mark("sampling")
         return result
@@ -313,11 +320,3 @@ class ModelRunner:
             out[req_ids[i]] = entries
         return out
 
-
-def _logprobs_to_json(lp) -> dict:
-    """RowLogprobs -> plain dict for the RESULT frame."""
-    to_dict = getattr(lp, "to_dict", None)
-    if to_dict is not None:
-        return to_dict()
-    from dataclasses import asdict
-    return asdict(lp)

@@ -1,7 +1,7 @@
-"""Worker process main: one per device. Loads the model, owns the KV cache, runs steps.
+"""Worker process main, one per device: loads the model, owns the KV cache, runs steps.
 
-Imported by the engine core only for the spawn target, so torch is imported inside
-run_worker, never at module level.
+Started by the engine core (aphrodite/core/workers.py) as ``python -m aphrodite.executor.worker``.
+Every rank runs every STEP; only rank 0 answers with a RESULT.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import traceback
 
 import zmq
 
+from aphrodite import processes
 from aphrodite.config import EngineConfig
-from aphrodite.protocol import Frame, decode, encode
+from aphrodite.protocol import Failure, Frame, WorkerReady, decode, encode
 
 logger = logging.getLogger("aphrodite.worker")
 
@@ -34,57 +35,51 @@ def _init_distributed(config: EngineConfig, rank: int, ipc_dir: str, device: str
                             rank=rank, world_size=config.tensor_parallel_size)
 
 
-def _run_step(runner, step: dict) -> dict:
-    output = runner.execute(step)
-    output["num_requests"] = runner.num_request_states
-    return output
-
-
-def run_worker(config_dict: dict, rank: int, step_addr: str, result_addr: str,
-               parent_pid: int, ipc_dir: str) -> None:
-    from aphrodite.core.workers import ParentGone, die_with_parent
+def run_worker(args: dict) -> None:
     try:
         # SIGKILL: a worker holds nothing that needs cleaning up, and may be stuck in a kernel.
-        die_with_parent(parent_pid, signal.SIGKILL)
-    except ParentGone:
+        processes.follow_parent(args, signal.SIGKILL)
+    except processes.ParentGone:
         return
-    logging.basicConfig(level=os.environ.get("APHRODITE_LOG_LEVEL", "INFO"),
-                        format=f"%(levelname)s %(asctime)s worker-{rank} %(message)s")
-    config = EngineConfig.from_dict(config_dict)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the engine core decides when we stop
+    rank = args["rank"]
+    processes.configure_logging(f"worker-{rank}")
+    config = EngineConfig.from_dict(args["config"])
     ctx = zmq.Context()
-    steps = ctx.socket(zmq.PULL)
-    steps.connect(step_addr)
-    results = ctx.socket(zmq.PUSH)
-    results.setsockopt(zmq.LINGER, 2000)
-    results.connect(result_addr)
+    steps = processes.socket(ctx, zmq.PULL, args["step_addr"], bind=False)
+    results = processes.socket(ctx, zmq.PUSH, args["result_addr"], bind=False, linger_ms=2000)
     try:
         threads = _set_threads(config)
         from aphrodite.executor.model_runner import ModelRunner, pick_device
         device = pick_device(config, rank)
         if config.tensor_parallel_size > 1:
-            _init_distributed(config, rank, ipc_dir, device)
+            _init_distributed(config, rank, args["ipc_dir"], device)
         runner = ModelRunner(config, device, rank)
         logger.info("ready: %s on %s, %d threads, %d KV blocks of %d tokens",
                     runner.dtype, device, threads, runner.num_kv_blocks, config.block_size)
-        results.send(encode(Frame.READY, {"rank": rank, **runner.ready_info()}))
+        results.send(encode(Frame.READY, WorkerReady(rank=rank, **runner.ready_info())))
         while True:
             if not steps.poll(1000):
-                if os.getppid() != parent_pid:      # engine core gone: do not linger
+                if not processes.parent_alive(args):      # engine core gone: do not linger
                     return
                 continue
-            frame, body = decode(steps.recv())
+            frame, step = decode(steps.recv())
             if frame is Frame.SHUTDOWN:
                 return
             if frame is Frame.STEP:
-                output = _run_step(runner, body)
+                result = runner.execute(step)
                 if rank == 0:
-                    results.send(encode(Frame.RESULT, output))
+                    results.send(encode(Frame.RESULT, result))
     except Exception:
         message = traceback.format_exc()
         logger.error("worker failed:\n%s", message)
-        results.send(encode(Frame.DEAD, {"rank": rank, "message": message}))
+        results.send(encode(Frame.DEAD, Failure(message, rank)))
         raise SystemExit(1)
     finally:
         steps.close(0)
         results.close()
         ctx.term()
+
+
+if __name__ == "__main__":
+    run_worker(processes.child_args())

@@ -22,7 +22,8 @@ import zmq.asyncio
 
 from aphrodite.frontend.detokenizer import RequestDetokenizer
 from aphrodite.frontend.engine_process import EngineDeadError, EngineProcess
-from aphrodite.protocol import Frame, decode, encode
+from aphrodite.protocol import (AbortRequests, AddRequest, EngineOutput, EngineStats, Frame,
+                                StepOutputs, decode, encode)
 
 logger = logging.getLogger("aphrodite.server")
 
@@ -137,9 +138,9 @@ class AsyncEngineClient:
         self.metrics = metrics
         self.log_requests = log_requests
         self.ready = engine.ready
-        self.max_model_len: int = engine.ready["max_model_len"]
-        self.vocab_size: int = engine.ready["vocab_size"]
-        self.latest_stats: dict = {}
+        self.max_model_len: int = engine.ready.max_model_len
+        self.vocab_size: int = engine.ready.vocab_size
+        self.latest_stats = EngineStats()
         self.dead_reason: str | None = None
         self._on_dead: list[Callable[[str], None]] = []
         self._requests: dict[str, RequestState] = {}
@@ -218,7 +219,7 @@ class AsyncEngineClient:
                 ids.append(seq.engine_id)
             self._by_engine_id.pop(seq.engine_id, None)
         if ids:
-            self._send(Frame.ABORT, {"request_ids": ids})
+            self._send(Frame.ABORT, AbortRequests(ids))
             self._log_finished(state)
         state.wakeup.set()
 
@@ -242,11 +243,10 @@ class AsyncEngineClient:
         self._requests[request_id] = state
         for seq, child in zip(sequences, children):
             self._by_engine_id[seq.engine_id] = (state, seq)
-            self._send(Frame.ADD, {"request_id": seq.engine_id, "prompt_token_ids": prompt_ids,
-                                   "sampling_params": child.to_dict(), "arrival_time": now})
+            self._send(Frame.ADD, AddRequest(seq.engine_id, prompt_ids, child.to_dict(), now))
         return state
 
-    def _send(self, frame: Frame, body: dict) -> None:
+    def _send(self, frame: Frame, body) -> None:
         # zmq.asyncio sends at once when it can and queues otherwise; never blocks the loop.
         future = self._input.send(encode(frame, body))
         future.add_done_callback(_ignore_result)
@@ -259,7 +259,7 @@ class AsyncEngineClient:
                 if frame is Frame.STEP_OUTPUTS:
                     self._process_step(body)
                 elif frame is Frame.DEAD:
-                    self._set_dead(body.get("message") or "the engine core failed")
+                    self._set_dead(body.message or "the engine core failed")
                     return
         except asyncio.CancelledError:
             raise
@@ -267,11 +267,11 @@ class AsyncEngineClient:
             logger.exception("engine output loop failed")
             self._set_dead(f"engine output loop failed: {exc}")
 
-    def _process_step(self, body: dict) -> None:
+    def _process_step(self, body: StepOutputs) -> None:
         now = time.time()
         to_abort: list[str] = []
-        for out in body["outputs"]:
-            entry = self._by_engine_id.get(out["request_id"])
+        for out in body.outputs:
+            entry = self._by_engine_id.get(out.request_id)
             if entry is None:
                 continue  # late output of an aborted request
             state, seq = entry
@@ -285,21 +285,20 @@ class AsyncEngineClient:
                     self._log_finished(state)
             state.wakeup.set()
         if to_abort:
-            self._send(Frame.ABORT, {"request_ids": to_abort})
-        stats = body.get("stats")
-        if stats:
-            self.latest_stats = stats
-            if self.metrics is not None:
-                self.metrics.on_step(stats)
+            self._send(Frame.ABORT, AbortRequests(to_abort))
+        self.latest_stats = body.stats
+        if self.metrics is not None:
+            self.metrics.on_step(body.stats)
 
-    def _apply_output(self, state: RequestState, seq: _Sequence, out: dict, now: float) -> bool:
+    def _apply_output(self, state: RequestState, seq: _Sequence, out: EngineOutput,
+                      now: float) -> bool:
         """Folds one engine output into the sequence; True if a stop string ended it."""
-        new_ids = out["new_token_ids"]
-        finish = out["finish_reason"]
+        new_ids = out.new_token_ids
+        finish = out.finish_reason
         if new_ids:
             if seq.first_token_time is None:
                 seq.first_token_time = now
-                seq.num_cached_tokens = out.get("num_cached_tokens", 0)
+                seq.num_cached_tokens = out.num_cached_tokens
                 if self.metrics is not None:
                     self.metrics.on_first_token(now - state.arrival_time)
             elif self.metrics is not None:
@@ -310,16 +309,16 @@ class AsyncEngineClient:
             new_ids, ends_with_stop_token=finish == "stop")
         kept = len(seq.detokenizer.token_ids) - before   # tokens after a stop string are dropped
         seq.pending_ids.extend(new_ids[:kept])
-        if seq.want_logprobs and out.get("logprobs"):
-            seq.pending_logprobs.extend(out["logprobs"][:kept])
-        if "prompt_logprobs" in out:
-            seq.pending_prompt_logprobs = out["prompt_logprobs"]
+        if seq.want_logprobs and out.logprobs:
+            seq.pending_logprobs.extend(out.logprobs[:kept])
+        if out.prompt_logprobs is not None:
+            seq.pending_prompt_logprobs = out.prompt_logprobs
         seq.pending_text += text
         stopped_here = stop_string is not None and finish is None
         if stopped_here:
             finish, seq.stop_reason = "stop", stop_string
         elif finish is not None:
-            seq.stop_reason = out.get("stop_reason")
+            seq.stop_reason = out.stop_reason
         if finish is not None:
             seq.pending_text += seq.detokenizer.finish()
             seq.finish_reason = finish

@@ -15,6 +15,8 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from aphrodite.protocol import EngineStats
+
 logger = logging.getLogger("aphrodite.server")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -87,16 +89,16 @@ class ServerMetrics:
         # Totals for the stats line.
         self.total_prompt_tokens = 0
         self.total_generation_tokens = 0
-        self.latest: dict = {}
+        self.latest = EngineStats()
 
-    def on_step(self, stats: dict) -> None:
+    def on_step(self, stats: EngineStats) -> None:
         self.latest = stats
-        self.num_running.set(stats.get("num_running", 0))
-        self.num_waiting.set(stats.get("num_waiting", 0))
-        self.kv_usage.set(stats.get("kv_cache_usage", 0.0))
-        self.engine_requests.set(stats.get("num_engine_requests", 0))
-        self.worker_requests.set(stats.get("num_worker_requests", 0))
-        prompt, generated = stats.get("num_prompt_tokens", 0), stats.get("num_generation_tokens", 0)
+        self.num_running.set(stats.num_running)
+        self.num_waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        self.engine_requests.set(stats.num_engine_requests)
+        self.worker_requests.set(stats.num_worker_requests)
+        prompt, generated = stats.num_prompt_tokens, stats.num_generation_tokens
         self.prompt_tokens.inc(prompt)
         self.generation_tokens.inc(generated)
         self.total_prompt_tokens += prompt
@@ -104,7 +106,7 @@ class ServerMetrics:
         for key, counter in (("prefix_cache_queries", self.prefix_queries),
                              ("prefix_cache_hits", self.prefix_hits),
                              ("num_preemptions", self.preemptions)):
-            value = stats.get(key, 0)
+            value = getattr(stats, key)
             if value > self._last_cumulative[key]:
                 counter.inc(value - self._last_cumulative[key])
             self._last_cumulative[key] = value
@@ -154,19 +156,18 @@ class StatsLogger:
         elapsed = max(now - self._last_time, 1e-9)
         prompt = m.total_prompt_tokens - self._last_prompt
         generated = m.total_generation_tokens - self._last_generation
-        queries = stats.get("prefix_cache_queries", 0)
-        hits = stats.get("prefix_cache_hits", 0)
+        queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits
         d_queries, d_hits = queries - self._last_queries, hits - self._last_hits
         self._last_time, self._last_prompt, self._last_generation = now, m.total_prompt_tokens, m.total_generation_tokens
         self._last_queries, self._last_hits = queries, hits
-        running, waiting = stats.get("num_running", 0), stats.get("num_waiting", 0)
+        running, waiting = stats.num_running, stats.num_waiting
         if not (prompt or generated or running or waiting):
             return None
         hit_rate = 100.0 * d_hits / d_queries if d_queries > 0 else 0.0
         return (f"Avg prompt throughput: {prompt / elapsed:.1f} tokens/s, "
                 f"Avg generation throughput: {generated / elapsed:.1f} tokens/s, "
                 f"Running: {running} reqs, Waiting: {waiting} reqs, "
-                f"KV cache usage: {100.0 * stats.get('kv_cache_usage', 0.0):.1f}%, "
+                f"KV cache usage: {100.0 * stats.kv_cache_usage:.1f}%, "
                 f"Prefix cache hit rate: {hit_rate:.1f}%, "
                 f"Memory usage: {self.memory_bytes() / 1e9:.2f} GB")
 

@@ -89,7 +89,7 @@ def test_float16_kv_cache(tokenizer, hf_greedy):
     with LLM(num_threads=2, kv_cache_memory=budget, kv_cache_dtype="float16") as engine:
         outs = engine.generate([{"prompt_token_ids": chat_ids(tokenizer, q)} for q in CHATS],
                                GREEDY, use_tqdm=False)
-        blocks = engine.engine.ready["num_kv_blocks"]
+        blocks = engine.engine.ready.num_kv_blocks
     config = load_config(resolve_model(None))    # SmolLM2-135M: 30 layers, 3 kv heads of 64
     float32_block = kv_cache_bytes_per_block(config.num_hidden_layers, 16,
                                              config.num_key_value_heads, 64, torch.float32)
@@ -135,8 +135,8 @@ def test_batch_invariance_under_preemption(batch_prompts, alone_reference):
     # 12 blocks of 16 tokens hold ~3 of the 16 requests at their full length.
     with LLM(num_threads=2, num_kv_blocks=12, enable_prefix_caching=False) as engine:
         outs = engine.generate(batch_prompts, BATCH_PARAMS, use_tqdm=False)
-        assert engine.last_stats["num_preemptions"] > 0
-        assert engine.last_stats["kv_cache_usage"] == 0.0
+        assert engine.last_stats.num_preemptions > 0
+        assert engine.last_stats.kv_cache_usage == 0.0
     assert all(o.finished for o in outs)
     assert [o.outputs[0].token_ids for o in outs] == alone_reference[1]
 
@@ -151,10 +151,10 @@ def test_prefix_caching_reuses_a_shared_prefix(llm, tokenizer):
     params = SamplingParams(temperature=0, max_tokens=24)
     # Same engine with the cache reset would need a utility call; a fresh question works:
     first = llm.generate([prompt("Where are the atlases?")], params, use_tqdm=False)[0]
-    hits_before = llm.last_stats["prefix_cache_hits"]
+    hits_before = llm.last_stats.prefix_cache_hits
     second = llm.generate([prompt("When do you close?")], params, use_tqdm=False)[0]
     assert second.num_cached_tokens >= 96                # the long shared system prompt
-    assert llm.last_stats["prefix_cache_hits"] - hits_before == second.num_cached_tokens
+    assert llm.last_stats.prefix_cache_hits - hits_before == second.num_cached_tokens
     with LLM(num_threads=2, enable_prefix_caching=False) as cold:
         reference = cold.generate([prompt("When do you close?")], params, use_tqdm=False)[0]
         assert reference.num_cached_tokens == 0
@@ -165,7 +165,7 @@ def test_prefix_caching_reuses_a_shared_prefix(llm, tokenizer):
 def test_killed_worker_fails_generate_quickly(tokenizer):
     engine = LLM(num_threads=1)
     core = engine.engine.proc
-    worker = engine.engine.ready["worker_pids"][0]
+    worker = engine.engine.ready.worker_pids[0]
     threading.Timer(1.0, os.kill, (worker, signal.SIGKILL)).start()
     start = time.monotonic()
     with pytest.raises(EngineDeadError, match="worker"):

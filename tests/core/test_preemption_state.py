@@ -109,8 +109,8 @@ def test_prompt_logprobs_gathered_before_a_preemption_are_not_repeated():
                 sampled[rid] = 5
         EngineCore.add_prompt_logprobs(core, out, chunks)
         updated = sched.update_from_output(out, sampled)
-        delivered += [o["prompt_logprobs"] for o in EngineCore.collect_outputs(core, updated, {})
-                      if "prompt_logprobs" in o]
+        delivered += [o.prompt_logprobs for o in EngineCore.collect_outputs(core, updated, {})
+                      if o.prompt_logprobs is not None]
     assert preempted_mid_prefill and sched.num_preemptions >= 1
     assert delivered == [[{"position": p} for p in range(1, 14)]]   # once, each token once
 
@@ -145,7 +145,7 @@ def test_mirostat_state_and_prompt_logprobs_survive_preemption():
     for engine_args in ({}, {"num_kv_blocks": 10, "max_num_batched_tokens": 16}):
         with LLM(num_threads=1, enable_prefix_caching=False, **engine_args) as llm:
             results.append(llm.generate(all_prompts, params, use_tqdm=False))
-            preemptions = llm.last_stats["num_preemptions"]
+            preemptions = llm.last_stats.num_preemptions
     assert preemptions > 0
     ample, tight = results
     n = len(mirostat)

@@ -8,6 +8,7 @@ the workers would see the right tokens and blocks.
 from aphrodite.core.kv_cache_manager import KVCacheManager
 from aphrodite.core.request import Request
 from aphrodite.core.scheduler import Scheduler
+from aphrodite.protocol import AddRequest
 
 
 def next_token(tokens):
@@ -135,8 +136,7 @@ def test_stops_on_eos_and_stop_token_but_not_before_min_tokens():
 
 def test_max_model_len_caps_output():
     sched = make_scheduler(max_len=12)
-    req = Request.from_add_frame({"request_id": "a", "prompt_token_ids": list(range(10)),
-                                  "sampling_params": {"max_tokens": 50}}, [], 12)
+    req = Request.from_add_frame(AddRequest("a", list(range(10)), {"max_tokens": 50}), [], 12)
     sched.add_request(req)
     run_to_completion(sched)
     assert len(req.output_token_ids) == 2 and req.finish_reason == "length"

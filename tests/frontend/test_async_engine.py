@@ -20,11 +20,11 @@ from aphrodite.frontend.async_engine import AsyncEngineClient
 from aphrodite.frontend.engine_process import EngineDeadError
 from aphrodite.frontend.metrics import ServerMetrics
 from aphrodite.model_files import load_tokenizer, resolve_model
-from aphrodite.protocol import Frame, decode, encode
+from aphrodite.protocol import AbortRequests, EngineReady, Failure, Frame, decode, encode
 from aphrodite.sampling_params import SamplingParams
 
-READY = {"num_kv_blocks": 64, "block_size": 16, "max_model_len": 256, "vocab_size": 49152,
-         "eos_token_ids": [2], "device": "cpu", "dtype": "float32"}
+READY = EngineReady(num_kv_blocks=64, block_size=16, max_model_len=256, vocab_size=49152,
+                    eos_token_ids=[2], device="cpu", dtype="float32", worker_pids=[])
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ class ScriptedEngine:
         # A real child process, so the client's sentinel watch has something to watch.
         self.proc = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(120,))
         self.proc.start()
-        self.ready = dict(READY)
+        self.ready = READY
         self.shutdown_called = False
 
     def frames(self, timeout_ms: int = 2000) -> list[tuple[Frame, dict]]:
@@ -108,9 +108,9 @@ def test_lagging_consumer_gets_one_merged_delta(engine, tokenizer):
         gen = client.generate("r1", prompt, SamplingParams(max_tokens=len(ids)))
         first = asyncio.ensure_future(gen.__anext__())
         (frame, body), = await _frames(engine)
-        assert frame is Frame.ADD and body["request_id"] == "r1-0"
-        assert body["prompt_token_ids"] == prompt
-        assert SamplingParams.from_dict(body["sampling_params"]).max_tokens == len(ids)
+        assert frame is Frame.ADD and body.request_id == "r1-0"
+        assert body.prompt_token_ids == prompt
+        assert SamplingParams.from_dict(body.sampling_params).max_tokens == len(ids)
         # Every token arrives in its own step before the consumer runs again.
         for i, token in enumerate(ids):
             engine.step([out("r1-0", [token], "length" if i == len(ids) - 1 else None)])
@@ -146,7 +146,7 @@ def test_stop_string_ends_sequence_and_aborts_in_engine(engine, tokenizer):
     text = "".join(d.text for d in received)
     assert text == "one two "
     assert received[-1].finish_reason == "stop" and received[-1].stop_reason == "three"
-    assert frames == [(Frame.ABORT, {"request_ids": ["r2-0"]})]
+    assert frames == [(Frame.ABORT, AbortRequests(["r2-0"]))]
     assert in_flight == 0
     # Tokens after the one that completed the stop string are not reported.
     assert sum(len(d.token_ids) for d in received) == ids.index(tokenizer.encode(" three", add_special_tokens=False)[-1]) + 1
@@ -166,8 +166,8 @@ def test_n_fans_out_with_consecutive_seeds(engine, tokenizer):
 
     adds, deltas = run(main())
     assert [f for f, _ in adds] == [Frame.ADD] * 3
-    assert [b["request_id"] for _, b in adds] == ["r3-0", "r3-1", "r3-2"]
-    assert [b["sampling_params"]["seed"] for _, b in adds] == [7, 8, 9]
+    assert [b.request_id for _, b in adds] == ["r3-0", "r3-1", "r3-2"]
+    assert [b.sampling_params["seed"] for _, b in adds] == [7, 8, 9]
     by_index = {d.index: d for d in deltas}
     assert sorted(by_index) == [0, 1, 2]
     assert all(by_index[i].token_ids == [100 + i] for i in range(3))
@@ -194,7 +194,7 @@ def test_closing_the_stream_aborts_once(engine, tokenizer):
         return frames, await _frames(engine, 300), client.num_in_flight
 
     frames, again, in_flight = run(main())
-    assert frames == [(Frame.ABORT, {"request_ids": ["r4-0"]})]   # r4-1 had finished
+    assert frames == [(Frame.ABORT, AbortRequests(["r4-0"]))]   # r4-1 had finished
     assert again == []
     assert in_flight == 0
 
@@ -207,7 +207,7 @@ def test_dead_frame_fails_in_flight_requests(engine, tokenizer):
         gen = client.generate("r5", [5], SamplingParams(max_tokens=10))
         task = asyncio.ensure_future(_collect(gen))
         await _frames(engine)
-        engine.outbox.send(encode(Frame.DEAD, {"message": "worker 0 died"}))
+        engine.outbox.send(encode(Frame.DEAD, Failure("worker 0 died")))
         with pytest.raises(EngineDeadError, match="worker 0 died"):
             await task
         with pytest.raises(EngineDeadError):
@@ -280,6 +280,6 @@ def test_merged_streams_interleave_and_closing_aborts_all(engine, tokenizer):
 
     seen, frames, in_flight = run(main())
     assert seen == {0: [40], 1: [50]}
-    aborted = sorted(rid for frame, body in frames for rid in body["request_ids"])
+    aborted = sorted(rid for frame, body in frames for rid in body.request_ids)
     assert [f for f, _ in frames] == [Frame.ABORT] * len(frames) and aborted == ["m0-0", "m1-0"]
     assert in_flight == 0

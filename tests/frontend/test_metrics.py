@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from aphrodite.frontend.metrics import ServerMetrics, StatsLogger, _length_buckets
+from aphrodite.protocol import EngineStats
 
 
 def samples(metrics: ServerMetrics) -> dict:
@@ -15,11 +16,8 @@ def samples(metrics: ServerMetrics) -> dict:
     return out
 
 
-def stats(**overrides) -> dict:
-    base = {"num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0, "num_kv_blocks": 100,
-            "prefix_cache_queries": 0, "prefix_cache_hits": 0, "num_preemptions": 0,
-            "num_prompt_tokens": 0, "num_generation_tokens": 0}
-    return {**base, **overrides}
+def stats(**overrides) -> EngineStats:
+    return EngineStats(**{"num_kv_blocks": 100, **overrides})
 
 
 def test_counters_follow_engine_stats():
