@@ -8,8 +8,9 @@ import os
 import orjson
 import pytest
 
-from aphrodite.sampling_params import (DEFAULT_SAMPLER_ORDER, SAMPLER_SPECS, SamplerStage,
-                                       SamplingParamError, SamplingParams)
+from aphrodite.sampler_specs import SAMPLER_SPECS
+from aphrodite.sampling_params import (DEFAULT_SAMPLER_ORDER, SamplerStage, SamplingParamError,
+                                       SamplingParams)
 
 RESOLVED = {"bad_words_token_ids", "dry_sequence_breaker_ids"}
 

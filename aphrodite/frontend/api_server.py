@@ -22,7 +22,7 @@ from aphrodite.frontend.openai_protocol import (ChatCompletionRequest, Completio
 from aphrodite.frontend.serving_base import OpenAIServing, ServingContext, json_response
 from aphrodite.frontend.serving_chat import ChatServing
 from aphrodite.frontend.serving_completions import CompletionServing
-from aphrodite.sampling_params import SAMPLER_SPECS
+from aphrodite.sampler_specs import SAMPLER_SPECS
 
 logger = logging.getLogger("aphrodite.server")
 
