@@ -42,7 +42,7 @@ def configure_logging(role: str) -> None:
 
 def raise_on_sigterm() -> None:
     """Turn SIGTERM into Terminated, once: a second SIGTERM must not cut the clean-up short."""
-    def handler(signum, frame) -> None:
+    def handler(_signum, _frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated()
     signal.signal(signal.SIGTERM, handler)

@@ -13,7 +13,6 @@ Worker -> engine core:    READY (WorkerReady), RESULT (StepResult), DEAD (Failur
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,7 +199,3 @@ def decode(message: bytes, ready: type | None = None) -> tuple[Frame, Any]:
         return frame, None
     from_wire = getattr(cls, "from_wire", None)
     return frame, from_wire(data) if from_wire is not None else cls(**data)
-
-
-def as_dict(body: Any) -> dict:
-    return dataclasses.asdict(body)
