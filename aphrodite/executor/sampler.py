@@ -103,7 +103,7 @@ class Sampler:
         logits = part.logits
         if greedy:
             # max(-1).indices is argmax (the first maximum; NaN wins) in a third of argmax's
-            # time on CPU: 64 x 49152 logits, 2.0 -> 0.7 ms.
+            # time on CPU: 64 x 49152 logits take 0.7 ms against argmax's 2.0.
             chosen = logits.max(-1).indices
             self._keep_processed(pieces, part, part_rows, ctx,
                                  lambda: logits.log_softmax(-1))
