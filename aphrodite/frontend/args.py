@@ -124,7 +124,8 @@ def build_parser(prog: str, positional_model: bool = False) -> argparse.Argument
                           "and metrics (default: the --model value, or the default model's name)")
     srv.add_argument("--api-keys", nargs="+", default=None, metavar="KEY",
                      help="accepted API keys (Bearer or x-api-key header); also "
-                          "$APHRODITE_API_KEY (comma-separated). /health, /metrics, /version and /openapi.json stay open")
+                          "$APHRODITE_API_KEY (comma-separated). /health, /metrics, /version "
+                          "and /openapi.json stay open")
     srv.add_argument("--chat-template", default=None,
                      help="chat template file or inline Jinja text (default: the tokenizer's)")
     srv.add_argument("--response-role", default="assistant",
