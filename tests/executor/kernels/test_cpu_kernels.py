@@ -1,15 +1,16 @@
-"""Building, caching and falling back from the CPU C++ kernels (cpu_kernels.py).
+"""Building, caching and falling back from the CPU C++ kernels (kernels/cpu/build.py).
 
-The kernel's numbers are checked against a dense reference in test_attention.py."""
+The kernels' numbers are checked against dense references in tests/executor/layers/."""
 
 import logging
 import os
 
 import numpy as np
 import pytest
+import torch
 
 from aphrodite.executor.kernels.cpu import ops as cpu_kernels
-from aphrodite.executor.layers.attention import AttentionMetadata
+from aphrodite.executor.layers.attention import AttentionConfig, AttentionMetadata
 
 
 @pytest.fixture
@@ -23,18 +24,19 @@ def fresh_build(tmp_path, monkeypatch):
 
 def decode_metadata():
     return AttentionMetadata.build(np.array([1, 1]), np.array([5, 9]),
-                                   np.array([[0, 1, 0], [2, 3, 4]]), np.array([4, 16]), "cpu",
-                                   block_size=4)
+                                   np.array([[0, 1, 0], [2, 3, 4]]), np.array([4, 16]),
+                                   AttentionConfig("cpu", torch.float32, torch.float32, 4, 2, 16,
+                                                   block_size=4))
 
 
 def test_built_once_then_loaded_from_the_cache(fresh_build, cpp_compiler):
     assert cpu_kernels.library_available()
-    built = list((fresh_build / "kernels").glob("*.so"))
+    built = list((fresh_build / "kernels").glob("*/cpu_kernels.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     cpu_kernels._library.cache_clear()          # a new process, as far as the loader knows
     assert cpu_kernels.library_available()
-    assert list((fresh_build / "kernels").glob("*.so")) == built
+    assert list((fresh_build / "kernels").glob("*/cpu_kernels.so")) == built
     assert built[0].stat().st_mtime_ns == stamp   # not compiled again
     assert decode_metadata().decode_kernel
 

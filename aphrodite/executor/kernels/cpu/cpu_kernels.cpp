@@ -1,11 +1,15 @@
-// The CPU kernels' C entry points: the only translation unit of the library cpu_kernels.py
-// builds at run time (g++ -O3 -march=native -fopenmp).
+// The CPU kernels' C entry points: the only translation unit of the library build.py builds
+// at run time (g++ -O3 -march=native -fopenmp). Their prototypes, and the constants and
+// structures shared with Python, come from kernel_abi.h, which build.py generates from
+// kernel_abi.py: a definition here whose types differ from its prototype does not compile.
 //
 // The OpenMP runtime it links is the libgomp.so.1 torch has already loaded, so the kernels
 // share torch's thread pool and thread count: no second pool spins against torch's threads
 // on the same cores.
 
 #include <cstdint>
+
+#include "kernel_abi.h"
 
 #include "amx_linear.h"
 #include "decode_layers.h"
@@ -14,8 +18,10 @@
 #include "paged_prefill_attention.h"
 #include "quantized_linear.h"
 
-// Element types of a KV cache, as cpu_kernels.py passes them.
-enum KvDtype { kFloat32 = 0, kBfloat16 = 1, kFloat16 = 2 };
+static_assert(attention::kTileRows == kPrefillTileRows,
+              "kernel_abi.py's PREFILL_TILE_ROWS is the prefill tile's rows");
+static_assert(sizeof(attention::PrefillSeq) == 4 * sizeof(int64_t),
+              "paged_prefill_attention's seqs: four int64 a sequence");
 
 // Whether this build reads and writes float16 caches (needs F16C: x86 since 2012).
 extern "C" int kv_float16_supported() { return vec8::kHasF16 ? 1 : 0; }
@@ -112,8 +118,8 @@ extern "C" void amx_linear(const float* x, int64_t tokens, int64_t cols, const u
 }
 
 // Runs every layer of a decode step over step->hidden, in place (see decode_layers.h).
-extern "C" void decode_layers(const fused::LayerWeights* layers, int64_t num_layers,
-                              const fused::Step* step) {
+extern "C" void decode_layers(const DecodeLayerWeights* layers, int64_t num_layers,
+                              const DecodeStep* step) {
     for (int64_t i = 0; i < num_layers; ++i) fused::layer(layers[i], *step);
 }
 

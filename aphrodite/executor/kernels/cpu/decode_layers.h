@@ -16,42 +16,14 @@
 #include <cstring>
 #include <vector>
 
+#include "kernel_abi.h"
 #include "layer_ops.h"
 #include "paged_decode_attention.h"
 #include "quantized_linear.h"
 
 namespace fused {
 
-// One quantised matrix: GGUF blocks [rows, cols / 32] (see quantized_linear.h), optional bias.
-struct Matrix {
-    const uint8_t* blocks;
-    const float* bias;   // [rows] or null
-    int64_t rows, cols;
-    int64_t is_int4;
-};
-
-struct LayerWeights {
-    const float* input_norm;   // [hidden]
-    const float* post_norm;    // [hidden]
-    Matrix qkv, o, gate_up, down;
-    void* kv_cache;            // [2, blocks, block_size, kv_heads, head_dim], float32 or f16
-};
-
-// What a step shares across layers. One new token per sequence: token t is sequence t.
-struct Step {
-    float* hidden;               // [tokens, hidden_size], the residual stream, updated in place
-    const float* cos;            // [tokens, head_dim]: the rotary tables' rows, sin's sign
-    const float* sin;            //   folded in (see models/rotary.py)
-    const int64_t* slots;        // [tokens] cache slot of each new token, -1: not written
-    const int64_t* block_tables; // [tokens, max_blocks]
-    const int64_t* seq_lens;     // [tokens], this step's token included
-    int64_t tokens, hidden_size, heads, kv_heads, head_dim, block_size, max_blocks;
-    int64_t cache_half;          // elements in one of a cache's key and value halves
-    int64_t kv_f16;              // the caches hold float16 (vec8.h's f16), not float32
-    float eps, scale;
-};
-
-inline void matmul(const Matrix& m, const float* x, int64_t tokens, float* out) {
+inline void matmul(const QuantizedMatrix& m, const float* x, int64_t tokens, float* out) {
     quantized::matmul(x, tokens, m.cols, m.blocks, m.is_int4 != 0, m.rows, out);
     if (m.bias)
         for (int64_t t = 0; t < tokens; ++t)
@@ -59,7 +31,7 @@ inline void matmul(const Matrix& m, const float* x, int64_t tokens, float* out) 
 }
 
 template <typename Cache>
-inline void layer_on(const LayerWeights& w, const Step& s) {
+inline void layer_on(const DecodeLayerWeights& w, const DecodeStep& s) {
     const int64_t T = s.tokens, H = s.hidden_size, D = s.head_dim;
     const int64_t q_size = s.heads * D, qkv_size = w.qkv.rows;
     const int64_t inter = w.down.cols;
@@ -85,7 +57,7 @@ inline void layer_on(const LayerWeights& w, const Step& s) {
     for (int64_t i = 0; i < T * H; ++i) s.hidden[i] += delta[i];
 }
 
-inline void layer(const LayerWeights& w, const Step& s) {
+inline void layer(const DecodeLayerWeights& w, const DecodeStep& s) {
 #if defined(__F16C__)
     if (s.kv_f16) return layer_on<vec8::f16>(w, s);
 #endif

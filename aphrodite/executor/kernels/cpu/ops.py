@@ -1,136 +1,49 @@
-"""C++ kernels for the CPU path, compiled on first use and cached; torch fallbacks without them.
+"""The CPU C++ kernels' Python wrappers: torch tensors in, the kernels' pointers and sizes out.
 
-- kernels/paged_decode_attention.h: torch has no operator for attention over a paged cache.
-  The torch path gathers each sequence's blocks into a padded copy and calls
-  scaled_dot_product_attention per group of sequences, which on CPU is dominated by per-call
-  overhead and copies. The kernel reads keys and values where they are. Decode, one layer of
-  the default model: see the table in attention.py.
-- kernels/paged_prefill_attention.h: every prefill chunk of a step in one call, over the
-  paged cache too (torch's flash kernel runs one sequence a call, its prefix gathered first).
-- kernels/quantized_linear.h: GGUF-style int4/int8 weights times float32 activations for
-  decode (see quantized_linear.py for why not torch's weight-only kernels).
-- kernels/amx_linear.h: the same int4 matrices times many tokens (prefill chunks) on Intel
-  AMX's bfloat16 tiles, with every float32 bit kept (weights and activations split into
-  exact bfloat16 parts); only where amx_available().
-- kernels/layer_ops.h: the elementwise steps between a layer's matrix products (residual add
-  and RMS norm, rotary and the KV-cache write, the SiLU-gated product), one call each (see
-  models/layer_ops.py).
-- kernels/decode_layers.h: a whole decode step's layers for a model whose matrices are all
+- paged_decode_attention.h: torch has no operator for attention over a paged cache. The torch
+  path gathers each sequence's blocks into a padded copy and calls scaled_dot_product_attention
+  per group of sequences, which on CPU is dominated by per-call overhead and copies. The
+  kernel reads keys and values where they are.
+- paged_prefill_attention.h: every prefill chunk of a step in one call, over the paged cache
+  too (torch's flash kernel runs one sequence a call, its prefix gathered first).
+- quantized_linear.h: GGUF-style int4/int8 weights times float32 activations for decode (see
+  layers/quantized.py for why not torch's weight-only kernels).
+- amx_linear.h: the same int4 matrices times many tokens (prefill chunks) on Intel AMX's
+  bfloat16 tiles, with every float32 bit kept (weights and activations split into exact
+  bfloat16 parts); only where amx_available().
+- layer_ops.h: the elementwise steps between a layer's matrix products (residual add and RMS
+  norm, rotary and the KV-cache write, the SiLU-gated product), one call each (see
+  layers/layer_ops.py).
+- decode_layers.h: a whole decode step's layers for a model whose matrices are all
   quantised, in one call (see models/llama.py).
 
 The KV cache may be float32 or, with --kv-cache-dtype float16, IEEE float16 (kernels that
 read it widen eight elements at a time with F16C; writes round to nearest even). Decode
 attention also reads bfloat16 caches (bfloat16 models).
 
-kernels/cpu_kernels.cpp includes them all and holds the C entry points. It is built with the
-system's g++ (-O3 -march=native -fopenmp) into <cache_root>/kernels/cpu_kernels-<hash>.so,
-keyed by the sources, the compiler, the flags and this CPU's feature flags, so a cache shared
-between machines never hands one a build for another. No compiler, or a failed build, logs a
-warning once and leaves the torch paths in use; APHRODITE_CPU_KERNELS=0 turns the kernels off.
+build.py compiles the kernels on first use (library_available() asks for them); without
+them every function here but the predicates must not be called, and the torch paths run.
+The entry points' types and the structures below come from kernel_abi.py.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import os
-import shutil
-import subprocess
 from functools import cache
-from pathlib import Path
 
 import torch
 
-from aphrodite.model_files import cache_root, write_file_atomically
+from aphrodite.executor.kernels.cpu import build, kernel_abi
 
-logger = logging.getLogger("aphrodite.worker")
-
-KERNELS = Path(__file__).parent
-SOURCES = sorted([*KERNELS.glob("*.cpp"), *KERNELS.glob("*.h")])   # what the build key covers
-# gnu++17, not c++17: the strict ISO mode stops g++ from fusing multiply-adds.
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17"]
-# The kernels' codes for a KV cache's element type (KvDtype in cpu_kernels.cpp).
-_KV_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
-def _build(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
-                             check=True).stdout
-    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), version, " ".join(FLAGS),
-                                    _cpu_flags()]).encode()).hexdigest()[:32]
-    target = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
-    if target.exists():
-        return target
-
-    def compile_to(path: str) -> None:
-        subprocess.run([compiler, *FLAGS, str(KERNELS / "cpu_kernels.cpp"), "-o", path],
-                       capture_output=True, text=True, check=True)
-
-    if not write_file_atomically(target, compile_to):
-        raise OSError(f"cannot write {target.parent}")
-    logger.info("Built the CPU kernels into %s", target)
-    return target
+# The kernels' codes for a KV cache's element type.
+_KV_DTYPE_CODES = {getattr(torch, name): code
+                   for name, code in kernel_abi.KV_DTYPE_CODES.items()}
 
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("APHRODITE_CPU_KERNELS", "1") == "0":
-        return None
-    compiler = os.environ.get("CXX") or shutil.which("g++")
-    if compiler is None:
-        logger.warning("No C++ compiler (g++) found: CPU decode attention and quantised linears "
-                       "run the slower torch paths")
-        return None
-    try:
-        # torch has loaded its libgomp.so.1 already; the kernel's libgomp.so.1 resolves to it.
-        library = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", "") or str(exc)
-        logger.warning("Could not build the CPU kernels (%s): CPU decode attention and "
-                       "quantised linears run the slower torch paths", detail.strip()[-500:])
-        return None
-    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    library.paged_decode_attention.argtypes = [
-        pointer, pointer, pointer, ctypes.c_int, pointer, i64, pointer, i64, i64, i64, i64, i64,
-        ctypes.c_float, pointer]
-    library.paged_decode_attention.restype = None
-    library.paged_prefill_attention.argtypes = [
-        pointer, i64, pointer, pointer, ctypes.c_int, pointer, i64, pointer, i64, i64, i64, i64,
-        i64, ctypes.c_float, pointer]
-    library.paged_prefill_attention.restype = None
-    library.quantized_linear.argtypes = [pointer, i64, i64, pointer, ctypes.c_int, i64, pointer]
-    library.quantized_linear.restype = None
-    library.dequantize_blocks.argtypes = [pointer, ctypes.c_int, i64, i64, pointer]
-    library.dequantize_blocks.restype = None
-    library.decode_layers.argtypes = [pointer, i64, pointer]
-    library.decode_layers.restype = None
-    library.add_rms_norm.argtypes = [pointer, pointer, pointer, i64, i64, ctypes.c_float, pointer]
-    library.add_rms_norm.restype = None
-    library.rotate_and_cache.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i64,
-                                         pointer, pointer, ctypes.c_int]
-    library.rotate_and_cache.restype = None
-    library.silu_and_mul.argtypes = [pointer, i64, i64, pointer]
-    library.silu_and_mul.restype = None
-    library.amx_enable.argtypes = []
-    library.amx_enable.restype = ctypes.c_int
-    library.amx_packed_size.argtypes = [i64, i64]
-    library.amx_packed_size.restype = i64
-    library.amx_pack.argtypes = [pointer, i64, i64, pointer]
-    library.amx_pack.restype = None
-    library.amx_linear.argtypes = [pointer, i64, i64, pointer, i64, pointer]
-    library.amx_linear.restype = None
-    library.kv_float16_supported.argtypes = []
-    library.kv_float16_supported.restype = ctypes.c_int
-    return library
+    return build.load_library()
 
 
 def library_available() -> bool:
@@ -177,8 +90,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     return out.to(q.dtype)
 
 
-# Query heads per kv head that a prefill tile holds at least one token of (kTileRows).
-PREFILL_TILE_ROWS = 48
+# Query heads per kv head that a prefill tile holds at least one token of.
+PREFILL_TILE_ROWS = kernel_abi.PREFILL_TILE_ROWS
 
 
 def supports_prefill(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
@@ -210,7 +123,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
 def quantized_linear(x: torch.Tensor, blocks: torch.Tensor, is_int4: bool) -> torch.Tensor:
     """x [tokens, cols] float32 @ W^T -> [tokens, rows] float32. blocks: W as uint8
     [rows, cols / 32 * block bytes], GGUF's Q4_1 blocks (is_int4) or Q8_0 blocks (see
-    kernels/quantized_linear.h)."""
+    quantized_linear.h)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
     assert x.dtype == torch.float32 and blocks.dtype == torch.uint8 and blocks.is_contiguous()
@@ -232,7 +145,7 @@ def amx_available() -> bool:
 def amx_pack(blocks: torch.Tensor, cols: int) -> torch.Tensor:
     """Q4_1 blocks (quantized_linear's layout) of a [rows, cols] matrix, rows and cols
     multiples of 32 -> amx_linear's operand tiles (int16 storage of bfloat16 parts, 4 bytes
-    a weight; see kernels/amx_linear.h)."""
+    a weight; see amx_linear.h)."""
     rows = blocks.shape[0]
     assert blocks.dtype == torch.uint8 and blocks.is_contiguous() and rows % 32 == 0 \
         and cols % 32 == 0
@@ -266,7 +179,7 @@ def dequantize_blocks(blocks: torch.Tensor, is_int4: bool, cols: int) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------------
-# A layer's elementwise steps (kernels/layer_ops.h): float32, contiguous tensors only.
+# A layer's elementwise steps (layer_ops.h): float32, contiguous tensors only.
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> torch.Tensor:
@@ -302,27 +215,11 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Decode layers (kernels/decode_layers.h): the structures mirror the C++ ones field by field.
+# Decode layers (decode_layers.h): the structures' fields are kernel_abi.py's STRUCTS.
 
-class QuantizedMatrix(ctypes.Structure):
-    _fields_ = [("blocks", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("rows", ctypes.c_int64),
-                ("cols", ctypes.c_int64), ("is_int4", ctypes.c_int64)]
-
-
-class DecodeLayerWeights(ctypes.Structure):
-    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
-                ("qkv", QuantizedMatrix), ("o", QuantizedMatrix), ("gate_up", QuantizedMatrix),
-                ("down", QuantizedMatrix), ("kv_cache", ctypes.c_void_p)]
-
-
-class DecodeStep(ctypes.Structure):
-    _fields_ = [("hidden", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
-                ("slots", ctypes.c_void_p), ("block_tables", ctypes.c_void_p),
-                ("seq_lens", ctypes.c_void_p),
-                *((name, ctypes.c_int64) for name in (
-                    "tokens", "hidden_size", "heads", "kv_heads", "head_dim", "block_size",
-                    "max_blocks", "cache_half", "kv_f16")),
-                ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+QuantizedMatrix = kernel_abi.STRUCTURES["QuantizedMatrix"]
+DecodeLayerWeights = kernel_abi.STRUCTURES["DecodeLayerWeights"]
+DecodeStep = kernel_abi.STRUCTURES["DecodeStep"]
 
 
 def decode_layers(layers: ctypes.Array, step: DecodeStep) -> None:
