@@ -1,25 +1,24 @@
 """Offline API: ``LLM(model).generate(prompts, SamplingParams(...))``.
 
 This process plays the frontend: it tokenises, sends ADD frames to the engine-core
-process, detokenises the streamed tokens and matches stop strings. It never runs torch.
+process and hands the engine's outputs to the OutputProcessor the server uses too
+(detokenising, stop strings, logprobs, finish reasons). It never runs torch.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-import time
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
 from aphrodite.config import EngineConfig
-from aphrodite.frontend.detokenizer import RequestDetokenizer
 from aphrodite.frontend.engine_process import EngineDeadError, EngineProcess
+from aphrodite.frontend.output_processor import OutputProcessor, RequestState
 from aphrodite.model_files import load_tokenizer, resolve_model
 from aphrodite.outputs import CompletionOutput, RequestOutput
-from aphrodite.protocol import (AbortRequests, AddRequest, EngineOutput, EngineStats, Frame,
-                                decode)
+from aphrodite.protocol import AbortRequests, EngineStats, Frame, StepOutputs, decode
 from aphrodite.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict
@@ -39,6 +38,7 @@ class LLM:
         self.max_model_len = self.engine.ready.max_model_len
         self.vocab_size = self.engine.ready.vocab_size
         self._ids = itertools.count()
+        self._processor = OutputProcessor(self.tokenizer)
         self._dead: str | None = None
         # Engine counters from the latest step (KV use, cache hits).
         self.last_stats = EngineStats()
@@ -87,7 +87,9 @@ class LLM:
             pass
 
     # ---- internals -----------------------------------------------------------------------
-    def _prepare(self, prompt: PromptType, params: SamplingParams) -> RequestOutput:
+    def _prepare(self, prompt: PromptType, params: SamplingParams
+                 ) -> tuple[str | None, list[int], SamplingParams]:
+        """The prompt's text and token ids, and a validated copy of its params."""
         if isinstance(prompt, str):
             text, token_ids = prompt, self.tokenizer.encode(prompt)
         elif isinstance(prompt, dict):
@@ -105,73 +107,48 @@ class LLM:
         params = copy.deepcopy(params)
         params.validate(self.vocab_size)
         params.resolve_token_strings(self.tokenizer)
-        out = RequestOutput(request_id=str(next(self._ids)), prompt=text,
-                            prompt_token_ids=list(token_ids))
-        out._params = params                        # carried until the run ends
-        return out
+        return text, list(token_ids), params
 
-    def _run(self, requests: list[RequestOutput], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, requests: list[tuple[str | None, list[int], SamplingParams]],
+             use_tqdm: bool) -> list[RequestOutput]:
         if self.engine is None or self._dead:
             raise EngineDeadError(f"the engine is not running: {self._dead or 'shut down'}")
-        live: dict[str, tuple[RequestOutput, CompletionOutput, RequestDetokenizer]] = {}
-        for req in requests:
-            params = req._params
-            for index in range(params.n):
-                child = copy.copy(params)
-                if params.seed is not None:
-                    child.seed = params.seed + index
-                completion = CompletionOutput(index=index, text="", token_ids=[])
-                req.outputs.append(completion)
-                sub_id = f"{req.request_id}-{index}"
-                live[sub_id] = (req, completion,
-                                RequestDetokenizer(self.tokenizer, req.prompt_token_ids, child))
-                self.engine.send(Frame.ADD, AddRequest(sub_id, req.prompt_token_ids,
-                                                       child.to_dict(), time.time()))
-        remaining = {req.request_id: req._params.n for req in requests}
+        results: dict[str, RequestOutput] = {}
+        for text, token_ids, params in requests:
+            request_id = str(next(self._ids))
+            results[request_id] = RequestOutput(request_id, text, token_ids)
+            _, adds = self._processor.add_request(request_id, token_ids, params)
+            for add in adds:
+                self.engine.send(Frame.ADD, add)
+        unfinished = set(results)
         bar = tqdm(total=len(requests), desc="Generating", disable=not use_tqdm)
         try:
-            while live:
-                for output in self._next_outputs():
-                    entry = live.get(output.request_id)
-                    if entry is None:
-                        continue
-                    req, completion, detok = entry
-                    finish = output.finish_reason
-                    if output.logprobs:
-                        completion.logprobs = (completion.logprobs or []) + output.logprobs
-                    if output.prompt_logprobs is not None and req.prompt_logprobs is None:
-                        req.prompt_logprobs = [None, *output.prompt_logprobs]
-                    # Ends on EOS or a stop token id: that token's text is not output.
-                    _, stopped_by = detok.add_tokens(output.new_token_ids,
-                                                     ends_with_stop_token=finish == "stop")
-                    if stopped_by is not None and finish is None:
-                        self.engine.send(Frame.ABORT, AbortRequests([output.request_id]))
-                        finish, completion.stop_reason = "stop", stopped_by
-                    elif finish is not None:
-                        completion.stop_reason = output.stop_reason
-                    if finish is None:
-                        continue
-                    detok.finish()
-                    completion.text = detok.text
-                    completion.token_ids = list(detok.token_ids)   # cut at a stop string
-                    completion.finish_reason = finish
-                    req.num_cached_tokens = output.num_cached_tokens
-                    del live[output.request_id]
-                    remaining[req.request_id] -= 1
-                    if remaining[req.request_id] == 0:
-                        req.finished = True
+            while unfinished:
+                step = self._next_step()
+                if step is None:
+                    continue
+                news = self._processor.process(step)
+                if news.abort_ids:
+                    self.engine.send(Frame.ABORT, AbortRequests(news.abort_ids))
+                for update in news.updates:
+                    request = update.request
+                    if request.finished and request.request_id in unfinished:
+                        _fill_output(results[request.request_id], request)
+                        unfinished.remove(request.request_id)
                         bar.update(1)
         except BaseException:
-            if live and self._dead is None:
-                self.engine.send(Frame.ABORT, AbortRequests(list(live)))
+            if self._dead is None:
+                engine_ids = [i for rid in unfinished for i in self._processor.abort(rid)]
+                if engine_ids:
+                    self.engine.send(Frame.ABORT, AbortRequests(engine_ids))
             raise
         finally:
             bar.close()
-        for req in requests:
-            del req._params
-        return requests
+            for request_id in results:
+                self._processor.forget(request_id)
+        return list(results.values())
 
-    def _next_outputs(self) -> list[EngineOutput]:
+    def _next_step(self) -> StepOutputs | None:
         socket = self.engine.output_socket
         while not socket.poll(500):
             if not self.engine.proc.is_alive():
@@ -183,8 +160,21 @@ class LLM:
             raise EngineDeadError(f"the engine failed: {self._dead}")
         if frame is Frame.STEP_OUTPUTS:
             self.last_stats = body.stats
-            return body.outputs
-        return []
+            return body
+        return None
+
+
+def _fill_output(result: RequestOutput, request: RequestState) -> None:
+    """Fills a finished request's result from its sequences' news, taken in one piece."""
+    for seq in request.sequences:
+        delta = seq.take()
+        result.outputs.append(CompletionOutput(
+            seq.index, delta.text, delta.token_ids, seq.finish_reason, seq.stop_reason,
+            delta.logprobs))
+        if delta.prompt_logprobs is not None and result.prompt_logprobs is None:
+            result.prompt_logprobs = [None, *delta.prompt_logprobs]
+    result.num_cached_tokens = max(seq.num_cached_tokens for seq in request.sequences)
+    result.finished = True
 
 
 def _as_prompt_list(prompts) -> list[PromptType]:

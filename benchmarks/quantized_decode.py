@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # aphrodite, when not installed
 from aphrodite.config import EngineConfig
-from aphrodite.executor.layers.attention import AttentionMetadata, allocate_kv_caches
+from aphrodite.executor.layers.attention import (AttentionConfig, AttentionMetadata,
+                                                 allocate_kv_caches)
 from aphrodite.executor.models import get_model_class
 from aphrodite.executor.loader import load_model_weights
 from aphrodite.model_files import load_config, load_tokenizer, resolve_model
@@ -63,7 +64,9 @@ def greedy(model, prompt: list[int], steps: int,
         new = tokens[0 if step == 0 else begin:]
         positions = np.arange(len(tokens) - len(new), len(tokens))
         meta = AttentionMetadata.build(np.array([len(new)]), np.array([len(tokens)]), table,
-                                       positions, "cpu", BLOCK)
+                                       positions, AttentionConfig.for_cache(
+                                           caches[0], model.config.num_attention_heads,
+                                           model.dtype))
         hidden = model(torch.tensor(new), torch.from_numpy(positions), caches, meta)
         token = int(model.compute_logits(hidden[-1:]).argmax(-1))
         if step == 0:

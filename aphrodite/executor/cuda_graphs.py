@@ -17,7 +17,7 @@ import logging
 import numpy as np
 import torch
 
-from aphrodite.executor.layers.attention import AttentionMetadata
+from aphrodite.executor.layers.attention import AttentionConfig, AttentionMetadata
 
 logger = logging.getLogger("aphrodite.worker")
 
@@ -36,11 +36,11 @@ def context_buckets(max_model_len: int, block_size: int) -> list[int]:
 
 
 class CudaGraphRunner:
-    def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int,
-                 max_model_len: int, max_num_seqs: int, scratch_block: int,
-                 device: torch.device):
-        self.model, self.kv_caches, self.device = model, kv_caches, device
-        self.block_size = block_size
+    def __init__(self, model, kv_caches: list[torch.Tensor], attention_config: AttentionConfig,
+                 max_model_len: int, max_num_seqs: int, scratch_block: int):
+        self.model, self.kv_caches, self.attention_config = model, kv_caches, attention_config
+        self.device = device = attention_config.device
+        self.block_size = block_size = attention_config.block_size
         self.scratch_slot = scratch_block * block_size
         self.batch_sizes = [b for b in BATCH_LADDER if b <= max_num_seqs] or [1]
         self.context_lens = context_buckets(max_model_len, block_size)
@@ -58,7 +58,10 @@ class CudaGraphRunner:
     def _metadata(self, batch: int, context: int) -> AttentionMetadata:
         meta = AttentionMetadata.build(
             np.ones(batch), np.full(batch, context), np.zeros((batch, 1)),
-            np.full(batch, self.scratch_slot), self.device)
+            np.full(batch, self.scratch_slot), self.attention_config)
+        # A replay refills only the buffers below, so the captured decode may read nothing
+        # else that depends on the step (no host-side plan, as the grouped decode has).
+        assert meta.decode_backend in ("triton", "torch_padded"), meta.decode_backend
         # Point the plan at the static buffers the replays will refill.
         meta.slot_mapping = meta.write_slots = self.slot_mapping[:batch]
         meta.seq_lens = self.seq_lens[:batch]

@@ -1,95 +1,27 @@
 """The server's asyncio client of the engine-core process.
 
-One output task reads STEP_OUTPUTS frames (one per engine step, for every request),
-detokenises each sequence's new tokens, matches stop strings (a match sends ABORT) and
-wakes the request's consumer. A consumer that lags behind finds its pending tokens and
-text merged into one delta, so memory stays bounded by the output length, not by the
-number of steps. The engine counts as dead when it sends DEAD, when its process exits,
-or when the output socket fails; every in-flight request then raises EngineDeadError.
+One output task reads STEP_OUTPUTS frames (one per engine step, for every request), hands
+them to the OutputProcessor (detokenising, stop strings, finish reasons; a stop string
+sends ABORT) and wakes each request's consumer, who takes the merged news of its
+sequences. The engine counts as dead when it sends DEAD, when its process exits, or when
+the output socket fails; every in-flight request then raises EngineDeadError.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import zmq
 import zmq.asyncio
 
-from aphrodite.frontend.detokenizer import RequestDetokenizer
 from aphrodite.frontend.engine_process import EngineDeadError, EngineProcess
-from aphrodite.protocol import (AbortRequests, AddRequest, EngineOutput, EngineStats, Frame,
-                                StepOutputs, decode, encode)
+from aphrodite.frontend.output_processor import OutputProcessor, RequestState, SequenceDelta
+from aphrodite.protocol import AbortRequests, EngineStats, Frame, StepOutputs, decode, encode
 
 logger = logging.getLogger("aphrodite.server")
-
-
-@dataclass
-class SequenceDelta:
-    """What one sequence produced since its consumer last looked."""
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[dict] | None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    num_cached_tokens: int = 0        # prompt tokens served from the prefix cache
-    # Engine entries for prompt tokens 1.. (params.prompt_logprobs); only in the first delta.
-    prompt_logprobs: list[dict] | None = None
-
-
-@dataclass
-class _Sequence:
-    engine_id: str
-    index: int
-    detokenizer: RequestDetokenizer
-    want_logprobs: bool
-    pending_text: str = ""
-    pending_ids: list[int] = field(default_factory=list)
-    pending_logprobs: list[dict] = field(default_factory=list)
-    pending_prompt_logprobs: list[dict] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    delivered_finish: bool = False
-    num_cached_tokens: int = 0
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-
-    def take(self) -> SequenceDelta | None:
-        if not self.pending_ids and not self.pending_text and \
-                self.pending_prompt_logprobs is None and (
-                self.finish_reason is None or self.delivered_finish):
-            return None
-        delta = SequenceDelta(self.index, self.pending_text, self.pending_ids,
-                              self.pending_logprobs if self.want_logprobs else None,
-                              self.finish_reason, self.stop_reason, self.num_cached_tokens,
-                              self.pending_prompt_logprobs)
-        self.pending_text, self.pending_ids, self.pending_logprobs = "", [], []
-        self.pending_prompt_logprobs = None
-        self.delivered_finish = self.finish_reason is not None
-        return delta
-
-
-@dataclass
-class RequestState:
-    """One client request: n sequences fanned out to the engine as separate requests."""
-    request_id: str
-    prompt_token_ids: list[int]
-    arrival_time: float
-    sequences: list[_Sequence]
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    error: Exception | None = None
-
-    @property
-    def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.sequences)
-
-    def num_output_tokens(self) -> int:
-        return sum(len(s.detokenizer.token_ids) for s in self.sequences)
 
 
 class RequestStream:
@@ -97,36 +29,38 @@ class RequestStream:
 
     def __init__(self, client: "AsyncEngineClient", state: RequestState):
         self._client = client
-        self._state = state
+        self.state = state
+        self.wakeup = asyncio.Event()
+        self.error: Exception | None = None
         self._closed = False
 
     def __aiter__(self) -> "RequestStream":
         return self
 
     async def __anext__(self) -> list[SequenceDelta]:
-        state = self._state
+        state = self.state
         while not self._closed:
             deltas = [d for d in (s.take() for s in state.sequences) if d is not None]
             if deltas:
                 return deltas
             if state.finished and all(s.delivered_finish for s in state.sequences):
                 break
-            if state.error is not None:
+            if self.error is not None:
                 await self.aclose()
-                raise state.error
+                raise self.error
             try:
-                await state.wakeup.wait()
+                await self.wakeup.wait()
             except asyncio.CancelledError:
                 await self.aclose()
                 raise
-            state.wakeup.clear()
+            self.wakeup.clear()
         await self.aclose()
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            self._client._release(self._state)
+            self._client._release(self.state)
 
 
 class AsyncEngineClient:
@@ -143,8 +77,8 @@ class AsyncEngineClient:
         self.latest_stats = EngineStats()
         self.dead_reason: str | None = None
         self._on_dead: list[Callable[[str], None]] = []
-        self._requests: dict[str, RequestState] = {}
-        self._by_engine_id: dict[str, tuple[RequestState, _Sequence]] = {}
+        self._processor = OutputProcessor(tokenizer)
+        self._streams: dict[str, RequestStream] = {}
         self._input = zmq.asyncio.Socket.from_socket(engine.input_socket)
         self._output = zmq.asyncio.Socket.from_socket(engine.output_socket)
         self._output_task: asyncio.Task | None = None
@@ -165,12 +99,12 @@ class AsyncEngineClient:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._requests)
+        return len(self._streams)
 
     @property
     def num_unfinished_sequences(self) -> int:
         """Sequences sent to the engine that have not finished (running or waiting there)."""
-        return len(self._by_engine_id)
+        return self._processor.num_unfinished_sequences
 
     async def close(self, timeout_s: float = 10) -> None:
         """Stop the engine and its workers (blocking work runs in a thread)."""
@@ -198,53 +132,32 @@ class AsyncEngineClient:
         """
         if self.dead_reason is not None or self._closed:
             raise EngineDeadError(self.dead_reason or "the engine is shut down")
-        if request_id in self._requests:
-            raise ValueError(f"duplicate request id {request_id}")
-        return RequestStream(self, self._register(request_id, list(prompt_token_ids), params))
+        state, adds = self._processor.add_request(request_id, prompt_token_ids, params)
+        stream = self._streams[request_id] = RequestStream(self, state)
+        for add in adds:
+            self._send(Frame.ADD, add)
+        return stream
 
     def _release(self, state: RequestState) -> None:
         if not state.finished:
             self.abort(state.request_id)
-        self._requests.pop(state.request_id, None)
+        self._streams.pop(state.request_id, None)
+        self._processor.forget(state.request_id)
 
     def abort(self, request_id: str) -> None:
         """Abort every unfinished sequence of a request. Idempotent; unknown ids are ignored."""
-        state = self._requests.get(request_id)
-        if state is None:
+        stream = self._streams.get(request_id)
+        if stream is None:
             return
-        ids = []
-        for seq in state.sequences:
-            if seq.finish_reason is None:
-                seq.finish_reason = "abort"
-                ids.append(seq.engine_id)
-            self._by_engine_id.pop(seq.engine_id, None)
+        ids = self._processor.abort(request_id)
         if ids:
             self._send(Frame.ABORT, AbortRequests(ids))
-            self._log_finished(state)
-        state.wakeup.set()
+            self._log_finished(stream.state)
+        stream.wakeup.set()
 
     def abort_all(self) -> None:
-        for request_id in list(self._requests):
+        for request_id in list(self._streams):
             self.abort(request_id)
-
-    def _register(self, request_id: str, prompt_ids: list[int], params) -> RequestState:
-        now = time.time()
-        children = []
-        for index in range(params.n):
-            child = copy.copy(params)
-            if params.seed is not None:
-                child.seed = params.seed + index   # distinct but reproducible samples
-            children.append(child)
-        sequences = [_Sequence(f"{request_id}-{i}", i,
-                               RequestDetokenizer(self.tokenizer, prompt_ids, child),
-                               params.logprobs is not None)
-                     for i, child in enumerate(children)]
-        state = RequestState(request_id, prompt_ids, now, sequences)
-        self._requests[request_id] = state
-        for seq, child in zip(sequences, children):
-            self._by_engine_id[seq.engine_id] = (state, seq)
-            self._send(Frame.ADD, AddRequest(seq.engine_id, prompt_ids, child.to_dict(), now))
-        return state
 
     def _send(self, frame: Frame, body) -> None:
         # zmq.asyncio sends at once when it can and queues otherwise; never blocks the loop.
@@ -269,60 +182,26 @@ class AsyncEngineClient:
 
     def _process_step(self, body: StepOutputs) -> None:
         now = time.time()
-        to_abort: list[str] = []
-        for out in body.outputs:
-            entry = self._by_engine_id.get(out.request_id)
-            if entry is None:
-                continue  # late output of an aborted request
-            state, seq = entry
-            if self._apply_output(state, seq, out, now):
-                to_abort.append(seq.engine_id)
+        news = self._processor.process(body, now)
+        for update in news.updates:
+            state, seq = update.request, update.sequence
+            if self.metrics is not None and update.num_new_tokens:
+                if update.previous_token_time is None:
+                    self.metrics.on_first_token(now - state.arrival_time)
+                else:
+                    self.metrics.on_inter_token(now - update.previous_token_time,
+                                                update.num_new_tokens)
             if seq.finish_reason is not None:
-                del self._by_engine_id[seq.engine_id]
                 if self.metrics is not None:
                     self.metrics.on_sequence_finished(state, seq, now)
                 if state.finished:
                     self._log_finished(state)
-            state.wakeup.set()
-        if to_abort:
-            self._send(Frame.ABORT, AbortRequests(to_abort))
+            self._streams[state.request_id].wakeup.set()
+        if news.abort_ids:
+            self._send(Frame.ABORT, AbortRequests(news.abort_ids))
         self.latest_stats = body.stats
         if self.metrics is not None:
             self.metrics.on_step(body.stats)
-
-    def _apply_output(self, state: RequestState, seq: _Sequence, out: EngineOutput,
-                      now: float) -> bool:
-        """Folds one engine output into the sequence; True if a stop string ended it."""
-        new_ids = out.new_token_ids
-        finish = out.finish_reason
-        if new_ids:
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-                seq.num_cached_tokens = out.num_cached_tokens
-                if self.metrics is not None:
-                    self.metrics.on_first_token(now - state.arrival_time)
-            elif self.metrics is not None:
-                self.metrics.on_inter_token(now - seq.last_token_time, len(new_ids))
-            seq.last_token_time = now
-        before = len(seq.detokenizer.token_ids)
-        text, stop_string = seq.detokenizer.add_tokens(
-            new_ids, ends_with_stop_token=finish == "stop")
-        kept = len(seq.detokenizer.token_ids) - before   # tokens after a stop string are dropped
-        seq.pending_ids.extend(new_ids[:kept])
-        if seq.want_logprobs and out.logprobs:
-            seq.pending_logprobs.extend(out.logprobs[:kept])
-        if out.prompt_logprobs is not None:
-            seq.pending_prompt_logprobs = out.prompt_logprobs
-        seq.pending_text += text
-        stopped_here = stop_string is not None and finish is None
-        if stopped_here:
-            finish, seq.stop_reason = "stop", stop_string
-        elif finish is not None:
-            seq.stop_reason = out.stop_reason
-        if finish is not None:
-            seq.pending_text += seq.detokenizer.finish()
-            seq.finish_reason = finish
-        return stopped_here
 
     # ---- engine death --------------------------------------------------------------------
     def _on_process_exit(self) -> None:
@@ -341,11 +220,11 @@ class AsyncEngineClient:
             callback(reason)
 
     def _fail_all(self, reason: str) -> None:
-        for state in list(self._requests.values()):
-            if not state.finished:
-                state.error = EngineDeadError(reason)
-                state.wakeup.set()
-        self._by_engine_id.clear()
+        for stream in list(self._streams.values()):
+            if not stream.state.finished:
+                stream.error = EngineDeadError(reason)
+                stream.wakeup.set()
+        self._processor.engine_gone()
 
     def _log_finished(self, state: RequestState) -> None:
         if not self.log_requests:

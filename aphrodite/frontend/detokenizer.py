@@ -9,7 +9,7 @@ Stop strings are matched on the decoded text. While streaming, the last
 len(longest stop) - 1 characters are held back (unless the stop string is to be
 included in the output), because they may turn out to be the start of a stop string.
 
-Plain synchronous code: the HTTP frontend and the offline `LLM` share it.
+Plain synchronous code: the OutputProcessor keeps one per generated sequence.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def test_gpu_matches_cpu(tiny_llama):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (9, 3, 64), (8, 8, 128)])
 def test_triton_decode_matches_torch_reference(dtype, tol, heads, kv_heads, head_dim):
-    from aphrodite.executor.layers.attention import _gather_context
+    from aphrodite.executor.layers.attention.kv_cache import gather_context
     from aphrodite.executor.kernels.triton.paged_decode import paged_decode_attention
     torch.manual_seed(0)
     block_size, num_blocks = 16, 400
@@ -77,8 +77,8 @@ def test_triton_decode_matches_torch_reference(dtype, tol, heads, kv_heads, head
     got = paged_decode_attention(q, cache, tables, torch.tensor(lens, device="cuda"),
                                  max(lens), 0.1)
     for row, length in enumerate(lens):   # per-row float64 reference
-        keys = _gather_context(cache[0], tables[row], width)[:length].double()
-        values = _gather_context(cache[1], tables[row], width)[:length].double()
+        keys = gather_context(cache[0], tables[row], width)[:length].double()
+        values = gather_context(cache[1], tables[row], width)[:length].double()
         group = heads // kv_heads
         keys = keys.repeat_interleave(group, dim=1)
         values = values.repeat_interleave(group, dim=1)

@@ -8,17 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from aphrodite.executor.layers import attention
 from aphrodite.executor.kernels.cpu import ops as cpu_kernels
 from aphrodite.executor.layers.attention import (
+    AttentionConfig,
     AttentionMetadata,
     allocate_kv_caches,
     kv_cache_bytes_per_block,
     paged_attention,
     populate_host_pool,
-    plan_decode_groups,
     write_kv,
 )
+from aphrodite.executor.layers.attention import cpu, metadata, triton
+from aphrodite.executor.layers.attention.metadata import plan_decode_groups
+from aphrodite.executor.layers.attention.selector import select_backends
 
 torch.set_num_threads(1)
 
@@ -38,14 +40,13 @@ def dense_reference(q, keys, values, prefix, scale):
     return torch.einsum("hln,nhd->lhd", scores.softmax(-1), v)
 
 
-def make_batch(spec, heads, kv_heads, head_dim, dtype, seed=0, unwritten=(), block_size=None,
-               cache_dtype=None):
+def make_batch(spec, heads, kv_heads, head_dim, dtype, seed=0, unwritten=(), cache_dtype=None,
+               decode=None, prefill=None):
     """spec: list of (cached prefix length, new tokens). Returns everything paged_attention needs
     plus each sequence's full keys/values for the reference. Sequences listed in `unwritten`
-    get slot -1 for their new tokens. block_size=BLOCK_SIZE turns on the CPU decode paths (the
-    C++ kernel, or the grouped plan without it); None keeps the static-shape gather (the
-    CUDA-graph path). cache_dtype (default dtype): the cache's; keys and values are drawn
-    representable in it, so the reference sees what the cache holds."""
+    get slot -1 for their new tokens. decode/prefill: backends to use instead of the selector's
+    choice (AttentionConfig.decode/.prefill). cache_dtype (default dtype): the cache's; keys
+    and values are drawn representable in it, so the reference sees what the cache holds."""
     cache_dtype = cache_dtype or dtype
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -74,8 +75,8 @@ def make_batch(spec, heads, kv_heads, head_dim, dtype, seed=0, unwritten=(), blo
         full.append((keys, values, seq_slots))
     query_lens = np.array([n for _, n in spec])
     seq_lens = np.array([p + n for p, n in spec])
-    meta = AttentionMetadata.build(query_lens, seq_lens, tables, np.concatenate(slots), "cpu",
-                                   block_size)
+    config = AttentionConfig.for_cache(cache, heads, dtype, decode=decode, prefill=prefill)
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, np.concatenate(slots), config)
     return torch.cat(qs), torch.cat(ks), torch.cat(vs), cache, meta, full
 
 
@@ -85,10 +86,12 @@ DECODES = [(8, 1), (0, 1), (13, 1), (21, 1), (3, 1)]
 
 # Many decodes of spread-out lengths: with small groups they split into several length groups.
 MANY_DECODES = [(p, 1) for p in (30, 2, 17, 9, 41, 0, 25, 12, 5, 33, 20, 7)]
-# (block_size, group_tokens, C++ kernel). group_tokens for the grouped path: None = the default
-# (one group here), 24 = several groups.
-PATHS = {"static": (None, None, False), "kernel": (BLOCK_SIZE, None, True),
-         "grouped": (BLOCK_SIZE, None, False), "grouped-small": (BLOCK_SIZE, 24, False)}
+# (decode backend, group_tokens, C++ kernels built). "static": the padded gather that CUDA
+# graphs replay, forced with the torch prefill; "kernel" and "grouped": the selector's choice
+# with and without the C++ kernels. group_tokens for the grouped path: None = the default (one
+# group here), 24 = several groups.
+PATHS = {"static": ("torch_padded", None, False), "kernel": ("cpu", None, True),
+         "grouped": ("torch_grouped", None, False), "grouped-small": ("torch_grouped", 24, False)}
 
 
 @pytest.mark.parametrize("spec", [MIXED, DECODES, MANY_DECODES, [(5, 6)]],
@@ -100,22 +103,28 @@ PATHS = {"static": (None, None, False), "kernel": (BLOCK_SIZE, None, True),
 @pytest.mark.parametrize("path", list(PATHS))
 def test_matches_dense_reference(spec, heads, kv_heads, dtype, cache_dtype, tol, path,
                                  monkeypatch, request):
-    block_size, group_tokens, kernel = PATHS[path]
+    decode, group_tokens, kernel = PATHS[path]
     if kernel:
         request.getfixturevalue("cpp_compiler")
     else:
         monkeypatch.setattr(cpu_kernels, "library_available", lambda: False)
     if group_tokens:
-        monkeypatch.setattr(attention, "DECODE_GROUP_TOKENS", group_tokens)
+        monkeypatch.setattr(metadata, "DECODE_GROUP_TOKENS", group_tokens)
     head_dim = 16
     scale = head_dim ** -0.5
+    forced = {"decode": "torch_padded", "prefill": "torch"} if path == "static" else {}
     q, k, v, cache, meta, full = make_batch(spec, heads, kv_heads, head_dim, dtype,
-                                            block_size=block_size, cache_dtype=cache_dtype)
+                                            cache_dtype=cache_dtype, **forced)
     assert meta.num_decode_only == all(n == 1 for _, n in spec)
     has_decodes = any(n == 1 for _, n in spec)
-    assert meta.decode_kernel == (kernel and has_decodes)
-    assert (meta.decode_plan is not None) == (block_size is not None and has_decodes
-                                              and not kernel)
+    has_prefills = any(n > 1 for _, n in spec)
+    assert meta.decode_backend == (decode if has_decodes else None)
+    assert (meta.decode_plan is not None) == (meta.decode_backend == "torch_grouped")
+    prefill_kernel = kernel and dtype == torch.float32 and (
+        cache_dtype == torch.float32 or cpu_kernels.float16_cache_supported())
+    assert meta.prefill_backend == (("cpu" if prefill_kernel else "torch") if has_prefills
+                                    else None)
+    assert (meta.prefill_seqs is not None) == (meta.prefill_backend == "cpu")
     write_kv(k, v, cache, meta)
     out = paged_attention(q, k, v, cache, meta, scale)
     assert out.shape == q.shape and out.dtype == dtype
@@ -142,8 +151,8 @@ def test_decode_kernel_threads(spec, threads, cache_dtype, cpp_compiler):
     torch.set_num_threads(threads)
     try:
         q, k, v, cache, meta, full = make_batch(spec, 12, 3, 64, torch.float32, seed=3,
-                                                block_size=BLOCK_SIZE, cache_dtype=cache_dtype)
-        assert meta.decode_kernel
+                                                cache_dtype=cache_dtype)
+        assert meta.decode_backend == "cpu"
         write_kv(k, v, cache, meta)
         out = paged_attention(q, k, v, cache, meta, 0.125)
     finally:
@@ -201,9 +210,9 @@ def test_prefill_kernel_long_chunks(heads, kv_heads, head_dim, threads, cache_dt
     torch.set_num_threads(threads)
     try:
         q, k, v, cache, meta, full = make_batch(LONG_PREFILLS, heads, kv_heads, head_dim,
-                                                torch.float32, seed=5, block_size=BLOCK_SIZE,
+                                                torch.float32, seed=5,
                                                 cache_dtype=cache_dtype)
-        assert meta.prefill_seqs is not None and cpu_kernels.supports_prefill(q, cache)
+        assert meta.prefill_backend == "cpu" and cpu_kernels.supports_prefill(q, cache)
         write_kv(k, v, cache, meta)
         scale = head_dim ** -0.5
         out = paged_attention(q, k, v, cache, meta, scale)
@@ -253,15 +262,78 @@ def test_slot_minus_one_is_not_written():
 
 
 def test_metadata_build():
+    config = AttentionConfig("cpu", torch.float32, torch.float32, 4, 2, 8, block_size=4)
     meta = AttentionMetadata.build(np.array([1, 4, 1]), np.array([9, 4, 2]),
                                    np.array([[3, 5, 7], [1, 0, 0], [2, 0, 0]]),
-                                   np.array([27, 4, 5, 6, 7, 9]), "cpu")
+                                   np.array([27, 4, 5, 6, 7, 9]), config)
     assert meta.query_start_loc.tolist() == [0, 1, 5, 6]
     assert meta.seq_lens.tolist() == [9, 4, 2]
     assert meta.max_query_len == 4 and meta.max_seq_len == 9 and not meta.num_decode_only
     assert meta.decode_seq_idx.tolist() == [0, 2] and meta.decode_token_idx.tolist() == [0, 5]
     assert [(p.index, p.token_start, p.token_end, p.seq_len) for p in meta.prefills] == [(1, 1, 5, 4)]
     assert meta.slot_mapping.dtype == torch.long and meta.block_tables.dtype == torch.long
+
+
+# (device, dtype, cache dtype, heads, kv heads, head_dim, C++ kernels built, Triton installed)
+# -> (decode backend, prefill backend): selector.py's rules, one case each.
+SELECTOR_CASES = {
+    "cpu-kernels": (("cpu", "float32", "float32", 9, 3, 64, True, False), ("cpu", "cpu")),
+    "cpu-fp16-cache": (("cpu", "float32", "float16", 9, 3, 64, True, False), ("cpu", "cpu")),
+    "cpu-bf16": (("cpu", "bfloat16", "bfloat16", 9, 3, 64, True, False), ("cpu", "torch")),
+    "cpu-odd-head": (("cpu", "float32", "float32", 4, 2, 12, True, False),
+                     ("torch_padded", "torch")),
+    "cpu-wide-group": (("cpu", "float32", "float32", 49, 1, 64, True, False), ("cpu", "torch")),
+    "cpu-no-kernels": (("cpu", "float32", "float32", 9, 3, 64, False, False),
+                       ("torch_grouped", "torch")),
+    "cuda-triton": (("cuda", "bfloat16", "bfloat16", 9, 3, 64, False, True),
+                    ("triton", "torch")),
+    "cuda-odd-head": (("cuda", "bfloat16", "bfloat16", 9, 3, 80, False, True),
+                      ("torch_padded", "torch")),
+    "cuda-no-triton": (("cuda", "float32", "float32", 9, 3, 64, False, False),
+                       ("torch_padded", "torch")),
+}
+
+
+@pytest.mark.parametrize("case", list(SELECTOR_CASES))
+def test_selector_rules(case, monkeypatch):
+    (device, dtype, cache_dtype, heads, kv_heads, head_dim, built, has_triton), expected = \
+        SELECTOR_CASES[case]
+    if built:
+        if not cpu_kernels.library_available():
+            pytest.skip("the C++ kernels do not build here")
+        if cache_dtype == "float16" and not cpu_kernels.float16_cache_supported():
+            pytest.skip("no F16C")
+    else:
+        monkeypatch.setattr(cpu_kernels, "library_available", lambda: False)
+    monkeypatch.setattr(triton, "decode_supported", lambda head_dim: has_triton
+                        and not head_dim & (head_dim - 1))
+    config = AttentionConfig(device, getattr(torch, dtype), getattr(torch, cache_dtype), heads,
+                             kv_heads, head_dim, block_size=16)
+    assert select_backends(config, True, True) == expected
+    assert select_backends(config, False, True) == (None, expected[1])
+    assert select_backends(config, True, False) == (expected[0], None)
+    forced = AttentionConfig(device, getattr(torch, dtype), getattr(torch, cache_dtype), heads,
+                             kv_heads, head_dim, 16, decode="torch_padded", prefill="torch")
+    assert select_backends(forced, True, True) == ("torch_padded", "torch")
+
+
+def test_forcing_an_unknown_backend_is_an_error():
+    with pytest.raises(ValueError, match="decode backend 'kernel'"):
+        AttentionConfig("cpu", torch.float32, torch.float32, 4, 2, 8, 4, decode="kernel")
+
+
+@pytest.mark.parametrize("cache_dtype,spec,fused", [
+    (torch.float32, DECODES, True), (torch.float16, DECODES, True),
+    (torch.bfloat16, DECODES, False), (torch.float32, MIXED, False)],
+    ids=["fp32", "fp16", "bf16", "mixed"])
+def test_cpu_decode_kernel_flag(cache_dtype, spec, fused, cpp_compiler):
+    """cpu_decode_kernel (models/llama.py's fused decode step): a decode-only step that the C++
+    decode kernel serves, on a cache the kernels also write (not bfloat16)."""
+    dtype = torch.bfloat16 if cache_dtype == torch.bfloat16 else torch.float32
+    *_, meta, _ = make_batch(spec, 4, 2, 16, dtype, cache_dtype=cache_dtype)
+    assert meta.decode_backend == "cpu"
+    assert meta.cpu_decode_kernel == (fused and cpu.cache_supported(
+        AttentionConfig("cpu", dtype, cache_dtype, 4, 2, 16, BLOCK_SIZE)))
 
 
 def test_cache_allocation_and_size():

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from aphrodite.executor.kernels.cpu import ops as cpu_kernels
-from aphrodite.executor.layers.attention import AttentionMetadata, allocate_kv_caches
+from aphrodite.executor.layers.attention import (AttentionConfig, AttentionMetadata,
+                                                 allocate_kv_caches)
 from aphrodite.executor.layers import layer_ops
 from aphrodite.executor.layers.rotary import RotaryEmbedding
 from aphrodite.model_files import RopeSettings
@@ -72,7 +73,9 @@ def test_rotate_and_cache_matches_rotary_and_write_kv(head_dim, kernel, cache_dt
             positions.append(pos)
             slots.append(tables[row, pos // block_size] * block_size + pos % block_size)
     slots[50] = -1                                    # a token whose slot is not written
-    meta = AttentionMetadata.build(query_lens, seq_lens, tables, np.array(slots), "cpu")
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, np.array(slots),
+                                   AttentionConfig("cpu", torch.float32, cache_dtype, heads,
+                                                   kv_heads, head_dim, block_size))
     cos_sin = rotary.lookup(torch.tensor(positions))
     torch.manual_seed(head_dim)
     qkv = torch.randn(len(slots), heads + 2 * kv_heads, head_dim)

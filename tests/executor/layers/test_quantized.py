@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from aphrodite.config import EngineConfig
-from aphrodite.executor.layers.attention import AttentionMetadata, allocate_kv_caches
+from aphrodite.executor.layers.attention import (AttentionConfig, AttentionMetadata,
+                                                 allocate_kv_caches)
 from aphrodite.executor.models import get_model_class
 from aphrodite.executor import loader as weight_loader
 from aphrodite.executor.layers import quantized as quantized_linear
@@ -188,7 +189,9 @@ def next_token_argmax(model, tokens):
     caches = allocate_kv_caches(model.config.num_hidden_layers, blocks, 16, model.num_kv_heads,
                                 model.head_dim, torch.float32, "cpu")
     meta = AttentionMetadata.build(np.array([len(tokens)]), np.array([len(tokens)]),
-                                   np.arange(blocks)[None], np.arange(len(tokens)), "cpu")
+                                   np.arange(blocks)[None], np.arange(len(tokens)),
+                                   AttentionConfig.for_cache(
+                                       caches[0], model.config.num_attention_heads, model.dtype))
     hidden = model(torch.tensor(tokens), torch.arange(len(tokens)), caches, meta)
     return model.compute_logits(hidden).argmax(-1)
 

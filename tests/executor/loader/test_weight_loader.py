@@ -16,7 +16,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from aphrodite.executor.layers.attention import AttentionMetadata, allocate_kv_caches
+from aphrodite.executor.layers.attention import (AttentionConfig, AttentionMetadata,
+                                                 allocate_kv_caches)
 from aphrodite.executor.loader.gguf_file import GGUFTensors
 from aphrodite.executor.models import get_model_class
 from aphrodite.executor.loader import gguf_to_hf_name, iter_weights
@@ -148,7 +149,9 @@ def _prefill_logits(model, tokens: list[int]) -> torch.Tensor:
                                 model.head_dim, model.dtype, "cpu")
     blocks = np.array([5, 2, 7, 0, 3, 1, 6, 4])
     slots = blocks[np.arange(n) // 4] * 4 + np.arange(n) % 4
-    meta = AttentionMetadata.build(np.array([n]), np.array([n]), blocks[None, : math.ceil(n / 4)], slots, "cpu")
+    meta = AttentionMetadata.build(np.array([n]), np.array([n]), blocks[None, : math.ceil(n / 4)], slots,
+                                   AttentionConfig.for_cache(
+                                       caches[0], model.config.num_attention_heads, model.dtype))
     with torch.no_grad():
         hidden = model(torch.tensor(tokens), torch.arange(n), caches, meta)
         return model.compute_logits(hidden)

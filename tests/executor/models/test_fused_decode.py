@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from aphrodite.executor.layers.attention import AttentionMetadata, allocate_kv_caches
+from aphrodite.executor.layers.attention import (AttentionConfig, AttentionMetadata,
+                                                 allocate_kv_caches)
 from aphrodite.executor.models import get_model_class
 from aphrodite.executor.layers.quantized import QuantizedWeight, parts_from_gguf
 from aphrodite.executor.loader import swap_in_quantized
@@ -67,15 +68,19 @@ def test_fused_decode_matches_layer_by_layer(family, batch, cache_dtype, cpp_com
 
     for seq, n in enumerate(lengths):          # prefill, layer by layer
         meta = AttentionMetadata.build(np.array([n]), np.array([n]), tables[seq:seq + 1],
-                                       slot(seq, np.arange(n)), "cpu", block_size=BLOCK)
+                                       slot(seq, np.arange(n)), AttentionConfig.for_cache(
+                                           caches[0], model.config.num_attention_heads,
+                                           model.dtype))
         model(torch.tensor(rng.integers(0, 128, n)), torch.arange(n), caches, meta)
     for step in range(3):
         positions = np.array(lengths) + step
         slots = np.array([slot(s, p) for s, p in enumerate(positions)])
         if step == 2:
             slots[1] = -1                      # a token whose key and value are not stored
-        meta = AttentionMetadata.build(np.ones(batch), positions + 1, tables, slots, "cpu",
-                                       block_size=BLOCK)
+        meta = AttentionMetadata.build(np.ones(batch), positions + 1, tables, slots,
+                                       AttentionConfig.for_cache(
+                                           caches[0], model.config.num_attention_heads,
+                                           model.dtype))
         ids = torch.tensor(rng.integers(0, 128, batch))
         before = [c.clone() for c in caches]
         fused = model(ids, torch.from_numpy(positions), caches, meta)
@@ -103,14 +108,16 @@ def default_model_greedy(model, config, fused: bool, cache_dtype: torch.dtype,
     table = np.arange(4)[None]
     tokens, logits = list(prompt), []
     meta = AttentionMetadata.build(np.array([len(tokens)]), np.array([len(tokens)]), table,
-                                   np.arange(len(tokens)), "cpu", block_size=16)
+                                   np.arange(len(tokens)), AttentionConfig.for_cache(
+                                       caches[0], config.num_attention_heads, model.dtype))
     hidden = model(torch.tensor(tokens), torch.arange(len(tokens)), caches, meta)
     for step in range(32):
         logits.append(model.compute_logits(hidden[-1:])[0])
         tokens.append(forced[len(prompt) + step] if forced else int(logits[-1].argmax()))
         n = len(tokens)
         meta = AttentionMetadata.build(np.array([1]), np.array([n]), table, np.array([n - 1]),
-                                       "cpu", block_size=16)
+                                       AttentionConfig.for_cache(
+                                           caches[0], config.num_attention_heads, model.dtype))
         hidden = model(torch.tensor(tokens[-1:]), torch.tensor([n - 1]), caches, meta)
     assert (model._decode_layers is not False) == fused
     return tokens, torch.stack(logits)
@@ -160,7 +167,8 @@ def test_fused_decode_writes_the_caches_it_is_given(cpp_compiler):
                                "cpu")
     second = [first[0], torch.zeros_like(first[1])]
     meta = AttentionMetadata.build(np.ones(1), np.array([1]), np.array([[0, 1]]), np.array([0]),
-                                   "cpu", block_size=BLOCK)
+                                   AttentionConfig.for_cache(
+                                       first[0], model.config.num_attention_heads, model.dtype))
     model(torch.tensor([3]), torch.tensor([0]), first, meta)
     assert model._decode_layers and first[1].abs().sum() > 0
     written = first[1].clone()

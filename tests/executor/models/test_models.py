@@ -12,7 +12,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-from aphrodite.executor.layers.attention import AttentionMetadata, allocate_kv_caches
+from aphrodite.executor.layers.attention import (AttentionConfig, AttentionMetadata,
+                                                 allocate_kv_caches)
 from aphrodite.executor.models import LlamaForCausalLM, get_model_class
 from aphrodite.executor.loader import iter_weights
 from aphrodite.model_files import load_config, load_tokenizer, max_model_len, resolve_model
@@ -59,7 +60,9 @@ class PagedDriver:
         for row, seq in enumerate(chunks):
             tables[row, : len(self.tables[seq])] = self.tables[seq]
         meta = AttentionMetadata.build(np.array(query_lens), np.array(seq_lens), tables,
-                                       np.concatenate(slots), "cpu", BLOCK_SIZE)
+                                       np.concatenate(slots), AttentionConfig.for_cache(
+                                           self.caches[0], self.model.config.num_attention_heads,
+                                           self.model.dtype))
         hidden = self.model(torch.tensor(ids), torch.from_numpy(np.concatenate(positions)),
                             self.caches, meta)
         logits = self.model.compute_logits(hidden)
