@@ -184,7 +184,7 @@ def test_rotate_and_cache(other, dtype, tokens):
     g = torch.Generator().manual_seed(tokens)
     heads, kv_heads, head_dim = 9, 3, 64
     qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=g)
-    cos, sin = torch.randn(tokens, head_dim, generator=g), torch.randn(tokens, head_dim, generator=g)
+    cos, sin = (torch.randn(tokens, head_dim, generator=g) for _ in range(2))
     slots = torch.randperm(4 * tokens, generator=g)[:tokens]
     slots[0] = -1                                              # not stored
 

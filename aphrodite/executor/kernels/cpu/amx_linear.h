@@ -1,7 +1,7 @@
 // Float32 products of many tokens (prefill chunks) with int4 weights, on Intel AMX's
 // bfloat16 tiles, as accurate as a float32 GEMM.
 //
-// Part of cpu_kernels.cpp (one translation unit), built at run time by cpu_kernels.py.
+// Part of cpu_kernels.cpp (one translation unit), built at run time by build.py.
 //
 // A bfloat16 tile product multiplies pairs exactly and accumulates in float32, so what it
 // loses is only in rounding its inputs. Neither side is rounded here:
@@ -20,10 +20,9 @@
 //
 // The default model's four matrices at 2,048 tokens, 2 threads, a Sapphire Rapids class VM
 // (2 vCPUs): 25.5-27.7 ms against MKL's 38.5 on the float32 copy (524-568 against 376
-// GFLOP/s); in the mixed c=64 replay, prefill 13.8-14.2 -> 10.5-10.8 s. Operands take 4 bytes
-// a weight, as that copy did, which they replace. At decode sizes the tiles are streamed from
-// memory each call and lose to quantized_linear.h below 64 tokens; calls go here above
-// AMX_ABOVE_TOKENS (quantized_linear.py).
+// GFLOP/s). Operands take 4 bytes a weight, as that copy does, which they replace. At decode
+// sizes the tiles are streamed from memory each call and lose to quantized_linear.h below 64
+// tokens; calls go here above AMX_ABOVE_TOKENS (layers/linear.py).
 
 #pragma once
 

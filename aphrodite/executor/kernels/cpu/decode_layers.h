@@ -1,13 +1,16 @@
 // Decode steps of a Llama-family model with quantised weights, every layer in one call.
 //
-// Part of cpu_kernels.cpp (one translation unit), built at run time by cpu_kernels.py.
+// Part of cpu_kernels.cpp (one translation unit), built at run time by build.py.
 //
 // At one token a step, the eager torch forward issues about 25 operators a layer (norms,
 // rotary, cache writes, residual adds, the gated activation), each of which costs more in
-// dispatch than in arithmetic at 576 wide: about 9 ms of a 23 ms step on the default model.
-// Here a layer is the steps of the float32 path (models/llama.py) in one call: layer_ops.h's
-// elementwise steps around the two kernels that do real work (quantized::matmul,
-// attention::decode).
+// dispatch than in arithmetic at 576 wide: about 9 ms of a 23 ms step on the default model
+// (benchmarks/step_profile.py --batch 1 splits a step's time). Here a layer is the steps of
+// the float32 path (models/llama.py) in one call: layer_ops.h's elementwise steps around the
+// two kernels that do real work (quantized::matmul, attention::decode).
+//
+// The layers' weights (DecodeLayerWeights, QuantizedMatrix) and what a step shares across
+// them (DecodeStep) are kernel_abi.py's structures, from the generated kernel_abi.h.
 
 #pragma once
 

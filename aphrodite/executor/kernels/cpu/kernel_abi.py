@@ -45,7 +45,7 @@ STRUCTS = {
     "DecodeStep": [
         "float* hidden",                 # [tokens, hidden_size], the residual stream, in place
         "const float* cos",              # [tokens, head_dim]: the rotary tables' rows, sin's
-        "const float* sin",              #   sign folded in (see models/rotary.py)
+        "const float* sin",              #   sign folded in (see layers/rotary.py)
         "const int64_t* slots",          # [tokens] cache slot of each new token, -1: not written
         "const int64_t* block_tables",   # [tokens, max_blocks]
         "const int64_t* seq_lens",       # [tokens], this step's token included

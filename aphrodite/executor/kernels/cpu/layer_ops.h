@@ -2,7 +2,7 @@
 // RMS norm, rotary embedding and the KV-cache write (float32 or float16 caches), the
 // SiLU-gated product.
 //
-// Part of cpu_kernels.cpp (one translation unit), built at run time by cpu_kernels.py.
+// Part of cpu_kernels.cpp (one translation unit), built at run time by build.py.
 //
 // torch spends more on dispatch than on arithmetic for these at decode sizes, and runs the
 // composite ones (rms_norm: pow, mean, add, rsqrt, two muls) as separate passes over memory
@@ -67,7 +67,7 @@ inline void add_rms_norm(float* x, const float* delta, const float* weight, int6
 }
 
 // One head in place: x * cos + swap_halves(x) * sin, with rotate-half's sign folded into sin
-// (see models/rotary.py).
+// (see layers/rotary.py).
 inline void rotate(float* x, const float* cos, const float* sin, int64_t dim) {
     const int64_t half = dim / 2;
     int64_t i = 0;

@@ -1,4 +1,5 @@
-"""The CPU C++ kernels' Python wrappers: torch tensors in, the kernels' pointers and sizes out.
+"""Python wrappers of the CPU C++ kernels: each takes torch tensors and passes their pointers
+and sizes to its kernel.
 
 - paged_decode_attention.h: torch has no operator for attention over a paged cache. The torch
   path gathers each sequence's blocks into a padded copy and calls scaled_dot_product_attention
@@ -12,10 +13,10 @@
   bfloat16 tiles, with every float32 bit kept (weights and activations split into exact
   bfloat16 parts); only where amx_available().
 - layer_ops.h: the elementwise steps between a layer's matrix products (residual add and RMS
-  norm, rotary and the KV-cache write, the SiLU-gated product), one call each (see
-  layers/layer_ops.py).
+  norm, rotary and the KV-cache write, the SiLU-gated product), one call each (the layers of
+  executor/layers/ call them).
 - decode_layers.h: a whole decode step's layers for a model whose matrices are all
-  quantised, in one call (see models/llama.py).
+  quantised, in one call (see executor/models/).
 
 The KV cache may be float32 or, with --kv-cache-dtype float16, IEEE float16 (kernels that
 read it widen eight elements at a time with F16C; writes round to nearest even). Decode

@@ -1,6 +1,6 @@
 // Decode attention straight over the paged KV cache on CPU: one new token per sequence.
 //
-// Part of cpu_kernels.cpp (one translation unit), built at run time by cpu_kernels.py.
+// Part of cpu_kernels.cpp (one translation unit), built at run time by build.py.
 //
 // Keys and values are read where they are, block by block, never gathered into a padded copy.
 // A sequence's query heads all use one token's row of keys (every kv head, contiguous) while
@@ -27,9 +27,8 @@ namespace attention {
 // The hardware prefetcher follows a stream only within a 4 KB page, and only once its first
 // lines there have missed: so the first four lines of each page of the next block are
 // requested while this one is worked on. 64 sequences x 400 tokens, a layer, 30 layers'
-// caches in turn (from memory), float32 blocks (12 KB) in random order: 2,850 -> 2,590 us
-// with the block's first eight lines, 2,420-2,520 with four lines a page (eight a page:
-// 2,510; in-order blocks, without any of this: 2,390).
+// caches in turn (from memory), float32 blocks (12 KB) in random order: 2,420-2,520 us with
+// this, 2,850 without.
 inline void prefetch_block(const void* block, int64_t bytes) {
     const char* first = static_cast<const char*>(block);
     for (int64_t page = 0; page < bytes; page += 4096)
@@ -40,8 +39,7 @@ inline void prefetch_block(const void* block, int64_t bytes) {
 // Loads one byte of each of a block's lines before any arithmetic on it: all its misses are
 // then in flight together, where the arithmetic's own loads, spread over the block's work,
 // kept only a few outstanding. 64 sequences x 400 tokens, a layer, 30 layers' caches in turn
-// (from memory), float32 blocks in random order: 2,410 -> 2,010-2,120 us (with only every
-// other line: 2,730).
+// (from memory), float32 blocks in random order: 2,010-2,120 us with this, 2,410 without.
 inline void touch_block(const void* block, int64_t bytes) {
     const volatile char* first = static_cast<const volatile char*>(block);
     for (int64_t line = 0; line < bytes; line += 64) (void)first[line];
@@ -52,8 +50,8 @@ using namespace vec8;
 // A block's keys (or values), n = tokens * kv_heads * head_dim elements: float32 and float16
 // caches are read in place (float16 widened as it is loaded, one instruction for eight),
 // bfloat16 ones (the high half of a float32) widened into buffer first. 64 sequences x 400
-// tokens, a layer, 30 layers' caches in turn (from memory), one process, median of 10:
-// float32 2,480 us, bfloat16 2,234, float16 1,775 (2,346 / 2,036 / 1,645 in a second run).
+// tokens, a layer, 30 layers' caches in turn (from memory), median of 10: float32 2,480 us,
+// bfloat16 2,234, float16 1,775.
 inline const float* block_rows(const float* cache, int64_t offset, float*, int64_t) {
     return cache + offset;
 }
@@ -71,9 +69,9 @@ inline const float* block_rows(const uint16_t* cache, int64_t offset, float* buf
 }
 
 // The scores of one key for the kG query heads of its kv head (heads kv * kG ...): the key's
-// vectors are loaded once for all of them (it was once per head: 64 sequences x 400 tokens, a
-// layer, 2066-2572 -> 1909-2066 us from cache, 2631-2696 -> 2544-2594 from memory).
-// out[h * stride] for the group's head h.
+// vectors are loaded once for all of them (64 sequences x 400 tokens, a layer, from cache:
+// 1,909-2,066 us, against 2,066-2,572 loading them once per head). out[h * stride] for the
+// group's head h.
 template <int kG, typename K>
 inline void group_scores(const float* q_seq, int64_t kv, const K* key, int64_t chunks,
                          float scale, float* out, int64_t stride) {
@@ -92,7 +90,7 @@ inline void group_scores(const float* q_seq, int64_t kv, const K* key, int64_t c
 // sums, added across lanes together in one tree (45 instructions for sixteen sums instead of
 // sixteen horizontal sums); a weighted sum keeps its heads' accumulators in registers across
 // a block's tokens. 64 sequences x 400 tokens, a layer, 30 layers' caches in turn (from
-// memory), float32 cache: 3,120 -> 2,850 us; the same work with the cache hot: 1,090 -> 920.
+// memory), float32 cache: 2,850 us, against 3,120 with the eight-lane form below.
 namespace wide {
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -215,7 +213,7 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
     // even those are too few to share evenly, a run of whole blocks of that kv head's context
     // (batch 1 of a 3-kv-head model on 2 threads: 6 items instead of 3). The runs' partial
     // softmaxes are merged after the parallel region. Batch 1, default model, 2 threads, a
-    // layer: 28 -> 26 us at 150 tokens of context, 80 -> 63 at 800, 339 -> 251 at 4000.
+    // layer at 4,000 tokens of context: 251 us, against 339 with one item per kv head.
     const int64_t threads = omp_get_max_threads();
     const int64_t parts = batch < 2 * threads ? kv_heads : 1;
     const int64_t kv_per_part = kv_heads / parts;

@@ -2,18 +2,15 @@
 // tokens attends causally to its whole context (cached prefix and the chunk itself, both
 // already in the cache).
 //
-// Part of cpu_kernels.cpp (one translation unit), built at run time by cpu_kernels.py.
+// Part of cpu_kernels.cpp (one translation unit), built at run time by build.py.
 //
 // torch's flash kernel is one call per sequence, with its keys gathered out of the blocks
-// first when a prefix is cached. Here one call covers every sequence of a step. 64 prompts of
-// 16-512 tokens (the mixed workload's), the default model's heads, 2 threads, AMD EPYC
-// (AVX2), same process: torch 190 / 230 ms, this kernel 121 / 148 ms (two runs); in the
-// mixed c=64 replay, prefill attention went from 4.8 to 3.1-3.3 s. Register tiles of four keys
-// (or four dimensions) x 24 rows, each vector of queries or probabilities loaded once: 8
-// prompts of 512 tokens 26.6-26.8 -> 19.7-21.2 ms; replay 3.10 -> 2.46 s, same spell. With
-// AVX-512 the rows are vectors of sixteen (a Xeon VM, replay 2.23 -> 1.98 s). Keys and
-// values broadcast from memory (vec8.h's splatn): the workload's 64 prompts, one layer,
-// 58.4 -> 48.5 ms; replay 1.91-1.94 -> 1.74-1.75 s, bit-identical.
+// first when a prefix is cached. Here one call covers every sequence of a step
+// (benchmarks/engine_replay.py --workload mixed --concurrency 64 reports prefill
+// attention's time: 1.74-1.75 s with AVX-512). Register tiles of four keys (or four
+// dimensions) x 24 rows (vectors of sixteen rows with AVX-512) load each vector of queries
+// or probabilities once: 8 prompts of 512 tokens take 19.7-21.2 ms, against 26.6-26.8
+// loading them per key. Keys and values are broadcast from memory (vec8.h's splatn).
 //
 // A work item is a tile of up to kTileRows query rows: a run of tokens times the query heads
 // that share one kv head, so each key and value vector loaded serves all of them. Keys are

@@ -1,7 +1,7 @@
 // Weight-only quantised matrix products on CPU: out = x @ W^T for a few tokens (decode), with W
 // kept in blocks of 32 weights laid out as GGUF stores them (a row is its blocks in order).
 //
-// Part of cpu_kernels.cpp (one translation unit), built at run time by cpu_kernels.py.
+// Part of cpu_kernels.cpp (one translation unit), built at run time by build.py.
 //
 //   int4 (Q4_1's block, Q4_0 converted to it): float16 d, float16 m, then 16 bytes; byte j holds
 //         weight j in its low nibble and weight j + 16 in its high one; w = d * q + m, q 0..15.
@@ -40,10 +40,11 @@ namespace quantized {
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kTokenTile = 4;
-// Decode streams each thread's rows from memory once, and the hardware prefetcher alone left
-// a core on a 2-vCPU Xeon VM (Sapphire Rapids class) at about 3 GB/s: one int4 matrix
-// product, 150 MB of blocks, 18.5 cycles a block without this software prefetch, 7.8 with
-// it 2 KB ahead (1 KB: 9; 4-8 KB: 7.8-8.0). Past the end of the rows it is a harmless hint.
+// Decode streams each thread's rows from memory once, and the hardware prefetcher alone
+// leaves a core on a 2-vCPU Xeon VM (Sapphire Rapids class) at about 3 GB/s: one int4 matrix
+// product, 150 MB of blocks, takes 7.8 cycles a block with this software prefetch 2 KB ahead
+// and 18.5 without (nearer is slower, further gains nothing). Past the end of the rows it is
+// a harmless hint.
 constexpr int64_t kPrefetchAhead = 2048;
 
 template <bool kInt4>
@@ -230,8 +231,8 @@ void dequantize_row(const uint8_t* row, int64_t cols, float* out) {
         const float d = half_to_float(block), m = kInt4 ? half_to_float(block + 2) : 0.f;
         float* o = out + g * kBlock;
 #if defined(__AVX512F__) && defined(APHRODITE_AVX2)
-        // Sixteen at a time: half the instructions of the eight-wide form below, which was
-        // about a sixth of a 32-token product's time.
+        // Sixteen at a time: half the instructions of the eight-wide form below, in which
+        // dequantisation takes about a sixth of a 32-token product's time.
         __m512i q0, q1;
         if (kInt4) {
             const __m512i bytes = _mm512_cvtepu8_epi32(
@@ -279,20 +280,19 @@ void dequantize(const uint8_t* weight, int64_t rows, int64_t cols, float* out) {
 // Panels, for batches of kPanelFromTokens tokens and more: each thread widens kPanelRows rows
 // into float32 at a time (exactly as dequantize does) and multiplies them with every token.
 // The tokens are transposed once per call, each tile of 16 (or a last 8) on its own as
-// [cols][16], so a tile's tokens are one sequential stream (laid out [cols][whole batch],
-// 64-token products ran at 111-147 GFLOP/s instead of 144-161). A tile is kRows rows x 16
+// [cols][16], so a tile's tokens are one sequential stream (64-token products: 144-161
+// GFLOP/s, against 111-147 laid out [cols][whole batch]). A tile is kRows rows x 16
 // tokens of independent sums, a weight broadcast against two vectors of tokens: no
 // horizontal sums. Each output is one sequential sum over k of the dense matrix's
 // products. Memory traffic is the quantised blocks', not the float32 copy's.
 //
 // Tiles store their sums row by row into the panel's [rows][padded tokens] buffer, whole
 // vectors at a time, and the panel's rows are transposed into out as soon as its tiles are
-// done, while the buffer is in L1 (a pass over all rows at the end of the call, behind a
-// barrier, cost more: the default model's linears, 30 layers, 2 threads, 16 tokens 20.6 ->
-// 18.6 ms, 48 tokens 44.8 -> 43.2). Stored straight into out
-// ([tokens][rows]), a tile's 32 tokens of one row were 32 stores rows * 4 bytes apart: with
-// 3072 rows (12 KB, a multiple of 4 KB) all in one L1 set, and the AVX-512 tile loop fell
-// from 163 to 115 GFLOP/s a core.
+// done, while the buffer is in L1 (the default model's linears, 30 layers, 2 threads, 16
+// tokens: 18.6 ms, against 20.6 with one pass over all rows at the end of the call, behind a
+// barrier). Stored straight into out ([tokens][rows]), a tile's 32 tokens of one row would
+// be 32 stores rows * 4 bytes apart, with 3072 rows (12 KB, a multiple of 4 KB) all in one L1
+// set: 115 GFLOP/s a core in the AVX-512 tile loop instead of 163.
 constexpr int64_t kPanelFromTokens = 8;
 constexpr int64_t kTileRows = 6;
 constexpr int64_t kPanelRows = 4 * kTileRows;
@@ -401,8 +401,8 @@ inline void transpose8(const float* src, int64_t src_stride, float* dst, int64_t
 
 // Tokens are computed in tiles of 8, or with AVX-512 of 16 and 32, zeros filling a last tile.
 // A 32-token tile costs about what 16 + 8 tokens do in narrower ones (all linears of the
-// default model, 2 threads: 24 tokens 33 ms, 32 tokens 30 ms; 56 tokens 57 ms, 64 tokens
-// 51 ms), so with AVX-512 more than 16 left over are padded to 32.
+// default model, 2 threads: 32 tokens 30 ms, 24 tokens 33 ms), so with AVX-512 more than 16
+// left over are padded to 32.
 inline int64_t padded_tokens(int64_t tokens) {
 #if defined(__AVX512F__)
     const int64_t rest = tokens % 32;
@@ -412,8 +412,9 @@ inline int64_t padded_tokens(int64_t tokens) {
 }
 
 // The panels' buffers, kept per thread between calls and grown as needed. Allocated afresh
-// for each call they were mapped and faulted in page by page each time (glibc maps blocks
-// above 128 KB): a 64-token product of the 960 x 576 matrix took 365 us instead of 266.
+// for each call they would be mapped and faulted in page by page each time (glibc maps blocks
+// above 128 KB): a 64-token product of the 960 x 576 matrix takes 266 us with them kept, 365
+// with fresh ones.
 inline float* scratch(int slot, int64_t n) {
     static thread_local std::vector<float> buffers[3];
     if (static_cast<int64_t>(buffers[slot].size()) < n) buffers[slot].resize(n);

@@ -3,7 +3,7 @@
 // one exception is float16 conversion (F16C), which GNU vectors lower to one element at a time.
 // vn (at the end) is the same for the build's widest vectors: sixteen floats with AVX-512.
 //
-// Part of cpu_kernels.cpp (one translation unit), built at run time by cpu_kernels.py.
+// Part of cpu_kernels.cpp (one translation unit), built at run time by build.py.
 
 #pragma once
 
