@@ -3,6 +3,7 @@
 import math
 import mmap
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from aphrodite.executor.layers.attention import (
     populate_host_pool,
     write_kv,
 )
-from aphrodite.executor.layers.attention import cpu, metadata, triton
+from aphrodite.executor.layers.attention import metadata, triton
 from aphrodite.executor.layers.attention.metadata import plan_decode_groups
 from aphrodite.executor.layers.attention.selector import select_backends
 
@@ -305,16 +306,22 @@ def test_selector_rules(case, monkeypatch):
             pytest.skip("no F16C")
     else:
         monkeypatch.setattr(cpu_kernels, "library_available", lambda: False)
-    monkeypatch.setattr(triton, "decode_supported", lambda head_dim: has_triton
-                        and not head_dim & (head_dim - 1))
+    # Triton installed or not: an empty module, or an import that fails.
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton") if has_triton else None)
+    triton.decode_supported.cache_clear()
     config = AttentionConfig(device, getattr(torch, dtype), getattr(torch, cache_dtype), heads,
                              kv_heads, head_dim, block_size=16)
-    assert select_backends(config, True, True) == expected
-    assert select_backends(config, False, True) == (None, expected[1])
-    assert select_backends(config, True, False) == (expected[0], None)
+    decode, prefill = expected
+    fused = decode == "cpu" and cache_dtype != "bfloat16"
+    try:
+        assert select_backends(config, np.array([1, 5, 1])) == (decode, prefill, False)
+        assert select_backends(config, np.array([7, 2])) == (None, prefill, False)
+        assert select_backends(config, np.array([1, 1])) == (decode, None, fused)
+    finally:
+        triton.decode_supported.cache_clear()
     forced = AttentionConfig(device, getattr(torch, dtype), getattr(torch, cache_dtype), heads,
                              kv_heads, head_dim, 16, decode="torch_padded", prefill="torch")
-    assert select_backends(forced, True, True) == ("torch_padded", "torch")
+    assert select_backends(forced, np.array([1, 5])) == ("torch_padded", "torch", False)
 
 
 def test_forcing_an_unknown_backend_is_an_error():
@@ -329,11 +336,12 @@ def test_forcing_an_unknown_backend_is_an_error():
 def test_cpu_decode_kernel_flag(cache_dtype, spec, fused, cpp_compiler):
     """cpu_decode_kernel (models/llama.py's fused decode step): a decode-only step that the C++
     decode kernel serves, on a cache the kernels also write (not bfloat16)."""
+    if cache_dtype == torch.float16 and not cpu_kernels.float16_cache_supported():
+        pytest.skip("no F16C")
     dtype = torch.bfloat16 if cache_dtype == torch.bfloat16 else torch.float32
     *_, meta, _ = make_batch(spec, 4, 2, 16, dtype, cache_dtype=cache_dtype)
     assert meta.decode_backend == "cpu"
-    assert meta.cpu_decode_kernel == (fused and cpu.cache_supported(
-        AttentionConfig("cpu", dtype, cache_dtype, 4, 2, 16, BLOCK_SIZE)))
+    assert meta.cpu_decode_kernel == fused
 
 
 def test_cache_allocation_and_size():

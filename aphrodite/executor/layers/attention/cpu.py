@@ -16,7 +16,7 @@ import torch
 from aphrodite.executor.kernels.cpu import ops as cpu_kernels
 
 if TYPE_CHECKING:
-    from aphrodite.executor.layers.attention.selector import AttentionConfig
+    from aphrodite.executor.layers.attention.config import AttentionConfig
 
 
 def kernels_built() -> bool:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from aphrodite.executor.layers.attention.selector import AttentionConfig, select_backends
-from aphrodite.executor.layers.attention import cpu
+from aphrodite.executor.layers.attention.config import AttentionConfig
+from aphrodite.executor.layers.attention.selector import select_backends
 
 
 @dataclass
@@ -92,12 +92,11 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor | None = None      # [Bd]
     decode_max_seq_len: int = 0
     prefills: list[PrefillSeq] | None = None
-    # The backends select_backends chose (selector.DECODE_BACKENDS / PREFILL_BACKENDS), None
-    # where the step has no such rows.
+    # The backends selector.select_backends chose (names from config.DECODE_BACKENDS and
+    # PREFILL_BACKENDS), None where the step has no such rows, and whether the step is one
+    # that a model may run as a fused C++ decode step (see selector.StepBackends).
     decode_backend: str | None = None
     prefill_backend: str | None = None
-    # A decode-only step that the C++ decode kernel serves on a cache the kernels also write:
-    # one that models/llama.py may run as a whole fused C++ decode step.
     cpu_decode_kernel: bool = False
     decode_plan: DecodePlan | None = None        # decode_backend "torch_grouped": its groups
     # prefill_backend "cpu": the prefills as paged_prefill_attention takes them, [n, 4] int64
@@ -142,14 +141,12 @@ class AttentionMetadata:
         prefills = [PrefillSeq(r, int(starts[r]), int(starts[r] + query_lens[r]), int(seq_lens[r]))
                     for r in prefill_rows.tolist()]
         block_tables = np.asarray(block_tables)
-        num_decode_only = bool(len(query_lens) > 0 and is_decode.all())
-        decode_backend, prefill_backend = select_backends(config, len(decode_rows) > 0,
-                                                          len(prefills) > 0)
+        backends = select_backends(config, query_lens)
         decode_plan = prefill_seqs = None
-        if decode_backend == "torch_grouped":
+        if backends.decode == "torch_grouped":
             decode_plan = plan_decode_groups(seq_lens[decode_rows], block_tables[decode_rows],
                                              config.block_size, device)
-        if prefill_backend == "cpu":
+        if backends.prefill == "cpu":
             prefill_seqs = torch.tensor([[p.index, p.token_start, p.token_end - p.token_start,
                                           p.seq_len] for p in prefills], dtype=torch.int64)
         mixed = 0 < len(decode_rows) < len(query_lens)
@@ -160,7 +157,7 @@ class AttentionMetadata:
             block_tables=to_device(block_tables),
             max_query_len=int(query_lens.max(initial=0)),
             max_seq_len=int(seq_lens.max(initial=0)),
-            num_decode_only=num_decode_only,
+            num_decode_only=bool(len(query_lens) > 0 and is_decode.all()),
             num_tokens=num_tokens,
             write_token_idx=write_token_idx,
             write_slots=write_slots,
@@ -170,10 +167,9 @@ class AttentionMetadata:
             decode_seq_lens=to_device(seq_lens[decode_rows]) if mixed else None,
             decode_max_seq_len=int(seq_lens[decode_rows].max(initial=0)),
             prefills=prefills,
-            decode_backend=decode_backend,
-            prefill_backend=prefill_backend,
-            cpu_decode_kernel=(num_decode_only and decode_backend == "cpu"
-                               and cpu.cache_supported(config)),
+            decode_backend=backends.decode,
+            prefill_backend=backends.prefill,
+            cpu_decode_kernel=backends.cpu_decode_kernel,
             decode_plan=decode_plan,
             prefill_seqs=prefill_seqs,
         )
