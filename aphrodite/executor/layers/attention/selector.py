@@ -43,12 +43,13 @@ class StepBackends(NamedTuple):
 
 def select_backends(config: AttentionConfig, query_lens: np.ndarray) -> StepBackends:
     """The backends for a step whose rows have query_lens new tokens each."""
+    is_decode = query_lens == 1
     decode = prefill = None
-    if (query_lens == 1).any():
+    if is_decode.any():
         decode = config.decode or _decode_backend(config)
     if (query_lens > 1).any():
         prefill = config.prefill or _prefill_backend(config)
-    decode_only = len(query_lens) > 0 and bool((query_lens == 1).all())
+    decode_only = decode is not None and bool(is_decode.all())
     return StepBackends(decode, prefill, decode_only and decode == "cpu"
                         and cpu.cache_supported(config))
 
