@@ -93,10 +93,11 @@ class AttentionMetadata:
     decode_max_seq_len: int = 0
     prefills: list[PrefillSeq] | None = None
     # The backends selector.select_backends chose (names from config.DECODE_BACKENDS and
-    # PREFILL_BACKENDS), None where the step has no such rows, and whether the step is one
-    # that a model may run as a fused C++ decode step (see selector.StepBackends).
+    # PREFILL_BACKENDS), None where the step has no such rows.
     decode_backend: str | None = None
     prefill_backend: str | None = None
+    # True: a decode-only step that the C++ decode kernel serves, on a cache the C++ kernels
+    # also write; a model may run it as one fused C++ decode step (models/llama.py).
     cpu_decode_kernel: bool = False
     decode_plan: DecodePlan | None = None        # decode_backend "torch_grouped": its groups
     # prefill_backend "cpu": the prefills as paged_prefill_attention takes them, [n, 4] int64

@@ -5,15 +5,16 @@ paged_attention (dispatch.py) runs the choice without checking again.
 The rules, first match wins:
 
 decode rows (one new token):
-    cpu            CPU, the C++ kernels built, a cache the decode kernel reads
-    torch_padded   CPU, the C++ kernels built, a cache it does not read (head_dim not a
-                   multiple of 8, or float16 without F16C)
+    cpu            CPU, the C++ kernels built, a cache the decode kernel reads (float32,
+                   bfloat16, or float16 where the CPU has F16C; head_dim a multiple of 8)
+    torch_padded   CPU, the C++ kernels built, a cache it does not read
     torch_grouped  CPU without the C++ kernels
     triton         CUDA, Triton installed, head_dim a power of two >= 16
     torch_padded   anything else
 prefill chunks (several new tokens):
     cpu            CPU, the C++ kernels built, float32 model, a cache the prefill kernel
-                   reads, at most cpu_kernels.PREFILL_TILE_ROWS query heads per kv head
+                   reads (float32, or float16 with F16C; head_dim a multiple of 8), at most
+                   cpu_kernels.PREFILL_TILE_ROWS query heads per kv head
     torch          anything else
 
 AttentionConfig.decode / .prefill, when set, replace the rules' choice.
