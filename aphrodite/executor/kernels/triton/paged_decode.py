@@ -1,11 +1,12 @@
 """Decode attention on CUDA as a Triton kernel that reads K/V straight from the paged cache.
 
-The pure-torch path gathers every sequence's whole context into a new tensor each step; on a
-GPU that copy costs as much as the attention itself. Here each program walks its sequence's
-block table and keeps an online softmax, so K/V are read once and nothing is materialised.
-Long contexts are split across programs (flash-decoding) and the partial results merged in
-torch, so a small batch still fills the GPU. Only imported on CUDA (Triton needs a GPU, or
-TRITON_INTERPRET=1 for the tests' CPU check).
+The torch path (layers/attention/torch_paged.padded_decode) gathers every sequence's whole
+context into a new tensor each step; on a GPU that copy costs as much as the attention
+itself. Here each program walks its sequence's block table and keeps an online softmax, so
+K/V are read once and nothing is materialised. Long contexts are split across programs
+(flash-decoding) and the partial results merged in torch, so a small batch still fills the
+GPU. Imported only when layers/attention/triton.py serves a step (Triton needs a GPU);
+tests/executor/test_gpu.py checks it against a float64 reference.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ MAX_SPLITS = 16
 
 # Triton compiles a variant per integer argument that is or is not a multiple of 16. The
 # block table's width changes from step to step in eager (mixed prefill + decode) steps, so
-# without this each new kind of width compiled the kernel again while requests waited.
+# without this each new kind of width would compile the kernel again while requests wait.
 @triton.jit(do_not_specialize=["tables_stride"])
 def _paged_decode_kernel(
         q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr,
