@@ -23,7 +23,8 @@ from aphrodite.executor.layers.attention import (AttentionConfig, AttentionMetad
 from aphrodite.executor.models import get_model_class
 from aphrodite.executor.sampler import Sampler, SamplingRow
 from aphrodite.executor.sampling.logprobs import summarise
-from aphrodite.executor.loader import available_ram, load_model_weights
+from aphrodite.executor.loader import load_model_weights
+from aphrodite.executor.loader.quantization import available_ram
 from aphrodite.model_files import eos_token_ids, load_config, max_model_len, resolve_model
 from aphrodite.protocol import SchedulerOutput, StepResult
 from aphrodite.sampling_params import SamplingParams

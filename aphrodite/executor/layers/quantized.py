@@ -1,28 +1,20 @@
 """Weight-only quantised matrices for CPU: GGUF Q4_0/Q4_1 as int4 groups, Q8_0 as int8 groups.
 
-A QuantizedWeight stands in for a float [out, in] weight tensor: the model keeps calling
-F.linear(x, weight, bias) and F.embedding(ids, weight), and __torch_function__ routes those
-calls to the quantised kernels, so the model code needs no quantisation-specific layers.
-Any other use of the tensor sees the dequantised float matrix (slow, but correct).
+QuantizedParts is a matrix's plain, serialisable form (codes and per-group scales, what the
+loader reads from GGUF and caches). QuantizedWeight is a float32-looking [out, in] weight
+tensor holding one of two formats, chosen by linear.quantized_weight:
+- GGUF blocks (`blocks`), the layout of the C++ kernels (kernels/quantized_linear.h): 0.625
+  (int4) or 1.0625 (int8) bytes a weight;
+- the parts plus, for int4, torch's int4 layout (`packed`), where the C++ kernels do not
+  build. torch's int4 kernel takes bfloat16 activations, and what rounding the zero points
+  to bfloat16 loses is added back in float32.
+For calls of many tokens it may also hold a float32 copy (`dense`) or, for int4 on CPUs with
+AMX, AMX operand tiles (`amx`), added by linear.add_large_call_operand.
 
-Kernels, for up to DENSE_ABOVE_TOKENS tokens a call (larger calls, prefill chunks, multiply
-the dequantised matrix, built for the call):
-- cpu_kernels.quantized_linear (C++, kernels/quantized_linear.h), when it builds: the
-  weights stay in GGUF's blocks and activations stay float32, so the product is the
-  dequantised matrix's up to float32 rounding order. All linears of the default model at one
-  token, 2 threads, AVX2: 7.1 ms, against 21 ms for torch's int4 kernel and 15.8 ms for packed
-  float32; lm_head (Q8_0) 1.2 ms against 4.6 ms in float32. From 8 tokens it widens panels
-  of rows to float32 and runs a register-tiled product over them: decode batches read the
-  quantised bytes instead of a float32 matrix (numbers at KERNEL_MAX_TOKENS).
-- otherwise torch's _weight_int4pack_mm_for_cpu (int4 only, up to
-  TORCH_INT4_DENSE_ABOVE_TOKENS tokens). In torch 2.13 on AVX2 it is
-  vectorised only for bfloat16 activations (float32 takes a scalar path 10-40x slower), so
-  activations are rounded to bfloat16 there, which flips greedy tokens now and then. int8
-  without the C++ kernel multiplies the dequantised matrix.
-
-In the loader's "int4+dense" mode, larger calls multiply a float32 copy made at load (MKL)
-instead, or, for int4 matrices on CPUs with AMX, their AMX operand tiles (`amx`,
-cpu_kernels.amx_linear, kernels/amx_linear.h); cpu_linear.linear picks.
+This file holds the formats and the products each one offers; linear.py decides which runs.
+F.linear and F.embedding on a QuantizedWeight reach linear.linear and a row lookup through
+__torch_function__; any other use of the tensor sees the dequantised float matrix (slow,
+but correct).
 
 GGUF blocks (ggml-common.h): 32 values per block, Q4_0 = fp16 d + 16 bytes of nibbles,
 x = d * (q - 8); Q4_1 = fp16 d, fp16 m + nibbles, x = d * q + m; Q8_0 = fp16 d + 32 int8, x = d * q.
@@ -43,26 +35,6 @@ from aphrodite.executor.kernels.cpu import ops as cpu_kernels
 # loading a safetensors model never needs the gguf package.
 Q4_0, Q4_1, Q8_0 = 2, 3, 8
 GROUP_SIZE = 32
-# Above this many tokens per call the weight-only kernels lose to dequantising the matrix and
-# a float32 GEMM (prefill chunks). All linears of the default model, 2 threads, AVX2 dev
-# machine, ms, dequantise + F.linear against the C++ kernel: 16 tokens 128 vs 36, 64: 212 vs
-# 137, 128: 317 vs 278. torch's int4 kernel (no compiler) is 1.3-2x slower from 16 tokens.
-DENSE_ABOVE_TOKENS = 128
-TORCH_INT4_DENSE_ABOVE_TOKENS = 16
-# With a float32 copy at hand (the loader's "int4+dense" mode), calls above this many tokens
-# multiply it instead (MKL). All linears of the default model, 2 threads, AVX2 dev machine,
-# ms, oneDNN-packed float32 / MKL on the plain copy / the C++ kernel: 64 tokens 157 / - /
-# 146, 128: 188 / 197 / 185, 192: 265 / 267 / 267, 512: 681 / 642 / 726, 2048: 2749 / 2489 /
-# 3153. Up to here the kernel is at least as fast and reads 0.6-1.1 bytes a weight instead of
-# the copy's 4. The same limit as DENSE_ABOVE_TOKENS: no call dequantises a matrix for itself
-# while a float32 copy exists.
-KERNEL_MAX_TOKENS = DENSE_ABOVE_TOKENS
-# With AMX tiles instead (int4 matrices on CPUs with AMX), calls above this many tokens use
-# them: they are streamed from memory at 4 bytes a weight, but their products run at 1.5x
-# float32's peak. 30 layers of the default model's four matrices, 2 threads, Xeon VM, ms,
-# the C++ kernel against the tiles: 48 tokens 35.4 vs 39.0, 64: 42.1 vs 39.2, 96: 68.4 vs
-# 45.8, 128: 87.0 vs 55.7.
-AMX_ABOVE_TOKENS = 64
 INT4_TYPES = (Q4_0, Q4_1)
 _BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
 
@@ -141,17 +113,16 @@ def parts_from_gguf(raw: np.ndarray, tensor_type: int,
 
 
 class QuantizedWeight(torch.Tensor):
-    """A float32-looking [out, in] weight holding quantised codes (see module docstring).
-
-    With the C++ kernel it keeps only GGUF blocks (`blocks`, 0.625 or 1.0625 bytes a weight);
-    without it, the parts and torch's int4 layout."""
+    """A float32-looking [out, in] weight holding quantised codes (see module docstring)."""
 
     @staticmethod
-    def __new__(cls, parts: QuantizedParts):
+    def __new__(cls, parts: QuantizedParts, gguf_blocks: bool):
         return torch.Tensor._make_wrapper_subclass(cls, parts.shape, dtype=torch.float32,
                                                    device="cpu", requires_grad=False)
 
-    def __init__(self, parts: QuantizedParts):
+    def __init__(self, parts: QuantizedParts, gguf_blocks: bool):
+        """gguf_blocks: hold GGUF blocks for the C++ kernels (which must have built), else the
+        parts and torch's int4 layout."""
         if parts.shape[1] % GROUP_SIZE:
             raise ValueError(f"columns must be a multiple of {GROUP_SIZE}: {parts.shape}")
         self.kind = parts.kind
@@ -159,13 +130,9 @@ class QuantizedWeight(torch.Tensor):
         # tens of microseconds that a decode step would pay 120 times.
         self.out_features, self.in_features = parts.shape
         self.blocks = self.parts = None
-        # A float32 copy (oneDNN-packed where available), set by the loader in "int4+dense"
-        # mode: cpu_linear.linear uses it above KERNEL_MAX_TOKENS tokens.
-        self.dense: torch.Tensor | None = None
-        # Or, for int4 where the CPU has AMX, its operand tiles (cpu_kernels.amx_pack): calls
-        # above AMX_ABOVE_TOKENS run cpu_kernels.amx_linear, float32-accurate and faster.
-        self.amx: torch.Tensor | None = None
-        if cpu_kernels.library_available():
+        self.dense: torch.Tensor | None = None     # a float32 copy, for calls of many tokens
+        self.amx: torch.Tensor | None = None       # or AMX operand tiles (cpu_kernels.amx_pack)
+        if gguf_blocks:
             self.blocks = torch.from_numpy(parts.gguf_blocks())
             return
         self.parts = parts
@@ -185,25 +152,26 @@ class QuantizedWeight(torch.Tensor):
     def __repr__(self) -> str:
         return f"QuantizedWeight({self.kind}, shape={(self.out_features, self.in_features)})"
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """F.linear(x, self, bias), called directly by cpu_linear.linear (skipping
-        __torch_function__'s overhead) or through F.linear."""
-        tokens = x.numel() // self.in_features
-        limit = DENSE_ABOVE_TOKENS if self.blocks is not None else TORCH_INT4_DENSE_ABOVE_TOKENS
-        if tokens > limit or (self.blocks is None and self.kind == "int8"):
-            return F.linear(x, self.dequantize(), bias)
-        flat = x.reshape(tokens, self.in_features).float()
-        if self.blocks is not None:
-            out = cpu_kernels.quantized_linear(flat, self.blocks, self.kind == "int4")
-        else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed,
-                                                             GROUP_SIZE, self.scales_and_zeros)
-            group_sums = flat.reshape(tokens, -1, GROUP_SIZE).sum(-1)
-            out = torch.addmm(out.float(), group_sums, self.zero_residuals)
-        if x.dim() != 2:
-            out = out.reshape(*x.shape[:-1], self.out_features)
-        out = out.to(x.dtype)
-        return out if bias is None else out + bias
+    # Products of x [tokens, in] (float32) with this matrix, [tokens, out] float32; linear.py
+    # picks one per call.
+
+    def blocks_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """The C++ kernel on the GGUF blocks: float32 activations, so the product is the
+        dequantised matrix's up to float32 rounding order."""
+        return cpu_kernels.quantized_linear(x, self.blocks, self.kind == "int4")
+
+    def torch_int4_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """torch's int4 kernel. In torch 2.13 it is vectorised only for bfloat16 activations
+        (float32 takes a scalar path 10-40x slower), so activations are rounded to bfloat16,
+        which flips greedy tokens now and then."""
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed,
+                                                         GROUP_SIZE, self.scales_and_zeros)
+        group_sums = x.reshape(x.shape[0], -1, GROUP_SIZE).sum(-1)
+        return torch.addmm(out.float(), group_sums, self.zero_residuals)
+
+    def amx_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """kernels/amx_linear.h on the AMX tiles: as accurate as float32."""
+        return cpu_kernels.amx_linear(x, self.amx, self.out_features)
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantise only the looked-up rows."""
@@ -233,7 +201,10 @@ class QuantizedWeight(torch.Tensor):
         kwargs = kwargs or {}
         if func is F.linear and isinstance(args[1], QuantizedWeight) \
                 and not isinstance(args[0], QuantizedWeight):
-            return args[1].linear(args[0], *args[2:], **kwargs)
+            from aphrodite.executor.layers.linear import linear   # linear.py imports this file
+            x, weight = args[0], args[1]
+            out = linear(x.reshape(-1, weight.in_features), weight, *args[2:], **kwargs)
+            return out.reshape(*x.shape[:-1], weight.out_features)
         # F.embedding passes its defaults as keywords; the others only matter for gradients.
         if func is F.embedding and isinstance(args[1], QuantizedWeight) and len(args) == 2 \
                 and kwargs.get("padding_idx") is None and kwargs.get("max_norm") is None:

@@ -1,26 +1,45 @@
-"""Model classes by architecture."""
+"""Model classes by architecture: a new architecture is a module here plus a line in _REGISTRY.
+
+Each entry maps an HF `architectures` name to its model's module (in this package) and class,
+and names the GGUF `model_type` it serves (GGUF-derived configs carry only model_type, no
+architectures list). A model class takes (config, dtype, tp_rank, tp_size) and offers
+forward, compute_logits, load_weights (HF-named tensors or QuantizedParts), num_kv_heads and
+head_dim, as llama.py's does.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import NamedTuple
+
 from aphrodite.executor.models.llama import LlamaForCausalLM
 
+
+class Entry(NamedTuple):
+    module: str
+    cls: str
+    model_type: str
+
+
 # Mistral and Qwen2 are Llama with different defaults (Qwen2: q/k/v biases), one class serves all.
-_BY_ARCHITECTURE = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
+_REGISTRY = {
+    "LlamaForCausalLM": Entry("llama", "LlamaForCausalLM", "llama"),
+    "MistralForCausalLM": Entry("llama", "LlamaForCausalLM", "mistral"),
+    "Qwen2ForCausalLM": Entry("llama", "LlamaForCausalLM", "qwen2"),
 }
-# GGUF-derived configs carry only model_type, no architectures list.
-_BY_MODEL_TYPE = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
+
+__all__ = ["LlamaForCausalLM", "get_model_class"]
 
 
 def get_model_class(config) -> type:
-    for arch in getattr(config, "architectures", None) or []:
-        if arch in _BY_ARCHITECTURE:
-            return _BY_ARCHITECTURE[arch]
+    architectures = getattr(config, "architectures", None) or []
     model_type = getattr(config, "model_type", None)
-    if not getattr(config, "architectures", None) and model_type in _BY_MODEL_TYPE:
-        return _BY_MODEL_TYPE[model_type]
-    raise ValueError(
-        f"unsupported model: architectures={getattr(config, 'architectures', None)}, "
-        f"model_type={model_type!r}; supported architectures: {', '.join(_BY_ARCHITECTURE)}")
+    entry = next((_REGISTRY[arch] for arch in architectures if arch in _REGISTRY), None)
+    if entry is None and not architectures:
+        entry = next((e for e in _REGISTRY.values() if e.model_type == model_type), None)
+    if entry is None:
+        raise ValueError(
+            f"unsupported model: architectures={getattr(config, 'architectures', None)}, "
+            f"model_type={model_type!r}; supported architectures: {', '.join(_REGISTRY)}")
+    module = importlib.import_module(f"{__name__}.{entry.module}")
+    return getattr(module, entry.cls)

@@ -1,4 +1,5 @@
-"""The C++ elementwise layer steps (kernels/layer_ops.h) against the torch code they replace.
+"""The C++ elementwise layer steps (kernels/layer_ops.h) against the torch code they replace,
+and the layers that call them (layers/norm.py, rotary.py, activation.py).
 
 Sizes cover the vector loops' scalar tails (not multiples of 8 or 16) and rows enough to
 split over threads. The whole model on these steps is checked against transformers in
@@ -12,8 +13,9 @@ import torch.nn.functional as F
 from aphrodite.executor.kernels.cpu import ops as cpu_kernels
 from aphrodite.executor.layers.attention import (AttentionConfig, AttentionMetadata,
                                                  allocate_kv_caches)
-from aphrodite.executor.layers import layer_ops
-from aphrodite.executor.layers.rotary import RotaryEmbedding
+from aphrodite.executor.layers.activation import silu_and_mul
+from aphrodite.executor.layers.norm import add_rms_norm
+from aphrodite.executor.layers.rotary import RotaryEmbedding, rotate_and_cache
 from aphrodite.model_files import RopeSettings
 
 # rows, size: one decode row, a decode batch, a prefill chunk (split over threads), odd sizes
@@ -83,7 +85,7 @@ def test_rotate_and_cache_matches_rotary_and_write_kv(head_dim, kernel, cache_dt
     expected_qk = RotaryEmbedding.apply(qkv[:, :heads + kv_heads], cos_sin)
     cache = allocate_kv_caches(1, num_blocks, block_size, kv_heads, head_dim, cache_dtype,
                                "cpu")[0]
-    q, k, v = layer_ops.rotate_and_cache(qkv.clone(), heads, kv_heads, cos_sin, cache, meta)
+    q, k, v = rotate_and_cache(qkv.clone(), heads, kv_heads, cos_sin, cache, meta)
     torch.testing.assert_close(q, expected_qk[:, :heads], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(k, expected_qk[:, heads:], rtol=1e-6, atol=1e-6)
     assert torch.equal(v, qkv[:, heads + kv_heads:])
@@ -103,9 +105,9 @@ def test_torch_path_without_the_kernels(monkeypatch):
     torch.manual_seed(0)
     x, delta, weight = torch.randn(5, 40), torch.randn(5, 40), torch.rand(40) + 0.5
     residual = x + delta
-    out = layer_ops.add_rms_norm(x, delta, weight, 1e-6)
+    out = add_rms_norm(x, delta, weight, 1e-6)
     assert torch.equal(x, residual)
     assert torch.equal(out, F.rms_norm(residual, (40,), weight, 1e-6))
     gate_up = torch.randn(5, 2 * 24)
-    assert torch.equal(layer_ops.silu_and_mul(gate_up),
+    assert torch.equal(silu_and_mul(gate_up),
                        F.silu(gate_up[:, :24]) * gate_up[:, 24:])

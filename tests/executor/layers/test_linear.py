@@ -1,10 +1,14 @@
-"""The CPU kernel choices of cpu_linear give F.linear's results (float64 references)."""
+"""linear.py's kernel choices: which kernel each weight format and token count gets, and the
+float ones' results against F.linear's (float64 references). The quantised kernels' results
+are checked in test_quantized.py."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from aphrodite.executor.layers import linear as cpu_linear
+from aphrodite.executor.layers.quantized import QuantizedParts, QuantizedWeight
 
 torch.set_num_threads(1)
 
@@ -39,3 +43,54 @@ def test_bfloat16_upcast_in_slices_matches_bfloat16_linear(monkeypatch, tokens):
     exact = F.linear(x.double(), weight.double(), bias.double()).to(torch.bfloat16)
     torch.testing.assert_close(out, exact, rtol=1.6e-2, atol=1e-2)
     torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1.6e-2, atol=1e-2)
+
+
+def _quantized(kind, gguf_blocks):
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16 if kind == "int4" else 127, (64, 64)).astype(
+        np.uint8 if kind == "int4" else np.int8)
+    scales = np.full((64, 2), 0.5, dtype=np.float32)
+    mins = np.full((64, 2), -4.0, dtype=np.float32) if kind == "int4" else None
+    return QuantizedWeight(QuantizedParts(kind, codes, scales, mins), gguf_blocks=gguf_blocks)
+
+
+@pytest.mark.skipif(not cpu_linear.onednn_available(), reason="torch built without oneDNN")
+def test_kernel_choice_follows_format_and_token_count(monkeypatch, cpp_compiler):
+    """The policy table of linear.py, at each threshold: the kernel each weight format gets."""
+    choose = cpu_linear.choose_kernel
+    packed = cpu_linear.pack_weight(torch.randn(8, 16))
+    assert choose(packed, 1) is choose(packed, 4096) is cpu_linear._onednn
+    assert choose(torch.randn(8, 16), 1) is F.linear
+    monkeypatch.setattr(cpu_linear, "bf16_gemm_is_emulated", lambda: True)
+    bf16 = torch.randn(8, 16).to(torch.bfloat16)
+    upcast_from = cpu_linear.UPCAST_BF16_FROM_TOKENS
+    assert choose(bf16, upcast_from - 1) is F.linear
+    assert choose(bf16, upcast_from) is cpu_linear._bf16_upcast
+
+    dense_above, amx_above = cpu_linear.DENSE_ABOVE_TOKENS, cpu_linear.AMX_ABOVE_TOKENS
+    blocks = _quantized("int4", gguf_blocks=True)
+    assert choose(blocks, 1) is choose(blocks, dense_above) is cpu_linear._gguf_blocks
+    assert choose(blocks, dense_above + 1) is cpu_linear._dequantized
+    blocks.dense = blocks.dequantize()
+    assert choose(blocks, dense_above) is cpu_linear._gguf_blocks
+    assert choose(blocks, dense_above + 1) is cpu_linear._dense_copy
+    blocks.dense, blocks.amx = None, torch.empty(0)
+    assert choose(blocks, amx_above) is cpu_linear._gguf_blocks
+    assert choose(blocks, amx_above + 1) is choose(blocks, 4096) is cpu_linear._amx
+
+    torch_int4 = _quantized("int4", gguf_blocks=False)
+    int4_max = cpu_linear.TORCH_INT4_DENSE_ABOVE_TOKENS
+    assert choose(torch_int4, int4_max) is cpu_linear._torch_int4
+    assert choose(torch_int4, int4_max + 1) is cpu_linear._dequantized
+    assert choose(_quantized("int8", gguf_blocks=False), 1) is cpu_linear._dequantized
+
+
+def test_fused_decode_takes_blocks_and_yields_to_a_float32_copy(cpp_compiler):
+    weight = _quantized("int8", gguf_blocks=True)
+    limit = cpu_linear.FUSED_DECODE_MAX_TOKENS
+    assert cpu_linear.runs_fused_decode(weight, 4096)
+    weight.dense = weight.dequantize()
+    assert cpu_linear.runs_fused_decode(weight, limit)
+    assert not cpu_linear.runs_fused_decode(weight, limit + 1)
+    assert not cpu_linear.runs_fused_decode(_quantized("int4", gguf_blocks=False), 1)
+    assert not cpu_linear.runs_fused_decode(torch.randn(8, 16), 1)

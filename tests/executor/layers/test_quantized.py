@@ -17,11 +17,16 @@ import torch.nn.functional as F
 from aphrodite.config import EngineConfig
 from aphrodite.executor.layers.attention import (AttentionConfig, AttentionMetadata,
                                                  allocate_kv_caches)
-from aphrodite.executor.models import get_model_class
-from aphrodite.executor import loader as weight_loader
-from aphrodite.executor.layers import quantized as quantized_linear
+from aphrodite.executor.kernels.cpu import ops as cpu_kernels
+from aphrodite.executor.layers import linear
+from aphrodite.executor.layers.linear import quantized_weight
 from aphrodite.executor.layers.quantized import QuantizedWeight, parts_from_gguf
-from aphrodite.executor.loader import iter_weights, load_gguf_converted, load_model_weights
+from aphrodite.executor.loader import converted_cache, iter_weights, load_model_weights
+from aphrodite.executor.loader import gguf as gguf_loader
+from aphrodite.executor.loader import quantization
+from aphrodite.executor.loader.converted_cache import load_gguf_converted
+from aphrodite.executor.loader.quantization import quantized_types
+from aphrodite.executor.models import get_model_class
 from aphrodite.model_files import gguf_weights_cache_path, load_config, load_tokenizer, resolve_model
 
 torch.set_num_threads(1)
@@ -55,7 +60,6 @@ def test_parts_dequantize_like_gguf(kind):
 def test_kernel_dequantisation_is_ggufs_bit_for_bit(kind, cpp_compiler):
     """The float32 copy `auto` keeps and the kernel's widened panels share this code: its
     matrix must be gguf's own, bit for bit."""
-    from aphrodite.executor.kernels.cpu import ops as cpu_kernels
     raw, reference = quantized_matrix(kind, rows=40, cols=256, seed=3)
     blocks = torch.from_numpy(parts_from_gguf(raw, kind, reference.shape).gguf_blocks())
     out = cpu_kernels.dequantize_blocks(blocks, kind != Q.Q8_0, reference.shape[1])
@@ -68,7 +72,7 @@ def kernel_path(request, monkeypatch):
     if request.param == "kernel":
         request.getfixturevalue("cpp_compiler")
     else:
-        monkeypatch.setattr(quantized_linear.cpu_kernels, "library_available", lambda: False)
+        monkeypatch.setattr(cpu_kernels, "library_available", lambda: False)
     return request.param
 
 
@@ -77,14 +81,14 @@ def kernel_path(request, monkeypatch):
 def test_quantized_linear_matches_dequantized_matmul(kind, tokens, kernel_path):
     raw, _ = quantized_matrix(kind, seed=tokens)
     parts = parts_from_gguf(raw, kind, (96, 192))
-    weight = QuantizedWeight(parts)
+    weight = quantized_weight(parts)
     assert (weight.blocks is not None) == (kernel_path == "kernel")
     bias = torch.randn(96)
     x = torch.randn(tokens, 192)
     expected = (x.double() @ torch.from_numpy(parts.dequantize()).double().T + bias.double())
     out = F.linear(x, weight, bias)
     assert out.dtype == torch.float32 and out.shape == (tokens, 96)
-    if (kernel_path == "kernel" or tokens > quantized_linear.TORCH_INT4_DENSE_ABOVE_TOKENS
+    if (kernel_path == "kernel" or tokens > linear.TORCH_INT4_DENSE_ABOVE_TOKENS
             or kind == Q.Q8_0):
         # float32 activations against the dequantised matrix: rounding order only
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
@@ -111,7 +115,6 @@ def test_kernel_panels_cover_every_row_and_token(kind, threads, cpp_compiler):
     columns in chunks of 128), transposing tokens and results 8 x 8 at a time: row, column and
     token counts that leave partial panels, tiles, chunks and transposition blocks must still
     give every output (against a float64 product of gguf's matrix)."""
-    from aphrodite.executor.kernels.cpu import ops as cpu_kernels
     raw, reference = quantized_matrix(kind, rows=103, cols=288, seed=threads)
     blocks = torch.from_numpy(parts_from_gguf(raw, kind, reference.shape).gguf_blocks())
     previous = torch.get_num_threads()
@@ -128,7 +131,6 @@ def test_kernel_panels_cover_every_row_and_token(kind, threads, cpp_compiler):
 
 @pytest.fixture
 def amx(cpp_compiler):
-    from aphrodite.executor.kernels.cpu import ops as cpu_kernels
     if not cpu_kernels.amx_available():
         pytest.skip("no AMX tiles on this CPU, or not granted by the OS")
 
@@ -144,7 +146,6 @@ def test_amx_product_is_float32_accurate(kind, threads, amx):
     second part or a wrong min by far more. 1,088 columns take two steps of mins, the second
     partly filled; token counts leave partial tiles; the threads (5: more than output
     tile pairs) split the products."""
-    from aphrodite.executor.kernels.cpu import ops as cpu_kernels
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -215,16 +216,16 @@ def test_default_model_quantized_agrees_with_float(monkeypatch):
     Uses the normal cache folder, like the server: the converted tokenizer is usually there."""
     # Every position through the int4 kernel, as in single-token decode steps (each output row
     # depends on its input row only), instead of the dense path long prefills take.
-    monkeypatch.setattr(quantized_linear, "DENSE_ABOVE_TOKENS", 1 << 30)
-    monkeypatch.setattr(quantized_linear, "TORCH_INT4_DENSE_ABOVE_TOKENS", 1 << 30)
+    monkeypatch.setattr(linear, "DENSE_ABOVE_TOKENS", 1 << 30)
+    monkeypatch.setattr(linear, "TORCH_INT4_DENSE_ABOVE_TOKENS", 1 << 30)
     files = resolve_model(None)
     tokenizer = load_tokenizer(files)
     dense, quantized = build(files, "none"), build(files, "int4")
     layer = quantized.layers[0]
-    assert isinstance(layer.self_attn.qkv_weight, QuantizedWeight)
-    assert isinstance(layer.mlp.gate_up_weight, QuantizedWeight)
-    assert not isinstance(dense.layers[0].mlp.down_weight, QuantizedWeight)
-    kernel = quantized_linear.cpu_kernels.library_available()
+    assert isinstance(layer.self_attn.qkv_proj.weight, QuantizedWeight)
+    assert isinstance(layer.mlp.gate_up_proj.weight, QuantizedWeight)
+    assert not isinstance(dense.layers[0].mlp.down_proj.weight, QuantizedWeight)
+    kernel = cpu_kernels.library_available()
     # The Q8_0 embedding (also the output matrix) stays quantised with the C++ kernel.
     assert isinstance(quantized.embed_tokens, QuantizedWeight) == kernel
     assert quantized.lm_head is None or not kernel
@@ -248,19 +249,19 @@ def test_quantization_modes(cpp_compiler, monkeypatch):
     model = get_model_class(config)(config, torch.float32)
 
     def mode(device="cpu", **options):
-        return weight_loader.quantization_mode(EngineConfig(**options), files, device, model)
+        return quantization.quantization_mode(EngineConfig(**options), files, device, model)
     assert mode() == "int4+dense"
     assert mode(quantization="int4") == "int4"
     assert mode(quantization="none") == "none"
     assert mode("cuda") == "none"
     # A float32 copy that would fill half the free memory is not made.
-    monkeypatch.setattr(weight_loader, "available_ram", lambda: 400 << 20)
+    monkeypatch.setattr(quantization, "available_ram", lambda: 400 << 20)
     assert mode() == "int4"
     # Files too big to convert in one piece stream float32 as before.
-    monkeypatch.setattr(weight_loader, "DENSE_CACHE_MAX_FILE", 1 << 20)
+    monkeypatch.setattr(converted_cache, "DENSE_CACHE_MAX_FILE", 1 << 20)
     assert mode() == "none"
     # Without the C++ kernels auto stays float32 (torch's int4 kernel is not worth it).
-    monkeypatch.setattr(weight_loader.cpu_kernels, "library_available", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "library_available", lambda: False)
     assert mode() == "none"
     assert mode(quantization="int4") == "int4"
 
@@ -268,22 +269,21 @@ def test_quantization_modes(cpp_compiler, monkeypatch):
 @torch.inference_mode()
 def test_auto_holds_both_and_picks_per_call(cpp_compiler):
     """auto: quantised blocks for a few tokens, the float32 copy (equal to the dequantised
-    matrix) above KERNEL_MAX_TOKENS, or AMX tiles above AMX_ABOVE_TOKENS; the same numbers
+    matrix) above DENSE_ABOVE_TOKENS, or AMX tiles above AMX_ABOVE_TOKENS; the same numbers
     each way up to rounding order."""
     files = resolve_model(None)
     model = build(files, "auto")
-    weight = model.layers[3].mlp.down_weight
+    weight = model.layers[3].mlp.down_proj.weight
     # int4 matrices hold AMX operand tiles instead of the float32 copy where the CPU has AMX.
-    amx = quantized_linear.cpu_kernels.amx_available()
+    amx = cpu_kernels.amx_available()
     assert isinstance(weight, QuantizedWeight) and (weight.amx is not None) == amx
     assert (weight.dense is not None) == (not amx)
     assert isinstance(model.embed_tokens, QuantizedWeight) and model.embed_tokens.dense is not None
-    from aphrodite.executor.layers.linear import linear
-    for tokens in (1, 40, quantized_linear.AMX_ABOVE_TOKENS + 1,
-                   quantized_linear.KERNEL_MAX_TOKENS + 1):
+    for tokens in (1, 40, linear.AMX_ABOVE_TOKENS + 1, linear.DENSE_ABOVE_TOKENS + 1):
         x = torch.randn(tokens, weight.in_features)
         expected = x.double() @ weight.dequantize().double().T
-        torch.testing.assert_close(linear(x, weight).double(), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(linear.linear(x, weight).double(), expected, rtol=1e-4,
+                                   atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,14 +294,14 @@ def test_second_load_reads_the_cache_and_a_changed_file_misses(tmp_path, monkeyp
     model_file = tmp_path / "model.gguf"
     shutil.copyfile(resolve_model(None).gguf_path, model_file)
     files = resolve_model(str(model_file))
-    first = load_gguf_converted(files, quantize=True, progress=False)
-    path = gguf_weights_cache_path(files, weight_loader.cache_variant(quantize=True))
+    first = load_gguf_converted(files, quantized_types(), progress=False)
+    path = gguf_weights_cache_path(files, converted_cache.cache_variant(quantized_types()))
     assert path.is_file()
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted although a cache entry exists")
-    monkeypatch.setattr(weight_loader, "_iter_gguf", no_conversion)
-    second = load_gguf_converted(files, quantize=True, progress=False)
+    monkeypatch.setattr(gguf_loader, "iter_gguf", no_conversion)
+    second = load_gguf_converted(files, quantized_types(), progress=False)
     assert first.keys() == second.keys()
     name = "model.layers.2.self_attn.q_proj.weight"
     np.testing.assert_array_equal(first[name].codes, second[name].codes)
@@ -314,20 +314,19 @@ def test_second_load_reads_the_cache_and_a_changed_file_misses(tmp_path, monkeyp
     # Touching the file changes the key: the old entry is not used.
     os.utime(model_file, ns=(1, 1))
     with pytest.raises(AssertionError, match="converted although"):
-        load_gguf_converted(files, quantize=True, progress=False)
+        load_gguf_converted(files, quantized_types(), progress=False)
 
 
 def test_corrupt_cache_entry_falls_back_to_conversion(tmp_path, monkeypatch):
     monkeypatch.setenv("APHRODITE_CACHE_DIR", str(tmp_path / "cache"))
     files = resolve_model(None)
-    path = gguf_weights_cache_path(files, weight_loader.cache_variant(quantize=True))
+    path = gguf_weights_cache_path(files, converted_cache.cache_variant(quantized_types()))
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a safetensors file")
-    tensors = load_gguf_converted(files, quantize=True, progress=False)
-    reference = dict(weight_loader._iter_gguf(files.gguf_path, False,
-                                              weight_loader.quantized_types()))
+    tensors = load_gguf_converted(files, quantized_types(), progress=False)
+    reference = dict(gguf_loader.iter_gguf(files.gguf_path, False, quantized_types()))
     name = "model.layers.0.mlp.down_proj.weight"
     np.testing.assert_array_equal(tensors[name].codes, reference[name].codes)
     # and the entry was rewritten with good content
-    again = load_gguf_converted(files, quantize=True, progress=False)
+    again = load_gguf_converted(files, quantized_types(), progress=False)
     np.testing.assert_array_equal(again[name].codes, reference[name].codes)

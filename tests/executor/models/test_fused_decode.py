@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from aphrodite.executor.layers.attention import (AttentionConfig, AttentionMetadata,
                                                  allocate_kv_caches)
-from aphrodite.executor.models import get_model_class
+from aphrodite.executor.kernels.cpu import ops as cpu_kernels
 from aphrodite.executor.layers.quantized import QuantizedWeight, parts_from_gguf
-from aphrodite.executor.loader import swap_in_quantized
+from aphrodite.executor.models import fused_decode, get_model_class
 
 Q = gguf.GGMLQuantizationType
 BLOCK = 4
@@ -37,26 +37,38 @@ def quantised_model(config):
             param.copy_(1 + 0.2 * torch.randn_like(param) if "norm" in name
                         else 0.15 * torch.randn_like(param))
     weights = {n: t.detach() for n, t in hf.state_dict().items()}
-    model = get_model_class(config)(config, torch.float32)
-    model.load_weights(weights.items())
-    quantized = {}
-    for name, tensor in weights.items():
+    for name, tensor in weights.items():   # the projections as the loader hands them over
         kind = next((t for p, t in TYPES.items() if f".{p}.weight" in name), None)
         if kind is not None:
             raw = gguf.quants.quantize(tensor.numpy(), kind)
-            quantized[name] = parts_from_gguf(raw, kind, tuple(tensor.shape))
-    swap_in_quantized(model, quantized, tied=config.tie_word_embeddings)
+            weights[name] = parts_from_gguf(raw, kind, tuple(tensor.shape))
+    model = get_model_class(config)(config, torch.float32)
+    model.load_weights(weights.items())
     return model.eval()
+
+
+@pytest.fixture
+def fused_steps(monkeypatch) -> list[int]:
+    """One entry per decode step that ran fused (a call of cpu_kernels.decode_layers)."""
+    steps = []
+    decode_layers = cpu_kernels.decode_layers
+
+    def counted(layers, step):
+        steps.append(step.tokens)
+        return decode_layers(layers, step)
+    monkeypatch.setattr(cpu_kernels, "decode_layers", counted)
+    return steps
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("family", list(VARIANTS))
 @pytest.mark.parametrize("batch", [3, 10])     # 10: the quantised matmuls take panels
 @torch.inference_mode()
-def test_fused_decode_matches_layer_by_layer(family, batch, cache_dtype, cpp_compiler):
+def test_fused_decode_matches_layer_by_layer(family, batch, cache_dtype, cpp_compiler,
+                                             fused_steps):
     model = quantised_model(VARIANTS[family]())
-    assert isinstance(model.layers[1].self_attn.o_weight, QuantizedWeight)
-    assert model._build_decode_layers() is not None
+    assert isinstance(model.layers[1].self_attn.o_proj.weight, QuantizedWeight)
+    assert fused_decode.layer_weights(model.layers) is not None
     rng = np.random.default_rng(1)
     lengths = [3, 9, 14, 5, 1, 12, 7, 2, 15, 8][:batch]   # contexts before the decode steps
     tables = np.arange(len(lengths) * 5).reshape(len(lengths), 5)[:, ::-1].copy()
@@ -66,12 +78,13 @@ def test_fused_decode_matches_layer_by_layer(family, batch, cache_dtype, cpp_com
     def slot(seq, position):
         return tables[seq, position // BLOCK] * BLOCK + position % BLOCK
 
-    for seq, n in enumerate(lengths):          # prefill, layer by layer
+    for seq, n in enumerate(lengths):          # prefill
         meta = AttentionMetadata.build(np.array([n]), np.array([n]), tables[seq:seq + 1],
                                        slot(seq, np.arange(n)), AttentionConfig.for_cache(
                                            caches[0], model.config.num_attention_heads,
                                            model.dtype))
         model(torch.tensor(rng.integers(0, 128, n)), torch.arange(n), caches, meta)
+    fused_steps.clear()                        # (a one-token prefill is a decode step too)
     for step in range(3):
         positions = np.array(lengths) + step
         slots = np.array([slot(s, p) for s, p in enumerate(positions)])
@@ -84,13 +97,14 @@ def test_fused_decode_matches_layer_by_layer(family, batch, cache_dtype, cpp_com
         ids = torch.tensor(rng.integers(0, 128, batch))
         before = [c.clone() for c in caches]
         fused = model(ids, torch.from_numpy(positions), caches, meta)
-        assert model._decode_layers                 # the fused path ran
+        assert fused_steps == [batch] * (step + 1)    # the fused path ran
         fused_caches = [c.clone() for c in caches]
         for cache, saved in zip(caches, before):
             cache.copy_(saved)
-        layers, model._decode_layers = model._decode_layers, False
+        model.fused_decode.enabled = False
         reference = model(ids, torch.from_numpy(positions), caches, meta)
-        model._decode_layers = layers
+        model.fused_decode.enabled = True
+        assert len(fused_steps) == step + 1           # and the reference layer by layer
         torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
         for ours, theirs in zip(fused_caches, caches):
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
@@ -98,11 +112,13 @@ def test_fused_decode_matches_layer_by_layer(family, batch, cache_dtype, cpp_com
 
 
 def default_model_greedy(model, config, fused: bool, cache_dtype: torch.dtype,
-                         forced: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
+                         fused_steps: list[int], forced: list[int] | None = None
+                         ) -> tuple[list[int], torch.Tensor]:
     """32 greedy decode steps after a short chat prompt (or the tokens `forced` gives):
     the tokens, and each step's logits [32, vocab]."""
     prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 28, 17, 2, 198]
-    model._decode_layers = None if fused else False
+    model.fused_decode.enabled = fused
+    steps_before = len(fused_steps)
     caches = allocate_kv_caches(config.num_hidden_layers, 4, 16, model.num_kv_heads,
                                 model.head_dim, cache_dtype, "cpu")
     table = np.arange(4)[None]
@@ -119,7 +135,7 @@ def default_model_greedy(model, config, fused: bool, cache_dtype: torch.dtype,
                                        AttentionConfig.for_cache(
                                            caches[0], config.num_attention_heads, model.dtype))
         hidden = model(torch.tensor(tokens[-1:]), torch.tensor([n - 1]), caches, meta)
-    assert (model._decode_layers is not False) == fused
+    assert (len(fused_steps) > steps_before) == fused
     return tokens, torch.stack(logits)
 
 
@@ -138,28 +154,30 @@ def default_model():
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @torch.inference_mode()
-def test_default_model_fused_greedy_tokens(default_model, cache_dtype, cpp_compiler):
+def test_default_model_fused_greedy_tokens(default_model, cache_dtype, cpp_compiler,
+                                           fused_steps):
     """32 greedy decode steps of the default GGUF model, quantised: the same tokens fused and
     layer by layer, with either cache."""
     model, config = default_model
-    fused = default_model_greedy(model, config, True, cache_dtype)[0]
-    assert default_model_greedy(model, config, False, cache_dtype)[0] == fused
+    fused = default_model_greedy(model, config, True, cache_dtype, fused_steps)[0]
+    assert default_model_greedy(model, config, False, cache_dtype, fused_steps)[0] == fused
 
 
 @torch.inference_mode()
-def test_default_model_float16_cache_logits(default_model, cpp_compiler):
+def test_default_model_float16_cache_logits(default_model, cpp_compiler, fused_steps):
     """A float16 cache only rounds keys and values: on the float32 cache's greedy tokens, each
     step's logits stay within 0.05 of the float32 cache's (they span about 40; 0.024 seen) and the
     same token comes out on top."""
     model, config = default_model
-    tokens, reference = default_model_greedy(model, config, True, torch.float32)
-    _, logits = default_model_greedy(model, config, True, torch.float16, forced=tokens)
+    tokens, reference = default_model_greedy(model, config, True, torch.float32, fused_steps)
+    _, logits = default_model_greedy(model, config, True, torch.float16, fused_steps,
+                                     forced=tokens)
     assert (logits - reference).abs().max() < 0.05
     assert torch.equal(logits.argmax(-1), reference.argmax(-1))
 
 
 @torch.inference_mode()
-def test_fused_decode_writes_the_caches_it_is_given(cpp_compiler):
+def test_fused_decode_writes_the_caches_it_is_given(cpp_compiler, fused_steps):
     """A forward with another list of caches (the first one shared) writes that list's caches,
     not those of the previous call."""
     model = quantised_model(VARIANTS["llama"]())
@@ -170,7 +188,7 @@ def test_fused_decode_writes_the_caches_it_is_given(cpp_compiler):
                                    AttentionConfig.for_cache(
                                        first[0], model.config.num_attention_heads, model.dtype))
     model(torch.tensor([3]), torch.tensor([0]), first, meta)
-    assert model._decode_layers and first[1].abs().sum() > 0
+    assert fused_steps == [1] and first[1].abs().sum() > 0
     written = first[1].clone()
     first[1].zero_()
     model(torch.tensor([3]), torch.tensor([0]), second, meta)

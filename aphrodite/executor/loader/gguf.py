@@ -1,0 +1,208 @@
+"""GGUF files: the tensor table, llama.cpp's tensor names and Q/K row order, HF-named tensors.
+
+GGUFTensors reads a file's scalar metadata and tensor table without parsing its big arrays:
+gguf.GGUFReader builds a numpy view for every element of every metadata array, which for a
+49k-token vocabulary plus merges alone takes about 5 s. Loading weights needs only the scalars
+and the tensor table, so this reader steps over arrays by their lengths and maps the tensor
+data. The format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
+
+iter_gguf yields the tensors under their HF names, Q/K rows back in HF's order, as float32
+or, for matrices of the types asked for, as QuantizedParts.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from aphrodite.executor.layers.quantized import QuantizedParts, parts_from_gguf
+
+if TYPE_CHECKING:
+    from gguf import GGMLQuantizationType
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+            10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+DEFAULT_ALIGNMENT = 32
+
+
+@dataclass
+class GGUFTensor:
+    name: str
+    tensor_type: GGMLQuantizationType
+    shape: tuple[int, ...]   # numpy order (rows, ..., columns); GGUF lists dims the other way
+    data: np.ndarray         # raw bytes [rows..., bytes per row], a view into the mapped file
+
+
+class GGUFTensors:
+    def __init__(self, path: str):
+        from gguf import GGMLQuantizationType   # the gguf package: only for GGUF models
+
+        self.data = np.memmap(path, mode="r")
+        self._buf = memoryview(self.data)
+        self.metadata: dict[str, object] = {}   # scalar and string fields only
+        self._pos = 0
+        magic, version = self._unpack("<4sI")
+        if magic != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} is not supported (big-endian or v1?)")
+        tensor_count, kv_count = self._unpack("<QQ")
+        for _ in range(kv_count):
+            key = self._string()
+            (value_type,) = self._unpack("<I")
+            value = self._value(value_type)
+            if value is not None:
+                self.metadata[key] = value
+        infos = []
+        for _ in range(tensor_count):
+            name = self._string()
+            (n_dims,) = self._unpack("<I")
+            dims = self._unpack(f"<{n_dims}Q")
+            tensor_type, offset = self._unpack("<IQ")
+            infos.append((name, dims, GGMLQuantizationType(tensor_type), offset))
+        alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        start = -(-self._pos // alignment) * alignment
+        self.tensors = [self._tensor(start, *info) for info in infos]
+
+    def _unpack(self, fmt: str) -> tuple:
+        values = struct.unpack_from(fmt, self._buf, self._pos)
+        self._pos += struct.calcsize(fmt)
+        return values
+
+    def _string(self) -> str:
+        (length,) = self._unpack("<Q")
+        text = bytes(self._buf[self._pos:self._pos + length]).decode("utf-8", errors="replace")
+        self._pos += length
+        return text
+
+    def _value(self, value_type: int):
+        if value_type in _SCALARS:
+            return self._unpack(_SCALARS[value_type])[0]
+        if value_type == _STRING:
+            return self._string()
+        if value_type != _ARRAY:
+            raise ValueError(f"unknown GGUF value type {value_type}")
+        item_type, count = self._unpack("<IQ")
+        if item_type in _SCALARS:
+            self._pos += count * struct.calcsize(_SCALARS[item_type])
+        else:  # strings (or nested arrays): walk them by their lengths
+            for _ in range(count):
+                self._value(item_type)
+        return None
+
+    def _tensor(self, data_start: int, name: str, dims: tuple[int, ...], tensor_type, offset: int):
+        from gguf import GGML_QUANT_SIZES
+
+        block_size, type_size = GGML_QUANT_SIZES[tensor_type]
+        row_bytes = dims[0] // block_size * type_size
+        rows = int(np.prod(dims[1:], dtype=np.int64))
+        begin = data_start + offset
+        raw = self.data[begin:begin + rows * row_bytes]
+        shape = tuple(int(d) for d in reversed(dims))
+        return GGUFTensor(name, tensor_type, shape, raw.reshape(*shape[:-1], row_bytes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and row order
+
+# GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+# llama.cpp stores Llama 3.1's rope scaling as per-frequency divisors instead of config keys.
+GGUF_ROPE_FREQS_NAME = "model.rotary_emb.rope_freqs"
+# Precomputed rotary tables some old conversions carry; we compute our own.
+_GGUF_IGNORED = re.compile(r"^(blk\.\d+\.attn_rot_embd|rope_factors_(long|short))(\.weight)?$")
+_GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_GGUF_GLOBAL = re.compile(r"^(\w+)\.(weight|bias)$")
+# Matrices that can stay quantised, by HF name: those multiplied through linear() (the layers'
+# projections, the output matrix) and the embedding, which is looked up row by row (and is the
+# output matrix too when they are tied).
+_QUANTIZABLE_NAME = re.compile(r"^(model\.layers\.\d+\.(self_attn\.[qkvo]_proj"
+                               r"|mlp\.(gate|up|down)_proj)|model\.embed_tokens|lm_head)\.weight$")
+
+
+def gguf_to_hf_name(gguf_name: str) -> str | None:
+    """HF name of a GGUF tensor; None for tensors we do not need."""
+    if gguf_name in ("rope_freqs.weight", "rope_freqs"):
+        return GGUF_ROPE_FREQS_NAME
+    if _GGUF_IGNORED.match(gguf_name):
+        return None
+    match = _GGUF_LAYER.match(gguf_name)
+    if match and match.group(2) in _GGUF_LAYER_NAMES:
+        layer, part, kind = match.groups()
+        return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[part]}.{kind}"
+    match = _GGUF_GLOBAL.match(gguf_name)
+    if match and match.group(1) in _GGUF_GLOBAL_NAMES:
+        return f"{_GGUF_GLOBAL_NAMES[match.group(1)]}.{match.group(2)}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no known HF equivalent")
+
+
+def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of Q/K rows (or bias entries).
+
+    llama.cpp's converter reorders each head's rows from HF's "first half, second half" rotary
+    layout to interleaved pairs: HF row (h, i, j) with i in {0, 1} (which half), j < head_dim/2
+    is stored as row (h, j, i). Reading the rows as (h, j, i) and swapping back restores HF order.
+    """
+    rows = weight.shape[0]
+    half = rows // n_heads // 2
+    return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def iter_gguf(path: str, progress: bool, quantize: tuple[int, ...] = ()
+              ) -> Iterator[tuple[str, torch.Tensor | QuantizedParts]]:
+    """HF-named tensors of a GGUF file; matrices stored in one of the `quantize` types come out
+    as QuantizedParts instead of dequantised float32."""
+    from gguf.quants import dequantize
+
+    gguf_file = GGUFTensors(path)
+    meta = gguf_file.metadata
+    arch = meta["general.architecture"]
+    # Only llama.cpp's Llama converter (Llama, Mistral, SmolLM, ...) permutes Q/K.
+    permuted = arch == "llama"
+    n_heads = meta[f"{arch}.attention.head_count"]
+    n_kv_heads = meta.get(f"{arch}.attention.head_count_kv", n_heads)
+    for tensor in tqdm(gguf_file.tensors, desc="Loading GGUF weights", unit="tensor",
+                       disable=not progress):
+        name = gguf_to_hf_name(tensor.name)
+        if name is None:
+            continue
+        heads = None
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+            heads = n_heads
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+            heads = n_kv_heads
+        if tensor.tensor_type in quantize and _QUANTIZABLE_NAME.match(name):
+            parts = parts_from_gguf(tensor.data, tensor.tensor_type, tensor.shape)
+            if heads is not None:   # the permutation moves whole rows: codes and scales alike
+                parts = parts.take_rows(unpermute_qk(np.arange(tensor.shape[0]), heads))
+            yield name, parts
+            continue
+        array = dequantize(tensor.data, tensor.tensor_type).reshape(tensor.shape)
+        if heads is not None:
+            array = unpermute_qk(array, heads)
+        if not (array.flags.writeable and array.flags.c_contiguous):
+            array = np.array(array)  # F32 tensors are views into the read-only memory map
+        yield name, torch.from_numpy(array)
