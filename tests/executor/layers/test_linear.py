@@ -7,22 +7,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aphrodite.executor.layers import linear as cpu_linear
+from aphrodite.executor.layers import linear
 from aphrodite.executor.layers.quantized import QuantizedParts, QuantizedWeight
 
 torch.set_num_threads(1)
 
 
-@pytest.mark.skipif(not cpu_linear.onednn_available(), reason="torch built without oneDNN")
+@pytest.mark.skipif(not linear.onednn_available(), reason="torch built without oneDNN")
 @pytest.mark.parametrize("tokens", [1, 5, 64, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_packed_float32_weight_matches_float64_reference(tokens, with_bias):
     torch.manual_seed(tokens)
     weight, x = torch.randn(200, 96), torch.randn(tokens, 96)
     bias = torch.randn(200) if with_bias else None
-    packed = cpu_linear.pack_weight(weight)
+    packed = linear.pack_weight(weight)
     assert packed.is_mkldnn
-    out = cpu_linear.linear(x, packed, bias)
+    out = linear.linear(x, packed, bias)
     reference = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     assert out.dtype == torch.float32 and out.shape == (tokens, 200)
     torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-4)
@@ -31,13 +31,13 @@ def test_packed_float32_weight_matches_float64_reference(tokens, with_bias):
 @pytest.mark.parametrize("tokens", [1, 7, 8, 33])
 def test_bfloat16_upcast_in_slices_matches_bfloat16_linear(monkeypatch, tokens):
     # Force the upcast path (on CPUs with native bf16 it is off) and slices of 3 rows.
-    monkeypatch.setattr(cpu_linear, "bf16_gemm_is_emulated", lambda: True)
-    monkeypatch.setattr(cpu_linear, "UPCAST_SLICE_BYTES", 3 * 4 * 64)
+    monkeypatch.setattr(linear, "bf16_gemm_is_emulated", lambda: True)
+    monkeypatch.setattr(linear, "UPCAST_SLICE_BYTES", 3 * 4 * 64)
     torch.manual_seed(tokens)
     weight = torch.randn(50, 64).to(torch.bfloat16)
     bias = torch.randn(50).to(torch.bfloat16)
     x = torch.randn(tokens, 64).to(torch.bfloat16)
-    out = cpu_linear.linear(x, weight, bias)
+    out = linear.linear(x, weight, bias)
     assert out.dtype == torch.bfloat16 and out.shape == (tokens, 50)
     # Products of bf16 values are exact in float64, so this is the exact sum, rounded once.
     exact = F.linear(x.double(), weight.double(), bias.double()).to(torch.bfloat16)
@@ -54,43 +54,43 @@ def _quantized(kind, gguf_blocks):
     return QuantizedWeight(QuantizedParts(kind, codes, scales, mins), gguf_blocks=gguf_blocks)
 
 
-@pytest.mark.skipif(not cpu_linear.onednn_available(), reason="torch built without oneDNN")
+@pytest.mark.skipif(not linear.onednn_available(), reason="torch built without oneDNN")
 def test_kernel_choice_follows_format_and_token_count(monkeypatch, cpp_compiler):
     """The policy table of linear.py, at each threshold: the kernel each weight format gets."""
-    choose = cpu_linear.choose_kernel
-    packed = cpu_linear.pack_weight(torch.randn(8, 16))
-    assert choose(packed, 1) is choose(packed, 4096) is cpu_linear._onednn
+    choose = linear.choose_kernel
+    packed = linear.pack_weight(torch.randn(8, 16))
+    assert choose(packed, 1) is choose(packed, 4096) is linear._onednn
     assert choose(torch.randn(8, 16), 1) is F.linear
-    monkeypatch.setattr(cpu_linear, "bf16_gemm_is_emulated", lambda: True)
+    monkeypatch.setattr(linear, "bf16_gemm_is_emulated", lambda: True)
     bf16 = torch.randn(8, 16).to(torch.bfloat16)
-    upcast_from = cpu_linear.UPCAST_BF16_FROM_TOKENS
+    upcast_from = linear.UPCAST_BF16_FROM_TOKENS
     assert choose(bf16, upcast_from - 1) is F.linear
-    assert choose(bf16, upcast_from) is cpu_linear._bf16_upcast
+    assert choose(bf16, upcast_from) is linear._bf16_upcast
 
-    dense_above, amx_above = cpu_linear.DENSE_ABOVE_TOKENS, cpu_linear.AMX_ABOVE_TOKENS
+    dense_above, amx_above = linear.DENSE_ABOVE_TOKENS, linear.AMX_ABOVE_TOKENS
     blocks = _quantized("int4", gguf_blocks=True)
-    assert choose(blocks, 1) is choose(blocks, dense_above) is cpu_linear._gguf_blocks
-    assert choose(blocks, dense_above + 1) is cpu_linear._dequantized
+    assert choose(blocks, 1) is choose(blocks, dense_above) is linear._gguf_blocks
+    assert choose(blocks, dense_above + 1) is linear._dequantized
     blocks.dense = blocks.dequantize()
-    assert choose(blocks, dense_above) is cpu_linear._gguf_blocks
-    assert choose(blocks, dense_above + 1) is cpu_linear._dense_copy
+    assert choose(blocks, dense_above) is linear._gguf_blocks
+    assert choose(blocks, dense_above + 1) is linear._dense_copy
     blocks.dense, blocks.amx = None, torch.empty(0)
-    assert choose(blocks, amx_above) is cpu_linear._gguf_blocks
-    assert choose(blocks, amx_above + 1) is choose(blocks, 4096) is cpu_linear._amx
+    assert choose(blocks, amx_above) is linear._gguf_blocks
+    assert choose(blocks, amx_above + 1) is choose(blocks, 4096) is linear._amx
 
     torch_int4 = _quantized("int4", gguf_blocks=False)
-    int4_max = cpu_linear.TORCH_INT4_DENSE_ABOVE_TOKENS
-    assert choose(torch_int4, int4_max) is cpu_linear._torch_int4
-    assert choose(torch_int4, int4_max + 1) is cpu_linear._dequantized
-    assert choose(_quantized("int8", gguf_blocks=False), 1) is cpu_linear._dequantized
+    int4_max = linear.TORCH_INT4_DENSE_ABOVE_TOKENS
+    assert choose(torch_int4, int4_max) is linear._torch_int4
+    assert choose(torch_int4, int4_max + 1) is linear._dequantized
+    assert choose(_quantized("int8", gguf_blocks=False), 1) is linear._dequantized
 
 
 def test_fused_decode_takes_blocks_and_yields_to_a_float32_copy(cpp_compiler):
     weight = _quantized("int8", gguf_blocks=True)
-    limit = cpu_linear.FUSED_DECODE_MAX_TOKENS
-    assert cpu_linear.runs_fused_decode(weight, 4096)
+    limit = linear.FUSED_DECODE_MAX_TOKENS
+    assert linear.runs_fused_decode(weight, 4096)
     weight.dense = weight.dequantize()
-    assert cpu_linear.runs_fused_decode(weight, limit)
-    assert not cpu_linear.runs_fused_decode(weight, limit + 1)
-    assert not cpu_linear.runs_fused_decode(_quantized("int4", gguf_blocks=False), 1)
-    assert not cpu_linear.runs_fused_decode(torch.randn(8, 16), 1)
+    assert linear.runs_fused_decode(weight, limit)
+    assert not linear.runs_fused_decode(weight, limit + 1)
+    assert not linear.runs_fused_decode(_quantized("int4", gguf_blocks=False), 1)
+    assert not linear.runs_fused_decode(torch.randn(8, 16), 1)
