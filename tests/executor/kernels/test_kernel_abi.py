@@ -13,11 +13,13 @@ from aphrodite.executor.kernels.cpu import ops as cpu_kernels
 
 
 @pytest.fixture
-def private_cache(tmp_path, monkeypatch, cpp_compiler):
+def checked_build(tmp_path, monkeypatch, cpp_compiler):
+    """build.build in a private cache, compiling with -fsyntax-only: g++ checks the sources
+    against kernel_abi.h as in a real build, without generating code."""
     monkeypatch.setenv("APHRODITE_CACHE_DIR", str(tmp_path))
-    cpu_kernels._library.cache_clear()
-    yield tmp_path
-    cpu_kernels._library.cache_clear()
+    flags = build.flags
+    monkeypatch.setattr(build, "flags", lambda arch: [*flags(arch), "-fsyntax-only"])
+    return lambda: build.build(build.find_compiler())
 
 
 def replace_function(monkeypatch, name: str, prototype: str | None) -> None:
@@ -37,7 +39,8 @@ def test_the_header_declares_every_entry_point_and_structure():
 
 
 def test_the_structures_keep_the_field_order_callers_construct_them_in():
-    """models/llama.py builds QuantizedMatrix and DecodeStep from positional arguments."""
+    """The fused decode step (executor/models/) builds QuantizedMatrix and DecodeStep from
+    positional arguments."""
     assert [name for name, _ in cpu_kernels.QuantizedMatrix._fields_] == [
         "blocks", "bias", "rows", "cols", "is_int4"]
     assert [name for name, _ in cpu_kernels.DecodeStep._fields_] == [
@@ -50,36 +53,48 @@ def test_the_structures_keep_the_field_order_callers_construct_them_in():
 
 
 def test_an_argument_type_that_differs_from_the_definition_fails_to_compile(
-        private_cache, monkeypatch):
+        checked_build, monkeypatch):
     replace_function(monkeypatch, "quantized_linear",
                      "void quantized_linear(const float* x, int64_t tokens, int64_t cols, "
                      "const uint8_t* weight, int64_t is_int4, int64_t rows, float* out)")
     with pytest.raises(subprocess.CalledProcessError) as failure:
-        build.build(build.find_compiler())
+        checked_build()
     assert "conflicting declaration of C function" in failure.value.stderr
     assert "quantized_linear" in failure.value.stderr
 
 
-def test_an_entry_point_missing_from_the_table_fails_to_compile(private_cache, monkeypatch):
+def test_an_entry_point_missing_from_the_table_fails_to_compile(checked_build, monkeypatch):
     replace_function(monkeypatch, "silu_and_mul", None)
     with pytest.raises(subprocess.CalledProcessError) as failure:
-        build.build(build.find_compiler())
+        checked_build()
     assert "no previous declaration" in failure.value.stderr
     assert "silu_and_mul" in failure.value.stderr
 
 
 def test_a_ctypes_layout_that_differs_from_the_compilers_fails_to_compile(
-        private_cache, monkeypatch):
+        checked_build, monkeypatch):
     monkeypatch.setitem(kernel_abi.CTYPES, "int64_t", ctypes.c_int32)
     with pytest.raises(subprocess.CalledProcessError) as failure:
-        build.build(build.find_compiler())
+        checked_build()
     assert "static assertion failed" in failure.value.stderr
     assert "QuantizedMatrix: ctypes' size" in failure.value.stderr
 
 
-def test_an_entry_point_the_library_lacks_fails_the_load(private_cache, monkeypatch, caplog):
+def test_an_entry_point_the_library_lacks_fails_the_load(monkeypatch, cpp_compiler):
+    # A CDLL object of its own: the types set here are not ops.py's.
+    library = ctypes.CDLL(str(build.build(build.find_compiler())))
+    kernel_abi.bind(library)
     monkeypatch.setattr(kernel_abi, "FUNCTIONS",
                         [*kernel_abi.FUNCTIONS, "void no_such_kernel(float* out)"])
+    with pytest.raises(OSError, match="no_such_kernel"):
+        kernel_abi.bind(library)
+
+
+def test_a_library_that_fails_to_bind_leaves_the_torch_paths(monkeypatch, caplog, cpp_compiler):
+    def fail(library):
+        raise OSError("cpu_kernels.so has no no_such_kernel, which kernel_abi.py declares")
+
+    monkeypatch.setattr(kernel_abi, "bind", fail)
     with caplog.at_level(logging.WARNING, logger="aphrodite.worker"):
-        assert not cpu_kernels.library_available()
+        assert build.load_library() is None
     assert "no_such_kernel" in caplog.text and "torch path" in caplog.text
