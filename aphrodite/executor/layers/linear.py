@@ -23,8 +23,8 @@ matrices hold GGUF blocks where the C++ kernels build, else torch's int4 layout
 in one C++ call (models/fused_decode.py), up to FUSED_DECODE_MAX_TOKENS sequences when
 float32 copies exist (runs_fused_decode).
 
-Figures: all linears of the default model (30 layers, 2 threads, AVX2), ms per call, as
-benchmarks/step_profile.py reports them under forward.linear. Packing float32 for oneDNN pays
+Figures: all linears of the default model (30 layers, 2 threads, AVX2 unless said), ms per
+call, as benchmarks/step_profile.py reports them under forward.linear. Packing float32 for oneDNN pays
 at decode sizes: 20.3 ms packed at 4 tokens, 55.6 through MKL.
 """
 
@@ -40,29 +40,32 @@ from aphrodite.executor.kernels.cpu import ops as cpu_kernels
 from aphrodite.executor.layers.quantized import QuantizedParts, QuantizedWeight
 
 # oneDNN's blocked layout is tuned for this many rows of input: within noise of the call's
-# real row count from 1 to 2048 tokens, where a hint of 1 is 1.5x slower at 4-16 tokens.
+# real row count from 1 to 2048 tokens, where a hint of 1 is 1.5x slower at 4-16 tokens
+# (step_profile.py --batch 4).
 PACK_FOR_TOKENS = 64
 # Emulated bf16 GEMM against upcasting the weight to float32: 128 vs 81 ms at 8 tokens
 # (step_profile.py --dtype bfloat16 --batch 8). Fewer tokens do not amortise the upcast's
 # full read and write of the weight.
 UPCAST_BF16_FROM_TOKENS = 8
 # A whole float32 copy of a large matrix is freshly mapped and faulted in by every call:
-# lm_head at 64 tokens takes 33 ms in 4 MB slices, 90 ms whole.
+# lm_head at 64 tokens takes 33 ms in 4 MB slices, 90 ms whole (step_profile.py --dtype
+# bfloat16 --batch 64, under logits).
 UPCAST_SLICE_BYTES = 4 << 20
-# Up to here the C++ kernel on the blocks is at least as fast as MKL on a float32 copy while
-# reading 0.6-1.1 bytes a weight instead of 4: 185 vs 197 ms at 128 tokens
-# (step_profile.py --model <gguf> --batch 128). Shared by both uses, so that no call
-# dequantises a matrix for itself while a float32 copy exists.
+# Calls of up to this many tokens multiply the GGUF blocks; larger ones the float32 copy where
+# there is one, else the matrix dequantised per call. Up to here the C++ kernel is at least as
+# fast as MKL on the copy while reading 0.6-1.1 bytes a weight instead of 4: 185 vs 197 ms at
+# 128 tokens (step_profile.py --batch 128).
 DENSE_ABOVE_TOKENS = 128
-# torch's int4 kernel (no C++ kernels, APHRODITE_CPU_KERNELS=0) is 1.3-2x slower than
-# dequantising per call above this many tokens.
+# Above this many tokens torch's int4 kernel is 1.3-2x slower than dequantising per call (the
+# default model's matrices timed call by call: no benchmark script runs torch's int4 kernel
+# with batches, since auto never picks it).
 TORCH_INT4_DENSE_ABOVE_TOKENS = 16
 # AMX tiles are read at 4 bytes a weight but multiply at 1.5x float32's peak: the default
 # model's 30 layers of matrices at 96 tokens take 45.8 ms on the tiles, 68.4 on the blocks
-# (Xeon with AMX, step_profile.py --model <gguf> --batch 96).
+# (Xeon with AMX, step_profile.py --batch 96).
 AMX_ABOVE_TOKENS = 64
 # With float32 copies at hand, a fused decode step of 64 sequences takes 150 ms, layer by
-# layer 172-184 ms; larger steps run layer by layer (step_profile.py --model <gguf> --batch 64).
+# layer 172-184 ms; larger steps run layer by layer (step_profile.py --batch 64).
 FUSED_DECODE_MAX_TOKENS = 64
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
