@@ -11,10 +11,10 @@ tensor holding one of two formats, chosen by linear.quantized_weight:
 For calls of many tokens it may also hold a float32 copy (`dense`) or, for int4 on CPUs with
 AMX, AMX operand tiles (`amx`), added by linear.add_large_call_operand.
 
-This file holds the formats and the products each one offers; linear.py decides which runs.
-F.linear and F.embedding on a QuantizedWeight reach linear.linear and a row lookup through
-__torch_function__; any other use of the tensor sees the dequantised float matrix (slow,
-but correct).
+This file holds the formats and the products each one offers; linear.linear decides which
+runs, and the models call it for every matrix. F.embedding on a QuantizedWeight looks up
+only the rows it needs (through __torch_function__); any other use of the tensor, F.linear
+included, sees the dequantised float matrix (slow, but correct).
 
 GGUF blocks (ggml-common.h): 32 values per block, Q4_0 = fp16 d + 16 bytes of nibbles,
 x = d * (q - 8); Q4_1 = fp16 d, fp16 m + nibbles, x = d * q + m; Q8_0 = fp16 d + 32 int8, x = d * q.
@@ -199,12 +199,6 @@ class QuantizedWeight(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and isinstance(args[1], QuantizedWeight) \
-                and not isinstance(args[0], QuantizedWeight):
-            from aphrodite.executor.layers.linear import linear   # linear.py imports this file
-            x, weight = args[0], args[1]
-            out = linear(x.reshape(-1, weight.in_features), weight, *args[2:], **kwargs)
-            return out.reshape(*x.shape[:-1], weight.out_features)
         # F.embedding passes its defaults as keywords; the others only matter for gradients.
         if func is F.embedding and isinstance(args[1], QuantizedWeight) and len(args) == 2 \
                 and kwargs.get("padding_idx") is None and kwargs.get("max_norm") is None:
