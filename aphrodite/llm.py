@@ -114,15 +114,16 @@ class LLM:
         if self.engine is None or self._dead:
             raise EngineDeadError(f"the engine is not running: {self._dead or 'shut down'}")
         results: dict[str, RequestOutput] = {}
-        for text, token_ids, params in requests:
-            request_id = str(next(self._ids))
-            results[request_id] = RequestOutput(request_id, text, token_ids)
-            _, adds = self._processor.add_request(request_id, token_ids, params)
-            for add in adds:
-                self.engine.send(Frame.ADD, add)
-        unfinished = set(results)
+        unfinished: set[str] = set()
         bar = tqdm(total=len(requests), desc="Generating", disable=not use_tqdm)
         try:
+            for text, token_ids, params in requests:
+                request_id = str(next(self._ids))
+                results[request_id] = RequestOutput(request_id, text, token_ids)
+                unfinished.add(request_id)
+                _, adds = self._processor.add_request(request_id, token_ids, params)
+                for add in adds:
+                    self.engine.send(Frame.ADD, add)
             while unfinished:
                 step = self._next_step()
                 if step is None:

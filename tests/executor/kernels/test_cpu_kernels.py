@@ -38,7 +38,7 @@ def test_built_once_then_loaded_from_the_cache(fresh_build, cpp_compiler):
     assert cpu_kernels.library_available()
     assert list((fresh_build / "kernels").glob("*/cpu_kernels.so")) == built
     assert built[0].stat().st_mtime_ns == stamp   # not compiled again
-    assert decode_metadata().decode_kernel
+    assert decode_metadata().decode_backend == "cpu"
 
 
 @pytest.mark.parametrize("compiler", ["/nonexistent/g++", "false"])
@@ -49,7 +49,7 @@ def test_without_a_working_compiler_the_torch_path_runs(fresh_build, monkeypatch
         assert not cpu_kernels.library_available()
     assert "torch path" in caplog.text
     meta = decode_metadata()
-    assert not meta.decode_kernel and meta.decode_plan is not None
+    assert meta.decode_backend == "torch_grouped" and meta.decode_plan is not None
     assert not (fresh_build / "kernels").exists() or not os.listdir(fresh_build / "kernels")
 
 

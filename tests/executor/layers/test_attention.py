@@ -334,7 +334,7 @@ def test_forcing_an_unknown_backend_is_an_error():
     (torch.bfloat16, DECODES, False), (torch.float32, MIXED, False)],
     ids=["fp32", "fp16", "bf16", "mixed"])
 def test_cpu_decode_kernel_flag(cache_dtype, spec, fused, cpp_compiler):
-    """cpu_decode_kernel (models/llama.py's fused decode step): a decode-only step that the C++
+    """cpu_decode_kernel (models/fused_decode.py's step): a decode-only step that the C++
     decode kernel serves, on a cache the kernels also write (not bfloat16)."""
     if cache_dtype == torch.float16 and not cpu_kernels.float16_cache_supported():
         pytest.skip("no F16C")

@@ -6,7 +6,7 @@
 // rotary, cache writes, residual adds, the gated activation), each of which costs more in
 // dispatch than in arithmetic at 576 wide: about 9 ms of a 23 ms step on the default model
 // (benchmarks/step_profile.py --batch 1 splits a step's time). Here a layer is the steps of
-// the float32 path (models/llama.py) in one call: layer_ops.h's elementwise steps around the
+// the float32 path (executor/layers/) in one call, as models/fused_decode.py wires it: layer_ops.h's elementwise steps around the
 // two kernels that do real work (quantized::matmul, attention::decode).
 //
 // The layers' weights (DecodeLayerWeights, QuantizedMatrix) and what a step shares across

@@ -6,7 +6,7 @@
 //
 // torch spends more on dispatch than on arithmetic for these at decode sizes, and runs the
 // composite ones (rms_norm: pow, mean, add, rsqrt, two muls) as separate passes over memory
-// at prefill sizes. Each step here is one pass; the arithmetic is models/llama.py's, only
+// at prefill sizes. Each step here is one pass; the arithmetic is the torch layers', only
 // the rounding order differs (sums in a tree of 8 lanes, fused multiply-adds).
 //
 // Each step is split over torch's OpenMP threads by rows when it is large enough to pay for

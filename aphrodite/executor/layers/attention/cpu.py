@@ -41,7 +41,7 @@ def prefill_supported(config: AttentionConfig) -> bool:
 
 def cache_supported(config: AttentionConfig) -> bool:
     """Whether the kernels that write the cache take it (the fused decode step of
-    models/llama.py among them): float32, or float16 with F16C."""
+    models/fused_decode.py among them): float32, or float16 with F16C."""
     return cpu_kernels.cache_supported(_empty_cache(config))
 
 

@@ -97,18 +97,12 @@ class AttentionMetadata:
     decode_backend: str | None = None
     prefill_backend: str | None = None
     # True: a decode-only step that the C++ decode kernel serves, on a cache the C++ kernels
-    # also write; a model may run it as one fused C++ decode step (models/llama.py).
+    # also write; a model may run it as one fused C++ decode step (models/fused_decode.py).
     cpu_decode_kernel: bool = False
     decode_plan: DecodePlan | None = None        # decode_backend "torch_grouped": its groups
     # prefill_backend "cpu": the prefills as paged_prefill_attention takes them, [n, 4] int64
     # (block-table row, first token, new tokens, context length).
     prefill_seqs: torch.Tensor | None = None
-
-    @property
-    def decode_kernel(self) -> bool:
-        """Transition alias, until models/llama.py and tests/executor/kernels/ read
-        decode_backend or cpu_decode_kernel: the C++ kernel serves the decode rows."""
-        return self.decode_backend == "cpu"
 
     @classmethod
     def build(cls, query_lens: np.ndarray, seq_lens: np.ndarray, block_tables: np.ndarray,

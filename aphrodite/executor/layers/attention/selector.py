@@ -38,7 +38,7 @@ class StepBackends(NamedTuple):
     decode: str | None      # a DECODE_BACKENDS name; None: the step has no decode rows
     prefill: str | None     # a PREFILL_BACKENDS name; None: no prefill chunks
     # A decode-only step on the C++ decode kernel, over a cache the C++ kernels also write:
-    # one that a model may run as a whole fused C++ decode step (models/llama.py).
+    # one that a model may run as a whole fused C++ decode step (models/fused_decode.py).
     cpu_decode_kernel: bool
 
 
