@@ -28,6 +28,7 @@ The non-forward share is (step - forward - logits) / step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -42,25 +43,26 @@ from aphrodite.core.engine_core import EngineCore
 from aphrodite.core.kv_cache_manager import KVCacheManager
 from aphrodite.core.request import Request
 from aphrodite.core.scheduler import Scheduler
-from aphrodite.executor.layers import attention
-from aphrodite.executor.kernels.cpu import ops as cpu_kernels
+from aphrodite.executor.layers import attention, linear
 from aphrodite.executor.model_runner import ModelRunner
-from aphrodite.executor.models import llama
-from aphrodite.protocol import Frame, decode, encode
+from aphrodite.protocol import AddRequest, Frame, StepOutputs, decode, encode
 from aphrodite.sampling_params import SamplingParams
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+# --attention modes: which decode backend the attention selector is told to use.
+DECODE_BACKENDS = {"kernel": "cpu", "grouped": "torch_grouped", "static": "torch_padded"}
 clock = time.perf_counter
 
 
 class ForwardTimers:
-    """Wraps paged_attention and linear as llama.py sees them, accumulating seconds."""
+    """Wraps attention.paged_attention and linear.linear, which the models call through their
+    modules, accumulating seconds."""
 
     def __init__(self):
         self.seconds = defaultdict(float)
         self.active = False           # only inside the forward pass (not the lm_head after it)
-        self._attention, self._linear = llama.paged_attention, llama.linear
+        self._attention, self._linear = attention.paged_attention, linear.linear
 
     def _timed(self, name, fn):
         def wrapper(*args, **kwargs):
@@ -73,11 +75,11 @@ class ForwardTimers:
         return wrapper
 
     def install(self):
-        llama.paged_attention = self._timed("attention", self._attention)
-        llama.linear = self._timed("linear", self._linear)
+        attention.paged_attention = self._timed("attention", self._attention)
+        linear.linear = self._timed("linear", self._linear)
 
     def uninstall(self):
-        llama.paged_attention, llama.linear = self._attention, self._linear
+        attention.paged_attention, linear.linear = self._attention, self._linear
 
 
 class Loop:
@@ -104,7 +106,7 @@ class Loop:
 
     def add(self, rid: str, prompt: list[int], max_tokens: int) -> None:
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        body = {"request_id": rid, "prompt_token_ids": prompt, "sampling_params": params.to_dict()}
+        body = AddRequest(rid, prompt, params.to_dict())
         self.scheduler.add_request(Request.from_add_frame(body, [], self.runner.max_model_len))
 
     def step(self, times: dict | None = None, timers: ForwardTimers | None = None) -> int:
@@ -125,9 +127,9 @@ class Loop:
         result = self.runner.execute(body, mark)
         result = self._hop(Frame.RESULT, result)
         mark("ipc")
-        updated = self.scheduler.update_from_output(out, result["sampled"])
-        frame = {"outputs": self.core.collect_outputs(updated, result.get("logprobs", {})),
-                 "stats": self.core.stats(out, len(updated)), "timestamp": time.time()}
+        updated = self.scheduler.update_from_output(out, result.sampled)
+        frame = StepOutputs(self.core.collect_outputs(updated, result.logprobs),
+                            self.core.stats(out, len(updated)), time.time())
         mark("output")
         self._hop(Frame.STEP_OUTPUTS, frame)
         mark("ipc")
@@ -219,17 +221,15 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f} (2 cores: anything above ~0 distorts timings); "
           f"{args.dtype}, {args.threads} threads, {args.clock} clock, context {args.prompt_len}+, "
           f"min over {args.repeats} x {args.steps} steps")
-    planner, kernel_built = attention.plan_decode_groups, cpu_kernels.library_available
+    chosen = runner.attention_config
     for mode in args.attention:
-        # Without the kernel AttentionMetadata plans groups; without a plan either, it falls
-        # back to the static-shape gather.
-        cpu_kernels.library_available = kernel_built if mode == "kernel" else lambda: False
-        attention.plan_decode_groups = planner if mode == "grouped" else lambda *a, **k: None
+        # The selector's choice for decode rows, forced; everything else stays as chosen.
+        runner.attention_config = dataclasses.replace(chosen, decode=DECODE_BACKENDS[mode])
         for batch in args.batch:
             print(f"\n[{mode} decode attention]", end="")
             report(batch, profile(runner, config, batch, args.prompt_len, args.steps,
                                   args.repeats, args.seed))
-    attention.plan_decode_groups, cpu_kernels.library_available = planner, kernel_built
+    runner.attention_config = chosen
 
 
 if __name__ == "__main__":
