@@ -106,16 +106,17 @@ def test_lagging_consumer_gets_one_merged_delta(engine, tokenizer):
         client = AsyncEngineClient(engine, tokenizer, log_requests=False)
         client.start()
         gen = client.generate("r1", prompt, SamplingParams(max_tokens=len(ids)))
-        first = asyncio.ensure_future(gen.__anext__())
         (frame, body), = await _frames(engine)
         assert frame is Frame.ADD and body.request_id == "r1-0"
         assert body.prompt_token_ids == prompt
         assert SamplingParams.from_dict(body.sampling_params).max_tokens == len(ids)
-        # Every token arrives in its own step before the consumer runs again.
+        # Every token arrives in its own step, and the client reads them all (the last one
+        # finishes the sequence) before the consumer looks.
         for i, token in enumerate(ids):
             engine.step([out("r1-0", [token], "length" if i == len(ids) - 1 else None)])
-        await asyncio.sleep(0.3)
-        deltas = await first
+        while client.num_unfinished_sequences:
+            await asyncio.sleep(0.01)
+        deltas = await gen.__anext__()
         rest = [d async for batch in gen for d in batch]
         return deltas, rest
 
