@@ -17,8 +17,7 @@ logger = logging.getLogger("aphrodite.server")
 
 
 class ProcessTree:
-    """This process plus the engine core's subtree (not helpers such as multiprocessing's
-    resource tracker, which exit on their own)."""
+    """This process plus the engine core's subtree."""
 
     def __init__(self) -> None:
         self.root = psutil.Process(os.getpid())
@@ -62,8 +61,7 @@ class ProcessTree:
         """
         alive = self._alive()
         if alive:
-            # Most leave on their own once the engine core is gone (workers poll their parent,
-            # multiprocessing's resource tracker, which ignores SIGTERM, sees EOF).
+            # Most leave on their own once the engine core is gone (workers poll their parent).
             _, alive = psutil.wait_procs(alive, timeout=1.0)
             alive = [p for p in alive if _running(p)]
         if not alive:

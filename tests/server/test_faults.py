@@ -127,7 +127,7 @@ def health_fails(server: RemoteServer, timeout_s: float) -> bool:
 
 def socket_folder(core: psutil.Process) -> str:
     """The frontend's folder of IPC sockets (the core's own sockets live inside it)."""
-    input_addr = core.cmdline()[3]
+    input_addr = json.loads(core.cmdline()[3])["input_addr"]     # python -m module ARGS
     assert input_addr.startswith("ipc://")
     return os.path.dirname(input_addr[len("ipc://"):])
 
@@ -140,14 +140,14 @@ def folder_gone(path: str, timeout_s: float = 5) -> bool:
 
 
 def engine_processes(server: RemoteServer) -> tuple[psutil.Process, list[psutil.Process]]:
-    """The engine core and its workers (pids from the start-up log), plus any helper the
-    core started (multiprocessing's resource tracker)."""
+    """The engine core and its workers (pids from the start-up log), plus any other child
+    the core has."""
     core = server.engine_core()
     line = server.wait_for_log("worker_pids=", timeout_s=1)
     pids = [int(p) for p in re.search(r"worker_pids=\[([\d, ]+)\]", line).group(1).split(",")]
     workers = [psutil.Process(pid) for pid in pids]
-    helpers = [p for p in core.children() if p.pid not in pids]
-    return core, workers + helpers
+    others = [p for p in core.children() if p.pid not in pids]
+    return core, workers + others
 
 
 @pytest.mark.parametrize("fault", ["kill-worker", "stop-worker", "kill-core"])
@@ -189,7 +189,7 @@ FRONTEND = """
 import sys, time
 from aphrodite.config import EngineConfig
 from aphrodite.frontend.engine_process import EngineProcess
-from aphrodite.protocol import Frame, decode
+from aphrodite.protocol import AddRequest, Frame, decode
 from aphrodite.sampling_params import SamplingParams
 
 engine = EngineProcess(EngineConfig(max_model_len=256, kv_cache_memory=64 << 20, num_threads=1))
@@ -197,11 +197,10 @@ print("core", engine.proc.pid, flush=True)
 if sys.argv[1] == "generating":
     engine.wait_ready(300)
     params = SamplingParams(max_tokens=240, ignore_eos=True).to_dict()
-    engine.send(Frame.ADD, {"request_id": "r", "prompt_token_ids": [1, 2, 3],
-                            "sampling_params": params, "arrival_time": time.time()})
+    engine.send(Frame.ADD, AddRequest("r", [1, 2, 3], params, time.time()))
     while True:
         frame, body = decode(engine.output_socket.recv())
-        if frame is Frame.STEP_OUTPUTS and any(o["new_token_ids"] for o in body["outputs"]):
+        if frame is Frame.STEP_OUTPUTS and any(o.new_token_ids for o in body.outputs):
             break
     print("generating", flush=True)
 time.sleep(600)
@@ -241,10 +240,10 @@ def test_kill_9_of_the_frontend_takes_the_engine_down(phase):
 
 
 def is_loading_a_worker(core: psutil.Process) -> bool:
-    """A worker (not just multiprocessing's resource tracker) is among the core's children."""
+    """The core has started a worker (python -m aphrodite.executor.worker)."""
     for child in core.children():
         try:
-            if "resource_tracker" not in " ".join(child.cmdline()):
+            if "aphrodite.executor.worker" in child.cmdline():
                 return True
         except psutil.Error:
             pass
