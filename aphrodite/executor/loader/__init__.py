@@ -31,18 +31,21 @@ def iter_weights(files: ModelFiles, progress: bool = True) -> Iterator[tuple[str
 def load_model_weights(model, files: ModelFiles, config, device, progress: bool = True) -> None:
     """Fill `model` with the checkpoint's weights.
 
-    GGUF files are converted once and the result cached (converted_cache.py); in a quantised
-    mode (quantization.py) the matrices kept quantised reach model.load_weights as
-    QuantizedParts, and in "int4+dense" mode each gets its operand for calls of many tokens.
-    Other files, and GGUF files too large to convert in one piece without quantisation, stream
-    their tensors straight into the model.
+    In a quantised mode (quantization.py) the GGUF matrices kept quantised reach
+    model.load_weights as QuantizedParts, and in "int4+dense" mode each gets its operand for
+    calls of many tokens. GGUF files small enough to convert in one piece are converted once
+    and the result cached (converted_cache.py); larger files, and other formats, stream their
+    tensors into the model one at a time, so loading never holds much more than the model.
     """
     mode = quantization_mode(config, files, device, model)
-    if not files.is_gguf or (mode == "none"
-                             and not converted_cache.converts_in_one_piece(files.gguf_path)):
+    if not files.is_gguf:
         model.load_weights(iter_weights(files, progress))
         return
     quantized = quantized_types() if mode != "none" else ()
-    model.load_weights(converted_cache.load_gguf_converted(files, quantized, progress).items())
+    if converted_cache.converts_in_one_piece(files.gguf_path):
+        tensors = converted_cache.load_gguf_converted(files, quantized, progress).items()
+    else:
+        tensors = gguf.iter_gguf(files.gguf_path, progress, quantized)
+    model.load_weights(tensors)
     if mode == "int4+dense":
         add_large_call_operands(model)

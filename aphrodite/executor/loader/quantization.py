@@ -6,18 +6,19 @@
   multiply (a float32 copy, or AMX tiles: linear.add_large_call_operand).
 
 Quantised execution needs a GGUF model on CPU in float32 without tensor parallelism. "auto"
-holds both when the C++ kernels are there: the float32 copy costs 4 bytes a weight on top of
-GGUF's ~0.6, and buys float32 GEMM speed for prefill and large decode batches, where the
-weight-only kernels lose. If that copy would fill more than DENSE_COPY_MAX_SHARE of the
-available memory, auto keeps the blocks only. Without the C++ kernels auto means none: torch's
-int4 kernel rounds activations to bfloat16 (layers/quantized.py). So does a file the
-converted-weights cache does not take in one piece: k-quant files (Q4_K, Q6_K, ...) are mostly
-tensors this path does not keep quantised anyway.
+holds both when the C++ kernels are there and both fit: the float32 copy costs 4 bytes a
+weight on top of GGUF's ~0.6, and buys float32 GEMM speed for prefill and large decode
+batches, where the weight-only kernels lose. Where the copy would take the model past
+DENSE_COPY_MAX_SHARE of the available memory, auto keeps the blocks only. Without the C++
+kernels auto means none: torch's int4 kernel rounds activations to bfloat16
+(layers/quantized.py). Tensors of other GGUF types (the k-quants among them) are dequantised
+to float32 in every mode. The start-up log says which mode was chosen, why, and the bytes.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,7 +26,6 @@ from torch import nn
 
 from aphrodite.executor.layers import linear
 from aphrodite.executor.layers.quantized import INT4_TYPES, Q8_0, QuantizedWeight
-from aphrodite.executor.loader import converted_cache
 from aphrodite.executor.loader.gguf import GGUFTensors
 from aphrodite.model_files import ModelFiles
 
@@ -49,10 +49,66 @@ def quantized_types() -> tuple[int, ...]:
     return (*INT4_TYPES, Q8_0) if linear.uses_gguf_blocks() else INT4_TYPES
 
 
+@dataclass
+class Footprint:
+    """What a GGUF file's tensors take once loaded, by how they are held."""
+    kept_bytes: int = 0        # matrices kept in GGUF's blocks
+    kept_weights: int = 0      # their elements: a float32 copy of them takes 4 bytes each
+    float_bytes: int = 0       # everything dequantised to float32
+    # Quantised types dequantised at load (not F32/F16/BF16, which are plain floats anyway),
+    # with their tensor counts.
+    dequantised: dict[str, int] = field(default_factory=dict)
+
+    def total(self, mode: str) -> int:
+        if mode == "none":
+            return self.float_bytes + 4 * self.kept_weights
+        copy = 4 * self.kept_weights if mode == "int4+dense" else 0
+        return self.float_bytes + self.kept_bytes + copy
+
+
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def footprint(path: str, kept: tuple[int, ...]) -> Footprint:
+    """The bytes a GGUF file's tensors take when matrices (2-D tensors) of the `kept` types
+    stay quantised and everything else is dequantised to float32."""
+    result = Footprint()
+    for tensor in GGUFTensors(path).tensors:
+        elements = int(np.prod(tensor.shape))
+        if tensor.tensor_type in kept and len(tensor.shape) == 2:
+            result.kept_bytes += tensor.data.nbytes
+            result.kept_weights += elements
+            continue
+        result.float_bytes += 4 * elements
+        name = tensor.tensor_type.name
+        if name not in _FLOAT_TYPES:
+            result.dequantised[name] = result.dequantised.get(name, 0) + 1
+    return result
+
+
 def quantization_mode(config, files: ModelFiles, device, model) -> str:
-    """How a model's GGUF matrices are held (see the module docstring)."""
-    if config.quantization == "none" or not files.is_gguf:
+    """How a model's GGUF matrices are held (see the module docstring); logs the choice."""
+    if not files.is_gguf:
         return "none"
+    mode, why = _choose(config, files, device, model)
+    usage = footprint(files.gguf_path, quantized_types() if mode != "none" else ())
+    gib = 2 ** 30
+    logger.info("GGUF weights: --quantization %s -> %s (%s): %.2f GiB once loaded, "
+                "%.2f GiB of memory available", config.quantization, mode, why,
+                usage.total(mode) / gib, available_ram() / gib)
+    # Named in every mode: these stay float32 even where quantised matrices are asked for.
+    without_kernel = footprint(files.gguf_path, quantized_types()).dequantised
+    if without_kernel:
+        logger.info("Dequantised to float32 at load, no kernel keeps these GGUF types "
+                    "quantised: %s",
+                    ", ".join(f"{n} ({c} tensors)" for n, c in sorted(without_kernel.items())))
+    return mode
+
+
+def _choose(config, files: ModelFiles, device, model) -> tuple[str, str]:
+    """The mode and the reason for it."""
+    if config.quantization == "none":
+        return "none", "asked for"
     supported = (torch.device(device).type == "cpu"
                  and getattr(model, "dtype", None) == torch.float32
                  and getattr(model, "tp_size", 1) == 1 and hasattr(model, "layers"))
@@ -60,18 +116,18 @@ def quantization_mode(config, files: ModelFiles, device, model) -> str:
         if config.quantization == "int4":
             logger.warning("--quantization int4 needs a GGUF model on CPU in float32 without "
                            "tensor parallelism; loading dequantised weights instead")
-        return "none"
+        return "none", "quantised matrices run on CPU in float32 without tensor parallelism"
     if config.quantization == "int4":
-        return "int4"
-    if (not linear.uses_gguf_blocks()
-            or not converted_cache.converts_in_one_piece(files.gguf_path)):
-        return "none"   # larger files stream their float32 tensors (see load_model_weights)
-    dense_bytes = 4 * sum(int(np.prod(t.shape)) for t in GGUFTensors(files.gguf_path).tensors)
-    if dense_bytes > DENSE_COPY_MAX_SHARE * available_ram():
-        logger.info("Keeping the GGUF weights quantised only: a float32 copy would take "
-                    "%.1f GiB of %.1f GiB available", dense_bytes / 2**30, available_ram() / 2**30)
-        return "int4"
-    return "int4+dense"
+        return "int4", "asked for"
+    if not linear.uses_gguf_blocks():
+        return "none", "without the C++ kernels, torch's int4 kernel rounds activations to bfloat16"
+    usage = footprint(files.gguf_path, quantized_types())
+    budget = DENSE_COPY_MAX_SHARE * available_ram()
+    if usage.total("int4+dense") > budget:
+        return "int4", (f"a float32 copy for long calls would take the weights to "
+                        f"{usage.total('int4+dense') / 2**30:.2f} GiB, over "
+                        f"{DENSE_COPY_MAX_SHARE:.0%} of the memory available")
+    return "int4+dense", "GGUF blocks for short calls, a float32 copy (or AMX tiles) for long ones"
 
 
 def add_large_call_operands(model: nn.Module) -> None:

@@ -254,16 +254,62 @@ def test_quantization_modes(cpp_compiler, monkeypatch):
     assert mode(quantization="int4") == "int4"
     assert mode(quantization="none") == "none"
     assert mode("cuda") == "none"
-    # A float32 copy that would fill half the free memory is not made.
-    monkeypatch.setattr(quantization, "available_ram", lambda: 400 << 20)
+    # A float32 copy that would take the weights past half the free memory is not made.
+    usage = quantization.footprint(files.gguf_path, quantized_types())
+    assert usage.kept_weights > 0 and usage.total("int4") < usage.total("int4+dense")
+    assert usage.total("none") == 4 * sum(int(np.prod(t.shape)) for t in
+                                          gguf_loader.GGUFTensors(files.gguf_path).tensors)
+    monkeypatch.setattr(quantization, "available_ram",
+                        lambda: int(usage.total("int4+dense") / quantization.DENSE_COPY_MAX_SHARE))
+    assert mode() == "int4+dense"
+    monkeypatch.setattr(quantization, "available_ram",
+                        lambda: int(usage.total("int4+dense") / quantization.DENSE_COPY_MAX_SHARE) - 1)
     assert mode() == "int4"
-    # Files too big to convert in one piece stream float32 as before.
+    # Files too big to convert in one piece choose the same way (they stream instead).
     monkeypatch.setattr(converted_cache, "DENSE_CACHE_MAX_FILE", 1 << 20)
-    assert mode() == "none"
+    assert mode() == "int4"
     # Without the C++ kernels auto stays float32 (torch's int4 kernel is not worth it).
     monkeypatch.setattr(cpu_kernels, "library_available", lambda: False)
     assert mode() == "none"
     assert mode(quantization="int4") == "int4"
+
+
+def test_start_up_log_names_the_mode_the_reason_and_the_bytes(cpp_compiler, monkeypatch, caplog):
+    files = resolve_model(None)
+    config = load_config(files)
+    model = get_model_class(config)(config, torch.float32)
+    monkeypatch.setattr(quantization, "available_ram", lambda: 100 << 20)
+    with caplog.at_level("INFO", logger=quantization.logger.name):
+        assert quantization.quantization_mode(EngineConfig(), files, "cpu", model) == "int4"
+    usage = quantization.footprint(files.gguf_path, quantized_types())
+    assert (f"--quantization auto -> int4 (a float32 copy for long calls would take the "
+            f"weights to {usage.total('int4+dense') / 2**30:.2f} GiB") in caplog.text
+    assert f"{usage.total('int4') / 2**30:.2f} GiB once loaded, 0.10 GiB" in caplog.text
+    assert "Dequantised to float32" not in caplog.text   # Q4_1 and Q8_0 have kernels
+    # A type without a kernel (here: Q8_0, as where torch's int4 kernel stands in) is named.
+    monkeypatch.setattr(quantization, "quantized_types", lambda: quantization.INT4_TYPES)
+    caplog.clear()
+    with caplog.at_level("INFO", logger=quantization.logger.name):
+        quantization.quantization_mode(EngineConfig(quantization="int4"), files, "cpu", model)
+    assert "no kernel keeps these GGUF types quantised: Q8_0 (1 tensors)" in caplog.text
+
+
+def test_files_too_big_for_the_cache_stream_into_the_model(tmp_path, monkeypatch, cpp_compiler):
+    """Quantised loading without the converted-weights cache (files over its size limit):
+    the same weights, and no cache entry written."""
+    monkeypatch.setenv("APHRODITE_CACHE_DIR", str(tmp_path / "cache"))
+    files = resolve_model(None)
+    cached = build(files, "int4")
+    monkeypatch.setattr(converted_cache, "DENSE_CACHE_MAX_FILE", 1 << 20)
+    shutil.rmtree(tmp_path / "cache" / "weights", ignore_errors=True)
+    streamed = build(files, "int4")
+    assert not (tmp_path / "cache" / "weights").exists()
+    for a, b in [(cached.embed_tokens, streamed.embed_tokens),
+                 (cached.layers[2].self_attn.qkv_proj.weight,
+                  streamed.layers[2].self_attn.qkv_proj.weight),
+                 (cached.layers[5].mlp.down_proj.weight, streamed.layers[5].mlp.down_proj.weight)]:
+        assert isinstance(b, QuantizedWeight)
+        assert torch.equal(a.blocks, b.blocks)
 
 
 @torch.inference_mode()
