@@ -37,3 +37,13 @@ class RMSNorm(nn.Module):
         """x += delta in place (the residual stream), then the norm; in float32 it agrees with
         transformers' unfused norm to rounding."""
         return add_rms_norm(x, delta, self.weight, self.eps)
+
+
+class HeadRMSNorm(RMSNorm):
+    """RMS norm over each head's vector of q or k [tokens, heads, head_dim] (Qwen3's QK-norm).
+    The weight [head_dim] is shared by every head, so each tensor-parallel rank holds all of it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns the normed copy of x, in x's shape; x itself is left as it is."""
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        return add_rms_norm(rows, None, self.weight, self.eps).view(x.shape)

@@ -26,6 +26,7 @@ _REGISTRY = {
     "LlamaForCausalLM": Entry("llama", "LlamaForCausalLM", "llama"),
     "MistralForCausalLM": Entry("llama", "LlamaForCausalLM", "mistral"),
     "Qwen2ForCausalLM": Entry("llama", "LlamaForCausalLM", "qwen2"),
+    "Qwen3ForCausalLM": Entry("qwen3", "Qwen3ForCausalLM", "qwen3"),
 }
 
 __all__ = ["LlamaForCausalLM", "get_model_class"]

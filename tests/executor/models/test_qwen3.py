@@ -1,0 +1,238 @@
+"""Qwen3 (models/qwen3.py) vs HF transformers on tiny random models: float32 logits over a
+batched prefill, paged decode steps with shuffled blocks and a chunked prefill (test_models.py's
+PagedDriver, atol = rtol = 1e-4), with head_dim apart from hidden / heads, tied and untied
+embeddings and q/k/v biases; tensor parallel against one rank; a GGUF file (llama.cpp's names,
+Q/K rows not permuted) against the same weights from safetensors; a quantised GGUF model, whose
+decode steps never take the fused C++ step (it has no QK-norm); greedy tokens through the whole
+engine against transformers' generate."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from test_models import (ATOL, PROMPTS, RTOL, SMALL, PagedDriver, hf_logits, load_ours,
+                         save_random_model)
+from tokenizers import Tokenizer, models
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
+
+from aphrodite import LLM, SamplingParams
+from aphrodite.config import EngineConfig
+from aphrodite.executor.kernels.cpu import ops as cpu_kernels
+from aphrodite.executor.layers.quantized import QuantizedWeight
+from aphrodite.executor.loader import load_model_weights
+from aphrodite.executor.models import fused_decode, get_model_class
+from aphrodite.executor.models.qwen3 import Qwen3ForCausalLM
+from aphrodite.model_files import load_config, max_model_len, resolve_model
+
+VARIANTS = {
+    # head_dim 32 (hidden / heads is 16), untied
+    "qwen3-head-dim-untied": lambda: Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=False),
+    "qwen3-tied": lambda: Qwen3Config(**SMALL, head_dim=16, tie_word_embeddings=True),
+    "qwen3-bias-mha": lambda: Qwen3Config(**{**SMALL, "num_key_value_heads": 4}, head_dim=24,
+                                          attention_bias=True),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def qwen3_pair(request, tmp_path_factory):
+    folder = save_random_model(VARIANTS[request.param](), tmp_path_factory.mktemp(request.param))
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return hf, load_ours(folder)
+
+
+def test_prefill_then_batched_decode(qwen3_pair):
+    hf, ours = qwen3_pair
+    assert isinstance(ours, Qwen3ForCausalLM)
+    driver = PagedDriver(ours)
+    out = driver.step(PROMPTS)
+    seqs = {name: list(p) for name, p in PROMPTS.items()}
+    for name, tokens in seqs.items():
+        torch.testing.assert_close(out[name], hf_logits(hf, tokens), atol=ATOL, rtol=RTOL)
+    for _ in range(4):
+        for name in seqs:
+            seqs[name].append(int(hf_logits(hf, seqs[name])[-1].argmax()))
+        out = driver.step({name: tokens[-1:] for name, tokens in seqs.items()})
+        for name, tokens in seqs.items():
+            torch.testing.assert_close(out[name][0], hf_logits(hf, tokens)[-1], atol=ATOL, rtol=RTOL)
+
+
+def test_chunked_prefill(qwen3_pair):
+    hf, ours = qwen3_pair
+    driver = PagedDriver(ours, seed=1)
+    long_prompt = [(i * 37) % 256 for i in range(23)]
+    short = PROMPTS["b"]
+    ref_long, ref_short = hf_logits(hf, long_prompt), hf_logits(hf, short)
+    out = driver.step({"long": long_prompt[:6], "short": short})
+    torch.testing.assert_close(out["long"], ref_long[:6], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out["short"], ref_short, atol=ATOL, rtol=RTOL)
+    next_short = short + [int(ref_short[-1].argmax())]
+    out = driver.step({"short": next_short[-1:], "long": long_prompt[6:15]})
+    torch.testing.assert_close(out["long"], ref_long[6:15], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out["short"][0], hf_logits(hf, next_short)[-1], atol=ATOL, rtol=RTOL)
+    out = driver.step({"long": long_prompt[15:]})
+    torch.testing.assert_close(out["long"], ref_long[15:], atol=ATOL, rtol=RTOL)
+
+
+def test_registry_and_limits():
+    assert get_model_class(Qwen3Config(architectures=["Qwen3ForCausalLM"])) is Qwen3ForCausalLM
+    assert get_model_class(Qwen3Config()) is Qwen3ForCausalLM      # GGUF-style: model_type only
+    # a window only when the config turns it on; then the length is capped at it
+    assert max_model_len(Qwen3Config(**SMALL, sliding_window=64)) == 256
+    assert max_model_len(Qwen3Config(**SMALL, use_sliding_window=True, sliding_window=64)) == 64
+
+
+def test_missing_qk_norm_is_an_error(tmp_path):
+    folder = save_random_model(VARIANTS["qwen3-tied"](), tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    weights = [(n, t) for n, t in hf.state_dict().items() if "layers.1.self_attn.k_norm" not in n]
+    with pytest.raises(ValueError, match="missing"):
+        Qwen3ForCausalLM(hf.config, torch.float32).load_weights(weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor parallel: two gloo ranks on CPU (test_models.py's worker) give the single-rank logits
+
+
+@pytest.mark.slow   # two spawned processes: 7 to 16 s on 2 shared cores
+def test_tensor_parallel_matches_single_rank(tmp_path):
+    from test_models import _tp_worker
+    folder = save_random_model(VARIANTS["qwen3-head-dim-untied"](), tmp_path / "model")
+    result_file = str(tmp_path / "tp_result.pt")
+    torch.multiprocessing.spawn(_tp_worker, args=(folder, str(tmp_path / "init"), result_file),
+                                nprocs=2)
+    tp = torch.load(result_file)
+    driver = PagedDriver(load_ours(folder))
+    single = {"prefill": driver.step(PROMPTS), "decode": driver.step({n: [7] for n in PROMPTS})}
+    for stage in ("prefill", "decode"):
+        for name in PROMPTS:
+            torch.testing.assert_close(tp[stage][name], single[stage][name], atol=ATOL, rtol=RTOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF: llama.cpp's Qwen3 conversion (names only; Q/K rows stay in HF order)
+
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
+                "model.norm.weight": "output_norm.weight"}
+# transformers' GGUF config for qwen3 takes no head_dim from the file (Qwen3Config's default,
+# 128, is what real Qwen3 models have), so the GGUF models here have that head_dim.
+GGUF_CONFIG = dict(SMALL, head_dim=128, tie_word_embeddings=False)
+
+
+def write_qwen3_gguf(hf_model, path, quant=gguf.GGMLQuantizationType.F32) -> str:
+    config = hf_model.config
+    writer = gguf.GGUFWriter(str(path), "qwen3")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    for name, tensor in hf_model.state_dict().items():
+        array = tensor.numpy()
+        if name in GLOBAL_NAMES:
+            gguf_name = GLOBAL_NAMES[name]
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            gguf_name = f"blk.{layer}.{GGUF_NAMES[module]}.{kind}"
+        if array.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(array, quant), raw_dtype=quant)
+        else:
+            writer.add_tensor(gguf_name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def test_gguf_matches_safetensors_and_transformers(tmp_path, monkeypatch):
+    monkeypatch.setenv("APHRODITE_CACHE_DIR", str(tmp_path / "cache"))
+    folder = save_random_model(Qwen3Config(**GGUF_CONFIG), tmp_path / "model")
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = load_ours(write_qwen3_gguf(hf, tmp_path / "tiny.gguf"))
+    assert isinstance(ours, Qwen3ForCausalLM) and ours.head_dim == 128
+    out = PagedDriver(ours).step(PROMPTS)
+    for name, tokens in PROMPTS.items():
+        torch.testing.assert_close(out[name], hf_logits(hf, tokens), atol=ATOL, rtol=RTOL)
+
+
+@pytest.fixture
+def fused_steps(monkeypatch) -> list[int]:
+    """One entry per decode step that ran fused (a call of cpu_kernels.decode_layers)."""
+    steps = []
+    decode_layers = cpu_kernels.decode_layers
+
+    def counted(layers, step):
+        steps.append(step.tokens)
+        return decode_layers(layers, step)
+    monkeypatch.setattr(cpu_kernels, "decode_layers", counted)
+    return steps
+
+
+@torch.inference_mode()
+def test_quantised_gguf_never_takes_the_fused_decode_step(tmp_path, monkeypatch, cpp_compiler,
+                                                          fused_steps):
+    assert cpu_kernels.library_available()   # built under the usual cache folder, not tmp_path's
+    monkeypatch.setenv("APHRODITE_CACHE_DIR", str(tmp_path / "cache"))
+    folder = save_random_model(Qwen3Config(**GGUF_CONFIG), tmp_path / "model")
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    path = write_qwen3_gguf(hf, tmp_path / "tiny-q8.gguf", quant=gguf.GGMLQuantizationType.Q8_0)
+    files = resolve_model(path)
+    ours = Qwen3ForCausalLM(load_config(files), torch.float32)
+    load_model_weights(ours, files, EngineConfig(quantization="int4"), "cpu", progress=False)
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny-q8.gguf",
+                                                     dtype=torch.float32).eval()
+    # Every matrix holds GGUF blocks: Llama's layers would run these decode steps fused.
+    assert isinstance(ours.layers[1].self_attn.qkv_proj.weight, QuantizedWeight)
+    assert fused_decode.layer_weights(ours.layers) is not None
+    driver = PagedDriver(ours)
+    seqs = {name: list(p) for name, p in PROMPTS.items()}
+    driver.step(seqs)
+    for _ in range(3):
+        for name in seqs:
+            seqs[name].append(int(hf_logits(reference, seqs[name])[-1].argmax()))
+        out = driver.step({name: tokens[-1:] for name, tokens in seqs.items()})
+        for name, tokens in seqs.items():
+            torch.testing.assert_close(out[name][0], hf_logits(reference, tokens)[-1],
+                                       atol=ATOL, rtol=RTOL)
+    assert fused_steps == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole engine
+
+
+def save_word_tokenizer(folder, vocab_size: int) -> None:
+    """A word-level tokenizer over the model's vocabulary, with no EOS token."""
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
+
+
+def test_greedy_through_the_engine_matches_generate(tmp_path):
+    config = Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=True, eos_token_id=None,
+                         bos_token_id=None, pad_token_id=None)
+    folder = save_random_model(config, tmp_path)
+    save_word_tokenizer(folder, config.vocab_size)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompts = [PROMPTS["b"], PROMPTS["c"]]
+    with torch.no_grad():
+        expected = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=32)[0, len(p):].tolist() for p in prompts]
+    llm = LLM(model=folder, dtype="float32", num_threads=1, block_size=4, num_kv_blocks=64)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert [len(e) for e in expected] == [32, 32]
+    assert [out.outputs[0].token_ids for out in outs] == expected
