@@ -273,7 +273,7 @@ def max_model_len(config) -> int:
 @dataclass(frozen=True)
 class RopeSettings:
     theta: float
-    rope_type: str     # "default", "linear" or "llama3"; others are rejected by the model
+    rope_type: str     # "default", "linear", "llama3", "longrope"; the model rejects others
     params: dict       # the scaling parameters (factor, low_freq_factor, ...) as the config has them
 
 
@@ -288,6 +288,14 @@ def rope_settings(config) -> RopeSettings:
     theta = float(params.pop("rope_theta", getattr(config, "rope_theta", 10000.0)))
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
+    if rope_type == "longrope":
+        # Phi-3 keeps original_max_position_embeddings beside the scaling keys; without a
+        # factor, transformers takes max_position_embeddings / original_max_position_embeddings.
+        original = params.get("original_max_position_embeddings") or getattr(
+            config, "original_max_position_embeddings", None) or config.max_position_embeddings
+        params["original_max_position_embeddings"] = original
+        if params.get("factor") is None:
+            params["factor"] = config.max_position_embeddings / original
     return RopeSettings(theta=theta, rope_type=rope_type, params=params)
 
 

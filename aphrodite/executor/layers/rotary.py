@@ -17,7 +17,7 @@ from aphrodite.executor.kernels.cpu import ops as cpu_kernels
 from aphrodite.executor.layers.attention import AttentionMetadata, write_kv
 from aphrodite.model_files import RopeSettings
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 def inverse_frequencies(head_dim: int, rope: RopeSettings) -> torch.Tensor:
@@ -31,7 +31,26 @@ def inverse_frequencies(head_dim: int, rope: RopeSettings) -> torch.Tensor:
         return inv_freq / rope.params["factor"]
     if rope.rope_type == "llama3":
         return _llama3_scaling(inv_freq, rope.params)
+    if rope.rope_type == "longrope":
+        return _longrope_frequencies(exponents, rope, "short_factor")
     return inv_freq
+
+
+def _longrope_frequencies(exponents: torch.Tensor, rope: RopeSettings, which: str) -> torch.Tensor:
+    # Phi-3 LongRoPE: each frequency divided by its own factor, the short set within the
+    # pretraining context and the long set beyond it (same rounding as transformers).
+    factors = torch.tensor(rope.params[which], dtype=torch.float32)
+    return 1.0 / (factors * rope.theta ** exponents)
+
+
+def longrope_attention_factor(params: dict) -> float:
+    """The cos/sin multiplier: the config's attention_factor, else sqrt(1 + ln(factor) /
+    ln(original_max_position_embeddings)) for factor > 1 (model_files.rope_settings fills factor
+    in as max_position_embeddings / original_max_position_embeddings, as transformers does)."""
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    factor, original = params["factor"], params["original_max_position_embeddings"]
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
 def _llama3_scaling(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
@@ -58,6 +77,18 @@ class RotaryEmbedding(nn.Module):
         self.max_positions = max_positions
         self.dtype = dtype
         self.base_inv_freq = inverse_frequencies(head_dim, rope)
+        # LongRoPE: (long-factor frequencies, first position that uses them, cos/sin multiplier).
+        # transformers picks one factor set per forward pass, the long one for the whole
+        # sequence once it is longer than original_max_position_embeddings; a table shared by
+        # a batch picks per position instead, the long set from that position on. The two agree
+        # on every sequence within original_max_position_embeddings; past it, our keys before
+        # that position keep their short-factor rotation (transformers recomputes them).
+        self.longrope = None
+        if rope.rope_type == "longrope":
+            exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+            self.longrope = (_longrope_frequencies(exponents, rope, "long_factor"),
+                             int(rope.params["original_max_position_embeddings"]),
+                             longrope_attention_factor(rope.params))
         self._build_tables(self.base_inv_freq)
 
     def _build_tables(self, inv_freq: torch.Tensor) -> None:
@@ -65,10 +96,15 @@ class RotaryEmbedding(nn.Module):
         device = self.cos.device if hasattr(self, "cos") else torch.get_default_device()
         positions = torch.arange(self.max_positions, dtype=torch.float32, device="cpu")
         angles = positions[:, None] * inv_freq[None, :].float()     # [P, head_dim / 2]
+        if self.longrope is not None:
+            long_inv_freq, switch, _ = self.longrope
+            angles[switch:] = positions[switch:, None] * long_inv_freq[None, :]
         # Full-width tables with the sign of rotate-half folded into sin, so applying them is
         # x * cos + swap_halves(x) * sin. Computed in float32, stored in the model dtype (as
         # transformers does per step).
         cos, sin = angles.cos(), angles.sin()
+        if self.longrope is not None:
+            cos, sin = cos * self.longrope[2], sin * self.longrope[2]
         self.register_buffer("cos", torch.cat((cos, cos), -1).to(self.dtype).to(device), persistent=False)
         self.register_buffer("sin", torch.cat((-sin, sin), -1).to(self.dtype).to(device), persistent=False)
 

@@ -27,6 +27,7 @@ _REGISTRY = {
     "MistralForCausalLM": Entry("llama", "LlamaForCausalLM", "mistral"),
     "Qwen2ForCausalLM": Entry("llama", "LlamaForCausalLM", "qwen2"),
     "Qwen3ForCausalLM": Entry("qwen3", "Qwen3ForCausalLM", "qwen3"),
+    "Phi3ForCausalLM": Entry("phi3", "Phi3ForCausalLM", "phi3"),
 }
 
 __all__ = ["LlamaForCausalLM", "get_model_class"]
