@@ -10,8 +10,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from test_models import (ATOL, PROMPTS, RTOL, SMALL, PagedDriver, hf_logits, load_ours,
-                         save_random_model)
+from test_models import (ATOL, PROMPTS, RTOL, SMALL, PagedDriver, _tp_worker, hf_logits,
+                         load_ours, save_random_model)
 from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
 
@@ -95,7 +95,6 @@ def test_missing_qk_norm_is_an_error(tmp_path):
 
 @pytest.mark.slow   # two spawned processes: 7 to 16 s on 2 shared cores
 def test_tensor_parallel_matches_single_rank(tmp_path):
-    from test_models import _tp_worker
     folder = save_random_model(VARIANTS["qwen3-head-dim-untied"](), tmp_path / "model")
     result_file = str(tmp_path / "tp_result.pt")
     torch.multiprocessing.spawn(_tp_worker, args=(folder, str(tmp_path / "init"), result_file),
