@@ -1,7 +1,7 @@
 """Qwen3 (models/qwen3.py) vs HF transformers on tiny random models: float32 logits over a
 batched prefill, paged decode steps with shuffled blocks and a chunked prefill (test_models.py's
 PagedDriver, atol = rtol = 1e-4), with head_dim apart from hidden / heads, tied and untied
-embeddings and q/k/v biases; tensor parallel against one rank; a GGUF file (llama.cpp's names,
+embeddings and q/k/v biases; bfloat16 near transformers' bfloat16; tensor parallel against one rank; a GGUF file (llama.cpp's names,
 Q/K rows not permuted) against the same weights from safetensors; a quantised GGUF model, whose
 decode steps never take the fused C++ step (it has no QK-norm); greedy tokens through the whole
 engine against transformers' generate."""
@@ -71,6 +71,15 @@ def test_chunked_prefill(qwen3_pair):
     torch.testing.assert_close(out["short"][0], hf_logits(hf, next_short)[-1], atol=ATOL, rtol=RTOL)
     out = driver.step({"long": long_prompt[15:]})
     torch.testing.assert_close(out["long"], ref_long[15:], atol=ATOL, rtol=RTOL)
+
+
+def test_bfloat16_runs_close_to_transformers_bfloat16(tmp_path):
+    """The norms' torch path (the C++ one is float32 only)."""
+    folder = save_random_model(VARIANTS["qwen3-head-dim-untied"](), tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    out = PagedDriver(load_ours(folder, dtype=torch.bfloat16)).step(PROMPTS)
+    for name, tokens in PROMPTS.items():
+        torch.testing.assert_close(out[name], hf_logits(hf, tokens), atol=0.15, rtol=0.05)
 
 
 def test_registry_and_limits():
