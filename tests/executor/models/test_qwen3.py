@@ -1,10 +1,10 @@
 """Qwen3 (models/qwen3.py) vs HF transformers on tiny random models: float32 logits over a
 batched prefill, paged decode steps with shuffled blocks and a chunked prefill (test_models.py's
 PagedDriver, atol = rtol = 1e-4), with head_dim apart from hidden / heads, tied and untied
-embeddings and q/k/v biases; bfloat16 near transformers' bfloat16; tensor parallel against one rank; a GGUF file (llama.cpp's names,
-Q/K rows not permuted) against the same weights from safetensors; a quantised GGUF model, whose
-decode steps never take the fused C++ step (it has no QK-norm); greedy tokens through the whole
-engine against transformers' generate."""
+embeddings and q/k/v biases; bfloat16 near transformers' bfloat16; tensor parallel against one
+rank; a GGUF file (llama.cpp's names, Q/K rows not permuted) against the same weights from
+safetensors; a quantised GGUF model, whose decode steps never take the fused C++ step (it has no
+QK-norm); greedy tokens through the whole engine against transformers' generate."""
 
 import gguf
 import numpy as np
