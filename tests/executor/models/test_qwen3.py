@@ -53,7 +53,8 @@ def test_prefill_then_batched_decode(qwen3_pair):
             seqs[name].append(int(hf_logits(hf, seqs[name])[-1].argmax()))
         out = driver.step({name: tokens[-1:] for name, tokens in seqs.items()})
         for name, tokens in seqs.items():
-            torch.testing.assert_close(out[name][0], hf_logits(hf, tokens)[-1], atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(out[name][0], hf_logits(hf, tokens)[-1], atol=ATOL,
+                                       rtol=RTOL)
 
 
 def test_chunked_prefill(qwen3_pair):
@@ -235,7 +236,8 @@ def test_greedy_through_the_engine_matches_generate(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prompts = [PROMPTS["b"], PROMPTS["c"]]
     with torch.no_grad():
-        expected = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=32)[0, len(p):].tolist() for p in prompts]
+        expected = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=32)[0, len(p):]
+                    .tolist() for p in prompts]
     llm = LLM(model=folder, dtype="float32", num_threads=1, block_size=4, num_kv_blocks=64)
     try:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
