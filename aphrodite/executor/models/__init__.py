@@ -26,6 +26,9 @@ _REGISTRY = {
     "LlamaForCausalLM": Entry("llama", "LlamaForCausalLM", "llama"),
     "MistralForCausalLM": Entry("llama", "LlamaForCausalLM", "mistral"),
     "Qwen2ForCausalLM": Entry("llama", "LlamaForCausalLM", "qwen2"),
+    "MixtralForCausalLM": Entry("mixtral", "MixtralForCausalLM", "mixtral"),
+    "Qwen2MoeForCausalLM": Entry("qwen_moe", "Qwen2MoeForCausalLM", "qwen2_moe"),
+    "Qwen3MoeForCausalLM": Entry("qwen_moe", "Qwen3MoeForCausalLM", "qwen3_moe"),
     "Qwen3ForCausalLM": Entry("qwen3", "Qwen3ForCausalLM", "qwen3"),
     "Phi3ForCausalLM": Entry("phi3", "Phi3ForCausalLM", "phi3"),
 }
