@@ -252,8 +252,9 @@ def sliding_window(config) -> int | None:
 def max_model_len(config) -> int:
     """Longest sequence the model serves correctly.
 
-    Our attention has no sliding window, so a windowed model is capped at its window: within it
-    full attention and windowed attention are the same thing.
+    Our Llama-family attention has no sliding window, so such a windowed model is capped at its
+    window: within it full attention and windowed attention are the same thing. Gemma 2/3 apply
+    their per-layer windows (windows_applied) and keep their whole length.
     """
     length = None
     for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
@@ -265,9 +266,19 @@ def max_model_len(config) -> int:
         length = 2048
         logger.warning("The model config has no max_position_embeddings; assuming %d", length)
     window = sliding_window(config)
-    if window is not None and window < length:
+    if window is not None and window < length and not windows_applied(config):
         length = window
     return length
+
+
+# Model types whose attention applies their per-layer sliding windows (models/gemma.py).
+WINDOWED_MODEL_TYPES = ("gemma2", "gemma3_text", "gemma3")
+
+
+def windows_applied(config) -> bool:
+    """Whether our attention applies the model's sliding windows, so that its window does not
+    cap max_model_len."""
+    return getattr(config, "model_type", None) in WINDOWED_MODEL_TYPES
 
 
 @dataclass(frozen=True)

@@ -17,3 +17,10 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[tokens, 2 * inter] (gate, then up) -> gelu(gate, tanh approximation) * up (Gemma's
+    gelu_pytorch_tanh MLP)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up

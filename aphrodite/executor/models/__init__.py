@@ -30,6 +30,8 @@ _REGISTRY = {
     "Qwen2MoeForCausalLM": Entry("qwen_moe", "Qwen2MoeForCausalLM", "qwen2_moe"),
     "Qwen3MoeForCausalLM": Entry("qwen_moe", "Qwen3MoeForCausalLM", "qwen3_moe"),
     "Qwen3ForCausalLM": Entry("qwen3", "Qwen3ForCausalLM", "qwen3"),
+    "Gemma3ForCausalLM": Entry("gemma", "Gemma3ForCausalLM", "gemma3_text"),
+    "Gemma2ForCausalLM": Entry("gemma", "Gemma2ForCausalLM", "gemma2"),
     "Phi3ForCausalLM": Entry("phi3", "Phi3ForCausalLM", "phi3"),
 }
 

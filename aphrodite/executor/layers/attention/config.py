@@ -11,6 +11,8 @@ import torch
 DECODE_BACKENDS = ("cpu", "triton", "torch_grouped", "torch_padded")
 # cpu: the C++ kernel (cpu.py); torch: torch_paged.prefill.
 PREFILL_BACKENDS = ("cpu", "torch")
+# The backends that apply a sliding window and a soft cap (torch_paged.py).
+TORCH_DECODE_BACKENDS = ("torch_grouped", "torch_padded")
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,10 @@ class AttentionConfig:
     # each on one machine); it must be able to run here.
     decode: str | None = None     # one of DECODE_BACKENDS
     prefill: str | None = None    # one of PREFILL_BACKENDS
+    # The model's sliding window, where any of its layers attends through one (Gemma 2/3), and
+    # its attention-score soft cap (Gemma 2): only the torch backends apply them.
+    sliding_window: int | None = None
+    softcap: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "device", torch.device(self.device))
@@ -34,12 +40,23 @@ class AttentionConfig:
             raise ValueError(f"decode backend {self.decode!r} is none of {DECODE_BACKENDS}")
         if self.prefill not in (None, *PREFILL_BACKENDS):
             raise ValueError(f"prefill backend {self.prefill!r} is none of {PREFILL_BACKENDS}")
+        if self.torch_only and (self.decode not in (None, *TORCH_DECODE_BACKENDS)
+                                or self.prefill not in (None, "torch")):
+            raise ValueError("a sliding window or a soft cap runs on the torch backends only, "
+                             f"not decode={self.decode!r}, prefill={self.prefill!r}")
+
+    @property
+    def torch_only(self) -> bool:
+        """Whether the model needs what only the torch backends do (a window, a soft cap)."""
+        return self.sliding_window is not None or self.softcap is not None
 
     @classmethod
     def for_cache(cls, kv_cache: torch.Tensor, num_heads: int, dtype: torch.dtype,
-                  decode: str | None = None, prefill: str | None = None) -> AttentionConfig:
+                  decode: str | None = None, prefill: str | None = None,
+                  sliding_window: int | None = None,
+                  softcap: float | None = None) -> AttentionConfig:
         """The config of a model with num_heads query heads in `dtype` over one layer's
         kv_cache (which gives the device, cache dtype and geometry)."""
         _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
         return cls(kv_cache.device, dtype, kv_cache.dtype, num_heads, num_kv_heads, head_dim,
-                   block_size, decode, prefill)
+                   block_size, decode, prefill, sliding_window, softcap)

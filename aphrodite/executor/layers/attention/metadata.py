@@ -41,6 +41,7 @@ class DecodeGroup:
     num_blocks: int            # blocks gathered per sequence (the longest member's)
     block_ids: torch.Tensor    # [n * num_blocks] long, each member's first num_blocks blocks
     visible: torch.Tensor      # [n, 1, 1, num_blocks * block_size] bool, True below seq_len
+    seq_lens: torch.Tensor     # [n, 1, 1, 1] long, each member's context length
 
 
 @dataclass
@@ -65,8 +66,10 @@ def plan_decode_groups(seq_lens: np.ndarray, block_tables: np.ndarray, block_siz
         num_blocks = -(-int(sorted_lens[end - 1]) // block_size)
         ids = np.ascontiguousarray(block_tables[rows, :num_blocks], dtype=np.int64).reshape(-1)
         visible = np.arange(num_blocks * block_size)[None, :] < sorted_lens[start:end, None]
+        lens = np.ascontiguousarray(sorted_lens[start:end], dtype=np.int64)
         groups.append(DecodeGroup(start, end, num_blocks, torch.from_numpy(ids).to(device),
-                                  torch.from_numpy(visible[:, None, None, :]).to(device)))
+                                  torch.from_numpy(visible[:, None, None, :]).to(device),
+                                  torch.from_numpy(lens).view(-1, 1, 1, 1).to(device)))
         start = end
     identity = bool((order == np.arange(n)).all())
     return DecodePlan(None if identity else torch.from_numpy(order).to(device), groups)

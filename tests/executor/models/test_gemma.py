@@ -1,0 +1,178 @@
+"""Gemma 3 text and Gemma 2 (models/gemma.py) vs HF transformers (eager attention) on tiny random
+models: float32 logits (test_models.py's tolerance, atol = rtol = 1e-4) over a batched prefill
+with prompts longer than the sliding window, paged decode steps past the window with shuffled
+blocks, and a chunked prefill across the window; Gemma 3 with two rotary tables (local base,
+global base with linear scaling), QK-norm and no soft caps, Gemma 2 with small attention and
+logit soft caps so that they matter; greedy tokens through the whole engine against generate."""
+
+from unittest import mock
+
+import pytest
+import test_models
+import torch
+from test_models import ATOL, RTOL, PagedDriver, hf_logits, load_ours, save_random_model
+from tokenizers import Tokenizer, models
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig,
+                          PreTrainedTokenizerFast)
+
+from aphrodite import LLM, SamplingParams
+from aphrodite.executor.layers.attention import AttentionConfig
+from aphrodite.executor.models import get_model_class
+from aphrodite.executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, layer_types
+from aphrodite.model_files import max_model_len
+
+WINDOW = 8
+BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+            rms_norm_eps=1e-6, sliding_window=WINDOW, query_pre_attn_scalar=24,
+            eos_token_id=None, bos_token_id=None, pad_token_id=None)
+LAYERS = ["sliding_attention", "full_attention", "sliding_attention"]
+
+VARIANTS = {
+    "gemma3-tied": lambda: Gemma3TextConfig(
+        **BASE, layer_types=LAYERS, tie_word_embeddings=True,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                            "rope_theta": 1000000.0}}),
+    "gemma3-pattern-untied": lambda: Gemma3TextConfig(
+        **{**BASE, "num_key_value_heads": 1}, sliding_window_pattern=2,
+        tie_word_embeddings=False, final_logit_softcapping=4.0),
+    "gemma2-softcap": lambda: Gemma2Config(
+        **BASE, attn_logit_softcapping=3.0, final_logit_softcapping=5.0),
+}
+
+# 30 and 13 tokens: longer than the window
+PROMPTS = {"a": [5, 17, 200], "b": [(i * 37) % 256 for i in range(30)],
+           "c": list(range(30, 43))}
+
+
+def hf_model(folder):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def gemma_pair(request, tmp_path_factory):
+    folder = save_random_model(VARIANTS[request.param](), tmp_path_factory.mktemp(request.param))
+    return hf_model(folder), load_ours(folder)
+
+
+class GemmaDriver(PagedDriver):
+    """PagedDriver whose AttentionConfig names the model's window and soft cap, as the model
+    runner's does."""
+
+    def step(self, chunks):
+        original = AttentionConfig.for_cache
+
+        def for_cache(cache, heads, dtype):
+            return original(cache, heads, dtype, sliding_window=self.model.sliding_window,
+                            softcap=self.model.attention_softcap)
+
+        with mock.patch.object(test_models.AttentionConfig, "for_cache", for_cache):
+            return super().step(chunks)
+
+
+def test_prefill_then_decode_past_the_window(gemma_pair):
+    hf, ours = gemma_pair
+    driver = GemmaDriver(ours)
+    out = driver.step(PROMPTS)
+    seqs = {name: list(p) for name, p in PROMPTS.items()}
+    for name, tokens in seqs.items():
+        torch.testing.assert_close(out[name], hf_logits(hf, tokens), atol=ATOL, rtol=RTOL)
+    for _ in range(WINDOW + 2):        # "a" decodes from 3 tokens to past the window
+        for name in seqs:
+            seqs[name].append(int(hf_logits(hf, seqs[name])[-1].argmax()))
+        out = driver.step({name: tokens[-1:] for name, tokens in seqs.items()})
+        for name, tokens in seqs.items():
+            torch.testing.assert_close(out[name][0], hf_logits(hf, tokens)[-1], atol=ATOL, rtol=RTOL)
+
+
+def test_chunked_prefill_across_the_window(gemma_pair):
+    hf, ours = gemma_pair
+    driver = GemmaDriver(ours, seed=1)
+    long_prompt, short = PROMPTS["b"], PROMPTS["c"]
+    ref_long, ref_short = hf_logits(hf, long_prompt), hf_logits(hf, short)
+    out = driver.step({"long": long_prompt[:6], "short": short})
+    torch.testing.assert_close(out["long"], ref_long[:6], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out["short"], ref_short, atol=ATOL, rtol=RTOL)
+    next_short = short + [int(ref_short[-1].argmax())]
+    out = driver.step({"short": next_short[-1:], "long": long_prompt[6:15]})
+    torch.testing.assert_close(out["long"], ref_long[6:15], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out["short"][0], hf_logits(hf, next_short)[-1], atol=ATOL, rtol=RTOL)
+    out = driver.step({"long": long_prompt[15:]})
+    torch.testing.assert_close(out["long"], ref_long[15:], atol=ATOL, rtol=RTOL)
+
+
+def test_the_window_matters(gemma_pair):
+    """Without the window (all layers global) the logits past it differ: the tests above can fail."""
+    hf, ours = gemma_pair
+    for layer in ours.layers:
+        layer.self_attn.window, saved = None, layer.self_attn.window
+        layer.self_attn.saved_window = saved
+    try:
+        out = GemmaDriver(ours).step({"b": PROMPTS["b"]})
+    finally:
+        for layer in ours.layers:
+            layer.self_attn.window = layer.self_attn.saved_window
+    ref = hf_logits(hf, PROMPTS["b"])
+    torch.testing.assert_close(out["b"][:WINDOW], ref[:WINDOW], atol=ATOL, rtol=RTOL)
+    assert not torch.allclose(out["b"][WINDOW:], ref[WINDOW:], atol=ATOL, rtol=RTOL)
+
+
+def test_without_the_window_in_the_config_the_step_is_refused(gemma_pair):
+    _, ours = gemma_pair
+    with pytest.raises(ValueError, match="AttentionConfig must name them"):
+        PagedDriver(ours).step({"b": PROMPTS["b"]})
+
+
+def test_registry_layer_types_and_limits():
+    gemma3 = VARIANTS["gemma3-tied"]()
+    assert get_model_class(Gemma3TextConfig(architectures=["Gemma3ForCausalLM"])) is Gemma3ForCausalLM
+    assert get_model_class(Gemma3TextConfig()) is Gemma3ForCausalLM     # model_type only
+    assert get_model_class(Gemma2Config()) is Gemma2ForCausalLM
+    assert layer_types(gemma3) == LAYERS
+    # Gemma 3's default pattern: five local layers, then a global one; Gemma 2 alternates
+    assert layer_types(Gemma3TextConfig(num_hidden_layers=7)) == ["sliding_attention"] * 5 + [
+        "full_attention", "sliding_attention"]
+    assert layer_types(Gemma2Config(num_hidden_layers=3)) == LAYERS
+    # windows applied per layer: the window does not cap the length
+    assert max_model_len(gemma3) == 256
+    assert max_model_len(VARIANTS["gemma2-softcap"]()) == 256
+
+
+def save_word_tokenizer(folder, vocab_size: int) -> None:
+    """A word-level tokenizer over the model's vocabulary, with no EOS token."""
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
+
+
+@pytest.mark.parametrize("variant", ["gemma3-tied", "gemma2-softcap"])
+def test_greedy_through_the_engine_matches_generate(variant, tmp_path):
+    config = VARIANTS[variant]()
+    folder = save_random_model(config, tmp_path)
+    save_word_tokenizer(folder, config.vocab_size)
+    hf = hf_model(folder)
+    prompts = [PROMPTS["b"], PROMPTS["a"]]
+    with torch.no_grad():
+        expected = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=32)[0, len(p):].tolist()
+                    for p in prompts]
+    llm = LLM(model=folder, dtype="float32", num_threads=1, block_size=4, num_kv_blocks=64)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert [len(e) for e in expected] == [32, 32]
+    assert [out.outputs[0].token_ids for out in outs] == expected
+
+
+def test_bfloat16_runs_close_to_transformers_bfloat16(tmp_path):
+    folder = save_random_model(VARIANTS["gemma3-tied"](), tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
+                                              attn_implementation="eager").eval()
+    out = GemmaDriver(load_ours(folder, dtype=torch.bfloat16)).step(PROMPTS)
+    for name, tokens in PROMPTS.items():
+        # bf16 keeps ~3 significant digits; logits here are O(1-10), three layers deep. Ours and
+        # transformers' bf16 each lie up to 0.8 from the float32 logits, up to 0.37 apart; a
+        # wrong rotary table or window moves them by 5 or more.
+        torch.testing.assert_close(out[name], hf_logits(hf, tokens), atol=0.4, rtol=0.05)
