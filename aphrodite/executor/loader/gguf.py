@@ -127,6 +127,14 @@ _GGUF_LAYER_NAMES = {
     "attn_q_norm": "self_attn.q_norm",   # Qwen3's QK-norm
     "attn_k_norm": "self_attn.k_norm",
 }
+# Per architecture, where a name means another module than in Llama: Gemma 2/3 have four norms
+# a layer, and llama.cpp's ffn_norm is their pre-feedforward one.
+_GGUF_ARCH_LAYER_NAMES = {arch: {"post_attention_norm": "post_attention_layernorm",
+                                 "ffn_norm": "pre_feedforward_layernorm",
+                                 "post_ffw_norm": "post_feedforward_layernorm"}
+                          for arch in ("gemma2", "gemma3")}
+# Architectures whose norm weights llama.cpp's converter stores as 1 + w where HF stores w.
+_GGUF_NORM_PLUS_ONE = ("gemma2", "gemma3")
 _GGUF_GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -145,16 +153,18 @@ _QUANTIZABLE_NAME = re.compile(r"^(model\.layers\.\d+\.(self_attn\.[qkvo]_proj"
                                r"|mlp\.(gate|up|down)_proj)|model\.embed_tokens|lm_head)\.weight$")
 
 
-def gguf_to_hf_name(gguf_name: str) -> str | None:
-    """HF name of a GGUF tensor; None for tensors we do not need."""
+def gguf_to_hf_name(gguf_name: str, arch: str | None = None) -> str | None:
+    """HF name of a GGUF tensor of a model of GGUF architecture `arch`; None for tensors we do
+    not need."""
     if gguf_name in ("rope_freqs.weight", "rope_freqs"):
         return GGUF_ROPE_FREQS_NAME
     if _GGUF_IGNORED.match(gguf_name):
         return None
+    layer_names = {**_GGUF_LAYER_NAMES, **_GGUF_ARCH_LAYER_NAMES.get(arch, {})}
     match = _GGUF_LAYER.match(gguf_name)
-    if match and match.group(2) in _GGUF_LAYER_NAMES:
+    if match and match.group(2) in layer_names:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[part]}.{kind}"
+        return f"model.layers.{layer}.{layer_names[part]}.{kind}"
     match = _GGUF_GLOBAL.match(gguf_name)
     if match and match.group(1) in _GGUF_GLOBAL_NAMES:
         return f"{_GGUF_GLOBAL_NAMES[match.group(1)]}.{match.group(2)}"
@@ -188,7 +198,7 @@ def iter_gguf(path: str, progress: bool, quantize: tuple[int, ...] = ()
     n_kv_heads = meta.get(f"{arch}.attention.head_count_kv", n_heads)
     for tensor in tqdm(gguf_file.tensors, desc="Loading GGUF weights", unit="tensor",
                        disable=not progress):
-        name = gguf_to_hf_name(tensor.name)
+        name = gguf_to_hf_name(tensor.name, arch)
         if name is None:
             continue
         heads = None
@@ -205,6 +215,8 @@ def iter_gguf(path: str, progress: bool, quantize: tuple[int, ...] = ()
         array = dequantize(tensor.data, tensor.tensor_type).reshape(tensor.shape)
         if heads is not None:
             array = unpermute_qk(array, heads)
+        if arch in _GGUF_NORM_PLUS_ONE and name.endswith("norm.weight"):
+            array = array - 1   # back to HF's w, as transformers' GGUF loading does
         if not (array.flags.writeable and array.flags.c_contiguous):
             array = np.array(array)  # F32 tensors are views into the read-only memory map
         yield name, torch.from_numpy(array)

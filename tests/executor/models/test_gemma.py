@@ -7,6 +7,7 @@ logit soft caps so that they matter; greedy tokens through the whole engine agai
 
 from unittest import mock
 
+import gguf
 import pytest
 import test_models
 import torch
@@ -176,3 +177,72 @@ def test_bfloat16_runs_close_to_transformers_bfloat16(tmp_path):
         # transformers' bf16 each lie up to 0.8 from the float32 logits, up to 0.37 apart; a
         # wrong rotary table or window moves them by 5 or more.
         torch.testing.assert_close(out[name], hf_logits(hf, tokens), atol=0.4, rtol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF (llama.cpp's gemma3 names, norm weights stored as 1 + w, Q/K rows not permuted)
+
+GGUF_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+              "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+              "post_attention_layernorm": "post_attention_norm",
+              "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def write_gemma3_gguf(hf_model, path) -> str:
+    """What llama.cpp's converter writes for a Gemma 3 text model, in float32."""
+    config = hf_model.config
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["full_attention"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_sliding_window(config.sliding_window)
+    writer.add_vocab_size(config.vocab_size)
+    for name, tensor in hf_model.state_dict().items():
+        array = tensor.numpy()
+        if name == "lm_head.weight":
+            continue     # tied
+        if name in GGUF_GLOBAL:
+            gguf_name = GGUF_GLOBAL[name]
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            gguf_name = f"blk.{layer}.{GGUF_LAYER[module]}.{kind}"
+        if name.endswith("norm.weight"):
+            array = array + 1     # llama.cpp stores Gemma's norm weights as 1 + w
+        writer.add_tensor(gguf_name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def test_gguf_matches_safetensors_and_transformers(tmp_path, monkeypatch):
+    monkeypatch.setenv("APHRODITE_CACHE_DIR", str(tmp_path / "cache"))
+    # What a GGUF's config holds: transformers' defaults for the rest (query_pre_attn_scalar
+    # 256, every sixth layer global, local rope base 10k).
+    config = Gemma3TextConfig(**{**BASE, "num_hidden_layers": 6, "query_pre_attn_scalar": 256},
+                              tie_word_embeddings=True)
+    folder = save_random_model(config, tmp_path / "model")
+    hf = hf_model(folder)
+    path = write_gemma3_gguf(hf, tmp_path / "tiny.gguf")
+    ours = load_ours(path)
+    assert isinstance(ours, Gemma3ForCausalLM)
+    assert [layer.self_attn.window for layer in ours.layers] == [WINDOW] * 5 + [None]
+    out = GemmaDriver(ours).step(PROMPTS)
+    hf_gguf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf",
+                                                   dtype=torch.float32,
+                                                   attn_implementation="eager").eval()
+    for name, tokens in PROMPTS.items():
+        torch.testing.assert_close(out[name], hf_logits(hf, tokens), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(out[name], hf_logits(hf_gguf, tokens), atol=ATOL, rtol=RTOL)
