@@ -156,6 +156,9 @@ def layer_types(config) -> list[str]:
 
 class Gemma3ForCausalLM(nn.Module):
     QK_NORM = True
+    # Decode steps may replay CUDA graphs: the torch decode recomputes its window mask from the
+    # refilled seq_lens, and nothing is read back to the host.
+    supports_cuda_graphs = True
 
     def __init__(self, config, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
                  all_reduce: AllReduce | None = None, max_positions: int | None = None):

