@@ -191,10 +191,10 @@ GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_
               "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
 
 
-def write_gemma3_gguf(hf_model, path) -> str:
-    """What llama.cpp's converter writes for a Gemma 3 text model, in float32."""
+def write_gemma_gguf(hf_model, path, arch: str) -> str:
+    """What llama.cpp's converter writes for a Gemma 2 / Gemma 3 text model, in float32."""
     config = hf_model.config
-    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -203,7 +203,8 @@ def write_gemma3_gguf(hf_model, path) -> str:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
-    writer.add_rope_freq_base(config.rope_parameters["full_attention"]["rope_theta"])
+    rope = config.rope_parameters
+    writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_sliding_window(config.sliding_window)
     writer.add_vocab_size(config.vocab_size)
@@ -227,18 +228,27 @@ def write_gemma3_gguf(hf_model, path) -> str:
     return str(path)
 
 
-def test_gguf_matches_safetensors_and_transformers(tmp_path, monkeypatch):
+# What a GGUF's config holds; transformers' defaults for the rest (query_pre_attn_scalar 256;
+# Gemma 3: every sixth layer global, local rope base 10k; Gemma 2: alternating, soft caps 50, 30).
+GGUF_CONFIGS = {
+    "gemma3": (lambda: Gemma3TextConfig(**{**BASE, "num_hidden_layers": 6,
+                                           "query_pre_attn_scalar": 256}),
+               Gemma3ForCausalLM, [WINDOW] * 5 + [None]),
+    "gemma2": (lambda: Gemma2Config(**{**BASE, "query_pre_attn_scalar": 256}),
+               Gemma2ForCausalLM, [WINDOW, None, WINDOW]),
+}
+
+
+@pytest.mark.parametrize("arch", list(GGUF_CONFIGS))
+def test_gguf_matches_safetensors_and_transformers(arch, tmp_path, monkeypatch):
     monkeypatch.setenv("APHRODITE_CACHE_DIR", str(tmp_path / "cache"))
-    # What a GGUF's config holds: transformers' defaults for the rest (query_pre_attn_scalar
-    # 256, every sixth layer global, local rope base 10k).
-    config = Gemma3TextConfig(**{**BASE, "num_hidden_layers": 6, "query_pre_attn_scalar": 256},
-                              tie_word_embeddings=True)
-    folder = save_random_model(config, tmp_path / "model")
+    make_config, cls, windows = GGUF_CONFIGS[arch]
+    folder = save_random_model(make_config(), tmp_path / "model")
     hf = hf_model(folder)
-    path = write_gemma3_gguf(hf, tmp_path / "tiny.gguf")
+    path = write_gemma_gguf(hf, tmp_path / "tiny.gguf", arch)
     ours = load_ours(path)
-    assert isinstance(ours, Gemma3ForCausalLM)
-    assert [layer.self_attn.window for layer in ours.layers] == [WINDOW] * 5 + [None]
+    assert type(ours) is cls
+    assert [layer.self_attn.window for layer in ours.layers] == windows
     out = GemmaDriver(ours).step(PROMPTS)
     hf_gguf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf",
                                                    dtype=torch.float32,
