@@ -94,7 +94,8 @@ class GemmaMLP(nn.Module):
         super().__init__()
         act = getattr(config, "hidden_activation", None) or config.hidden_act
         if act != "gelu_pytorch_tanh":
-            raise NotImplementedError(f"activation {act!r} is not supported (only gelu_pytorch_tanh)")
+            raise NotImplementedError(f"activation {act!r} is not supported "
+                                      "(only gelu_pytorch_tanh)")
         if config.intermediate_size % tp_size:
             raise ValueError(f"tensor parallel size {tp_size} must divide the intermediate size "
                              f"({config.intermediate_size})")
@@ -174,10 +175,14 @@ class Gemma3ForCausalLM(nn.Module):
         types = layer_types(config)
         positions = max_positions or max_model_len(config)
         params = getattr(config, "rope_parameters", None) or {}
-        # Gemma 3: one rotary table per layer type; Gemma 2: one for all.
+        # Gemma 3: one rotary table per layer type (rope_parameters keyed by type); Gemma 2: one
+        # table for all.
         self.rotary = nn.ModuleDict()
         for kind in sorted(set(types)):
-            own = params.get(kind) if isinstance(params.get(kind), dict) else None
+            own = params.get(kind)
+            if not isinstance(own, dict) and self.rotary:
+                self.rotary[kind] = next(iter(self.rotary.values()))
+                continue
             settings = rope_settings(config if own is None else SimpleNamespace(
                 rope_parameters=own, max_position_embeddings=config.max_position_embeddings))
             self.rotary[kind] = RotaryEmbedding(self.head_dim, positions, settings, dtype)
@@ -203,11 +208,14 @@ class Gemma3ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed_tokens) * self.embed_scale
-        cos_sin = {kind: rotary.lookup(positions) for kind, rotary in self.rotary.items()}
+        cos_sin, by_table = {}, {}   # a table that both layer types share is looked up once
+        for kind, rotary in self.rotary.items():
+            if id(rotary) not in by_table:
+                by_table[id(rotary)] = rotary.lookup(positions)
+            cos_sin[kind] = by_table[id(rotary)]
         delta = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            table = cos_sin[layer.layer_type if layer.layer_type in cos_sin else FULL]
-            x, delta = layer(table, x, delta, kv_cache, meta)
+            x, delta = layer(cos_sin[layer.layer_type], x, delta, kv_cache, meta)
         return self.norm(x, delta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

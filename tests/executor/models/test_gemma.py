@@ -85,7 +85,8 @@ def test_prefill_then_decode_past_the_window(gemma_pair):
             seqs[name].append(int(hf_logits(hf, seqs[name])[-1].argmax()))
         out = driver.step({name: tokens[-1:] for name, tokens in seqs.items()})
         for name, tokens in seqs.items():
-            torch.testing.assert_close(out[name][0], hf_logits(hf, tokens)[-1], atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(out[name][0], hf_logits(hf, tokens)[-1], atol=ATOL,
+                                       rtol=RTOL)
 
 
 def test_chunked_prefill_across_the_window(gemma_pair):
@@ -105,7 +106,8 @@ def test_chunked_prefill_across_the_window(gemma_pair):
 
 
 def test_the_window_matters(gemma_pair):
-    """Without the window (all layers global) the logits past it differ: the tests above can fail."""
+    """Without the window (all layers global) the logits past it differ: the tests above can
+    fail."""
     hf, ours = gemma_pair
     for layer in ours.layers:
         layer.self_attn.window, saved = None, layer.self_attn.window
@@ -128,7 +130,8 @@ def test_without_the_window_in_the_config_the_step_is_refused(gemma_pair):
 
 def test_registry_layer_types_and_limits():
     gemma3 = VARIANTS["gemma3-tied"]()
-    assert get_model_class(Gemma3TextConfig(architectures=["Gemma3ForCausalLM"])) is Gemma3ForCausalLM
+    gemma3_arch = Gemma3TextConfig(architectures=["Gemma3ForCausalLM"])
+    assert get_model_class(gemma3_arch) is Gemma3ForCausalLM
     assert get_model_class(Gemma3TextConfig()) is Gemma3ForCausalLM     # model_type only
     assert get_model_class(Gemma2Config()) is Gemma2ForCausalLM
     assert layer_types(gemma3) == LAYERS
@@ -155,8 +158,8 @@ def test_greedy_through_the_engine_matches_generate(variant, tmp_path):
     hf = hf_model(folder)
     prompts = [PROMPTS["b"], PROMPTS["a"]]
     with torch.no_grad():
-        expected = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=32)[0, len(p):].tolist()
-                    for p in prompts]
+        expected = [hf.generate(torch.tensor([p]), do_sample=False,
+                                max_new_tokens=32)[0, len(p):].tolist() for p in prompts]
     llm = LLM(model=folder, dtype="float32", num_threads=1, block_size=4, num_kv_blocks=64)
     try:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
@@ -182,13 +185,15 @@ def test_bfloat16_runs_close_to_transformers_bfloat16(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # GGUF (llama.cpp's gemma3 names, norm weights stored as 1 + w, Q/K rows not permuted)
 
-GGUF_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-              "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-              "post_attention_layernorm": "post_attention_norm",
-              "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+GGUF_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight",
+               "model.norm.weight": "output_norm.weight"}
+GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+              "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+              "pre_feedforward_layernorm": "ffn_norm",
+              "post_feedforward_layernorm": "post_ffw_norm"}
 
 
 def write_gemma_gguf(hf_model, path, arch: str) -> str:
@@ -278,8 +283,8 @@ def test_real_gemma3_270m_greedy_matches_transformers():
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                               dtype=torch.float32).eval()
     with torch.no_grad():
-        expected = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=64)[0, len(p):].tolist()
-                    for p in prompts]
+        expected = [hf.generate(torch.tensor([p]), do_sample=False,
+                                max_new_tokens=64)[0, len(p):].tolist() for p in prompts]
     del hf
     llm = LLM(model=str(path), dtype="float32")
     try:
