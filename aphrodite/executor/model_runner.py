@@ -127,7 +127,7 @@ class ModelRunner:
         self.preempted_states: dict[str, dict] = {}
         self.reports_results = rank == 0      # only rank 0 replies, so only it needs logprobs
         self.cuda_graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self._captures_cuda_graphs():
             from aphrodite.executor.cuda_graphs import CudaGraphRunner
             self.cuda_graphs = CudaGraphRunner(
                 self.model, self.kv_caches, self.attention_config, self.max_model_len,
@@ -135,6 +135,12 @@ class ModelRunner:
             self.cuda_graphs.capture()
 
     # ---- start-up ------------------------------------------------------------------------
+    def _captures_cuda_graphs(self) -> bool:
+        """Decode steps replay CUDA graphs unless --enforce-eager, or the model cannot be
+        captured (a mixture of experts reads its routing back to the host)."""
+        return (self.device.type == "cuda" and not self.config.enforce_eager
+                and self.model.supports_cuda_graphs)
+
     def _kv_geometry(self) -> tuple[int, int, int]:
         return self.hf_config.num_hidden_layers, self.model.num_kv_heads, self.model.head_dim
 
@@ -154,7 +160,7 @@ class ModelRunner:
             raise RuntimeError(f"no memory left for the KV cache ({per_block} bytes per block "
                                "needed); raise --kv-cache-memory / --gpu-memory-utilization")
         # On CUDA one extra block, never handed out, takes the writes of CUDA-graph padding.
-        extra = int(self.device.type == "cuda" and not self.config.enforce_eager)
+        extra = int(self._captures_cuda_graphs())
         caches = allocate_kv_caches(layers, num_blocks + extra, self.block_size, kv_heads,
                                     head_dim, self.kv_dtype, self.device)
         return num_blocks, caches

@@ -6,8 +6,8 @@ to sum to 1. Each expert is a SiLU-gated MLP run only over the tokens routed to 
 (token, expert) pairs are sorted by expert, so each expert's tokens form one contiguous run
 and take one matmul per matrix; the outputs, scaled by their routing weights, are summed back
 per token with index_add. Reading the counts back makes a step's work depend on its values,
-so a CUDA graph cannot hold it: on a GPU the engine needs --enforce-eager, and capturing
-raises an error that says so.
+so a CUDA graph cannot hold it: the models that use it say so (supports_cuda_graphs), and
+the engine runs their steps eagerly on a GPU; capturing one anyway raises an error.
 
 Expert matrices are stacked per layer, gate/up as [num_experts, 2 * inter, hidden] and down as
 [num_experts, hidden, inter], and multiplied with torch (F.linear on one expert's slice).

@@ -3,8 +3,9 @@
 Each entry maps an HF `architectures` name to its model's module (in this package) and class,
 and names the GGUF `model_type` it serves (GGUF-derived configs carry only model_type, no
 architectures list). A model class takes (config, dtype, tp_rank, tp_size) and offers
-forward, compute_logits, load_weights (HF-named tensors or QuantizedParts), num_kv_heads and
-head_dim, as llama.py's does.
+forward, compute_logits, load_weights (HF-named tensors or QuantizedParts), num_kv_heads,
+head_dim and supports_cuda_graphs (False: decode steps on a GPU run eagerly), as llama.py's
+does.
 """
 
 from __future__ import annotations

@@ -56,6 +56,15 @@ class FusedDecode:
         return hidden
 
 
+
+class NoFusedDecode(FusedDecode):
+    """For a model whose layer is not the one the C++ step implements (extra norms, routed
+    experts): it always declines, so every step runs layer by layer."""
+
+    def run(self, *args, **kwargs) -> None:
+        return None
+
+
 def layer_weights(layers: nn.ModuleList) -> ctypes.Array | None:
     """The layers' norms and matrices as the C++ call's structures; None unless every matrix
     holds GGUF blocks on a single rank in float32, with head_dim a multiple of 8."""

@@ -114,6 +114,8 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.([\w.]+)\.(weight|bias)$")
 
 
 class LlamaForCausalLM(nn.Module):
+    supports_cuda_graphs = True     # decode steps have host-independent shapes
+
     def __init__(self, config, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
                  all_reduce: AllReduce | None = None, max_positions: int | None = None):
         """Parameters are created uninitialised on the current default device (use

@@ -24,7 +24,7 @@ from aphrodite.executor.layers.norm import RMSNorm
 from aphrodite.executor.layers.moe import SparseMoe
 from aphrodite.executor.layers.parallel_linear import AllReduce, torch_all_reduce
 from aphrodite.executor.layers.quantized import QuantizedParts
-from aphrodite.executor.models.fused_decode import FusedDecode
+from aphrodite.executor.models.fused_decode import NoFusedDecode
 from aphrodite.executor.models.llama import Attention, DecoderLayer, LlamaForCausalLM
 
 # <layer prefix>.<moe block>.experts.<e>.<matrix>.weight -> which part of the expert it is
@@ -35,14 +35,6 @@ _EXPERT_PART = {"w1": "gate", "w3": "up", "w2": "down",
 _ROUTER = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight$")
 _FUSED = re.compile(r"^(model\.layers\.\d+\.(?:block_sparse_moe|mlp)\.experts)\."
                     r"(gate_up_proj|down_proj)$")
-
-
-class NoFusedDecode(FusedDecode):
-    """A FusedDecode that always declines: the C++ step implements only Llama's layer, with a
-    dense MLP, so every step of a mixture-of-experts model runs layer by layer."""
-
-    def run(self, *args, **kwargs) -> None:
-        return None
 
 
 class MoeDecoderLayer(DecoderLayer):
@@ -57,6 +49,9 @@ class MoeDecoderLayer(DecoderLayer):
 
 
 class MoeForCausalLM(LlamaForCausalLM):
+    # Each expert's token count is read back to the host: a step cannot be captured.
+    supports_cuda_graphs = False
+
     def __init__(self, config, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
                  all_reduce: AllReduce | None = None, max_positions: int | None = None):
         # Llama's constructor builds everything but the layers when given none; ours follow.

@@ -26,7 +26,7 @@ from aphrodite.executor.layers.parallel_linear import AllReduce
 from aphrodite.executor.layers.quantized import QuantizedParts
 from aphrodite.executor.layers.rotary import rotate_and_cache
 from aphrodite.executor.layers.weights import copy_into
-from aphrodite.executor.models.fused_decode import FusedDecode
+from aphrodite.executor.models.fused_decode import NoFusedDecode
 from aphrodite.executor.models.llama import Attention, LlamaForCausalLM
 
 _QK_NORM = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qk]_norm)\.weight$")
@@ -55,20 +55,13 @@ class Qwen3Attention(nn.Module):
         return self.o_proj(out.reshape(tokens, -1))
 
 
-class LayerByLayer(FusedDecode):
-    """A FusedDecode that never runs: the C++ step has no QK-norm."""
-
-    def run(self, *args, **kwargs) -> None:
-        return None
-
-
 class Qwen3ForCausalLM(LlamaForCausalLM):
     def __init__(self, config, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
                  all_reduce: AllReduce | None = None, max_positions: int | None = None):
         super().__init__(config, dtype, tp_rank, tp_size, all_reduce, max_positions)
         for layer in self.layers:
             layer.self_attn = Qwen3Attention(layer.self_attn, config, dtype)
-        self.fused_decode = LayerByLayer()
+        self.fused_decode = NoFusedDecode()     # the C++ step has no QK-norm
 
     def _load_one(self, name: str, value: torch.Tensor | QuantizedParts) -> str | None:
         match = _QK_NORM.match(name)

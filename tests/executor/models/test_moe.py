@@ -16,7 +16,8 @@ from transformers import (AutoModelForCausalLM, MixtralConfig, PreTrainedTokeniz
 from aphrodite import LLM, SamplingParams
 from aphrodite.executor.loader import iter_weights
 from aphrodite.executor.models import get_model_class
-from aphrodite.executor.models.mixtral import MixtralForCausalLM, MoeForCausalLM, NoFusedDecode
+from aphrodite.executor.models.fused_decode import NoFusedDecode
+from aphrodite.executor.models.mixtral import MixtralForCausalLM, MoeForCausalLM
 from aphrodite.executor.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from aphrodite.model_files import load_config, resolve_model
 

@@ -7,7 +7,6 @@ safetensors; a quantised GGUF model, whose decode steps never take the fused C++
 QK-norm); greedy tokens through the whole engine against transformers' generate."""
 
 import gguf
-import numpy as np
 import pytest
 import torch
 from test_models import (ATOL, PROMPTS, RTOL, SMALL, PagedDriver, _tp_worker, hf_logits,
