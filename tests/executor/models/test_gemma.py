@@ -286,10 +286,13 @@ def test_real_gemma3_270m_greedy_matches_transformers():
         expected = [hf.generate(torch.tensor([p]), do_sample=False,
                                 max_new_tokens=64)[0, len(p):].tolist() for p in prompts]
     del hf
-    llm = LLM(model=str(path), dtype="float32")
-    try:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)
-    finally:
-        llm.shutdown()
-    assert [out.outputs[0].token_ids for out in outs] == expected
+    # auto keeps the file's Q8_0 matrices in blocks plus a float32 copy, int4 the blocks only;
+    # its k-quant and Q5_0 tensors are dequantised at load either way.
+    for quantization in ("auto", "int4"):
+        llm = LLM(model=str(path), dtype="float32", quantization=quantization)
+        try:
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)
+        finally:
+            llm.shutdown()
+        assert [out.outputs[0].token_ids for out in outs] == expected, quantization
