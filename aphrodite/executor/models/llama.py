@@ -21,12 +21,11 @@ from aphrodite.executor.layers.activation import silu_and_mul
 from aphrodite.executor.layers.attention import AttentionMetadata
 from aphrodite.executor.layers.norm import RMSNorm
 from aphrodite.executor.layers.parallel_linear import (AllReduce, ColumnParallelLinear,
-                                                       RowParallelLinear, finish_loading,
-                                                       torch_all_reduce)
+                                                       RowParallelLinear, torch_all_reduce)
 from aphrodite.executor.layers.quantized import QuantizedParts
 from aphrodite.executor.layers.rotary import RotaryEmbedding, rotate_and_cache
-from aphrodite.executor.layers.weights import (copy_into, empty_param, expected_slots,
-                                               load_matrix, replace_parameter)
+from aphrodite.executor.layers.weights import copy_into, empty_param, load_matrix
+from aphrodite.executor.models.checkpoint import load_checkpoint
 from aphrodite.executor.models.fused_decode import FusedDecode
 from aphrodite.model_files import head_dim as config_head_dim
 from aphrodite.model_files import max_model_len, rope_settings
@@ -166,27 +165,7 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedParts]]) -> None:
         """Fill the parameters from HF-named tensors (or QuantizedParts: matrices kept
         quantised); checks nothing is missing."""
-        expected = expected_slots(self)
-        loaded: set[str] = set()
-        for name, value in weights:
-            try:
-                slot = self._load_one(name, value)
-            except ValueError as exc:
-                raise ValueError(f"{name}: {exc}") from exc
-            if slot is not None:
-                loaded.add(slot)
-        if self.lm_head is not None and "lm_head" not in loaded:
-            self.lm_head = None  # checkpoint without an output matrix: tied embeddings
-        missing = expected - loaded - ({"lm_head"} if self.lm_head is None else set())
-        if missing:
-            raise ValueError(f"weights missing from the checkpoint: {sorted(missing)[:8]}")
-        finish_loading(self)
-        if self.lm_head is not None:
-            replace_parameter(self, "lm_head", linear.prepare_weight(self.lm_head))
-        elif linear.packs_for_onednn(self.embed_tokens):
-            # Tied: the lookup needs the plain rows, so lm_head is a packed copy (vocab x
-            # hidden more memory, for an lm_head 1.7x faster at 64 tokens).
-            replace_parameter(self, "lm_head", linear.pack_weight(self.embed_tokens.detach()))
+        load_checkpoint(self, weights, self._load_one)
 
     def _load_one(self, name: str, value: torch.Tensor | QuantizedParts) -> str | None:
         """Load one HF-named tensor; returns the slot it filled (see expected_slots)."""

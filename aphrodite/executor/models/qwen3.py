@@ -64,8 +64,14 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
         self.fused_decode = NoFusedDecode()     # the C++ step has no QK-norm
 
     def _load_one(self, name: str, value: torch.Tensor | QuantizedParts) -> str | None:
-        match = _QK_NORM.match(name)
-        if match is None:
-            return super()._load_one(name, value)
-        slot = f"layers.{match.group(1)}.self_attn.{match.group(2)}.weight"
-        return copy_into(slot, self.get_submodule(slot.removesuffix(".weight")).weight, value)
+        return load_qk_norm(self, name, value) or super()._load_one(name, value)
+
+
+def load_qk_norm(model: nn.Module, name: str, value: torch.Tensor) -> str | None:
+    """Loads `name` if it is a layer's q_norm or k_norm weight and returns its slot; None for
+    any other weight."""
+    match = _QK_NORM.match(name)
+    if match is None:
+        return None
+    slot = f"layers.{match.group(1)}.self_attn.{match.group(2)}.weight"
+    return copy_into(slot, model.get_submodule(slot.removesuffix(".weight")).weight, value)

@@ -22,10 +22,9 @@ from torch import nn
 from aphrodite.executor.layers.moe import SparseMoe
 from aphrodite.executor.layers.parallel_linear import ColumnParallelLinear
 from aphrodite.executor.layers.quantized import QuantizedParts
-from aphrodite.executor.layers.weights import copy_into
 from aphrodite.executor.models.llama import MLP, Attention
 from aphrodite.executor.models.mixtral import MoeForCausalLM, require_silu
-from aphrodite.executor.models.qwen3 import Qwen3Attention
+from aphrodite.executor.models.qwen3 import Qwen3Attention, load_qk_norm
 
 # HF module (after "model.layers.N.") -> ours, and which part of a stacked projection it is.
 _SHARED = {
@@ -35,7 +34,6 @@ _SHARED = {
     "mlp.shared_expert_gate": ("mlp.shared_expert_gate", "gate"),
 }
 _SHARED_NAME = re.compile(r"^model\.layers\.(\d+)\.(mlp\.shared_expert[\w.]*)\.weight$")
-_QK_NORM = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qk]_norm)\.weight$")
 
 
 def is_sparse(config, index: int) -> bool:
@@ -102,8 +100,4 @@ class Qwen3MoeForCausalLM(MoeForCausalLM):
                          tp_size, all_reduce)
 
     def _load_one(self, name: str, value: torch.Tensor | QuantizedParts) -> str | None:
-        match = _QK_NORM.match(name)
-        if match is None:
-            return super()._load_one(name, value)
-        slot = f"layers.{match.group(1)}.self_attn.{match.group(2)}.weight"
-        return copy_into(slot, self.get_submodule(slot.removesuffix(".weight")).weight, value)
+        return load_qk_norm(self, name, value) or super()._load_one(name, value)

@@ -5,16 +5,13 @@ blocks, and a chunked prefill across the window; Gemma 3 with two rotary tables 
 global base with linear scaling), QK-norm and no soft caps, Gemma 2 with small attention and
 logit soft caps so that they matter; greedy tokens through the whole engine against generate."""
 
-from unittest import mock
-
 import gguf
 import pytest
-import test_models
 import torch
-from test_models import ATOL, RTOL, PagedDriver, hf_logits, load_ours, save_random_model
-from tokenizers import Tokenizer, models
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig,
-                          PreTrainedTokenizerFast)
+from test_models import (ATOL, RTOL, PagedDriver, check_chunked_prefill, check_engine_greedy,
+                         check_prefill_then_decode, hf_logits, load_ours, save_random_model,
+                         save_word_tokenizer)
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig
 
 from aphrodite import LLM, SamplingParams
 from aphrodite.executor.layers.attention import AttentionConfig
@@ -58,51 +55,15 @@ def gemma_pair(request, tmp_path_factory):
     return hf_model(folder), load_ours(folder)
 
 
-class GemmaDriver(PagedDriver):
-    """PagedDriver whose AttentionConfig names the model's window and soft cap, as the model
-    runner's does."""
-
-    def step(self, chunks):
-        original = AttentionConfig.for_cache
-
-        def for_cache(cache, heads, dtype):
-            return original(cache, heads, dtype, sliding_window=self.model.sliding_window,
-                            softcap=self.model.attention_softcap)
-
-        with mock.patch.object(test_models.AttentionConfig, "for_cache", for_cache):
-            return super().step(chunks)
-
-
 def test_prefill_then_decode_past_the_window(gemma_pair):
     hf, ours = gemma_pair
-    driver = GemmaDriver(ours)
-    out = driver.step(PROMPTS)
-    seqs = {name: list(p) for name, p in PROMPTS.items()}
-    for name, tokens in seqs.items():
-        torch.testing.assert_close(out[name], hf_logits(hf, tokens), atol=ATOL, rtol=RTOL)
-    for _ in range(WINDOW + 2):        # "a" decodes from 3 tokens to past the window
-        for name in seqs:
-            seqs[name].append(int(hf_logits(hf, seqs[name])[-1].argmax()))
-        out = driver.step({name: tokens[-1:] for name, tokens in seqs.items()})
-        for name, tokens in seqs.items():
-            torch.testing.assert_close(out[name][0], hf_logits(hf, tokens)[-1], atol=ATOL,
-                                       rtol=RTOL)
+    # "a" decodes from 3 tokens to past the window
+    check_prefill_then_decode(hf, PagedDriver(ours), PROMPTS, decode_steps=WINDOW + 2)
 
 
 def test_chunked_prefill_across_the_window(gemma_pair):
     hf, ours = gemma_pair
-    driver = GemmaDriver(ours, seed=1)
-    long_prompt, short = PROMPTS["b"], PROMPTS["c"]
-    ref_long, ref_short = hf_logits(hf, long_prompt), hf_logits(hf, short)
-    out = driver.step({"long": long_prompt[:6], "short": short})
-    torch.testing.assert_close(out["long"], ref_long[:6], atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(out["short"], ref_short, atol=ATOL, rtol=RTOL)
-    next_short = short + [int(ref_short[-1].argmax())]
-    out = driver.step({"short": next_short[-1:], "long": long_prompt[6:15]})
-    torch.testing.assert_close(out["long"], ref_long[6:15], atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(out["short"][0], hf_logits(hf, next_short)[-1], atol=ATOL, rtol=RTOL)
-    out = driver.step({"long": long_prompt[15:]})
-    torch.testing.assert_close(out["long"], ref_long[15:], atol=ATOL, rtol=RTOL)
+    check_chunked_prefill(hf, PagedDriver(ours, seed=1), PROMPTS["b"], PROMPTS["c"], (6, 15))
 
 
 def test_the_window_matters(gemma_pair):
@@ -113,7 +74,7 @@ def test_the_window_matters(gemma_pair):
         layer.self_attn.window, saved = None, layer.self_attn.window
         layer.self_attn.saved_window = saved
     try:
-        out = GemmaDriver(ours).step({"b": PROMPTS["b"]})
+        out = PagedDriver(ours).step({"b": PROMPTS["b"]})
     finally:
         for layer in ours.layers:
             layer.self_attn.window = layer.self_attn.saved_window
@@ -122,10 +83,18 @@ def test_the_window_matters(gemma_pair):
     assert not torch.allclose(out["b"][WINDOW:], ref[WINDOW:], atol=ATOL, rtol=RTOL)
 
 
+class WindowBlindDriver(PagedDriver):
+    """Builds the AttentionConfig without the model's window and soft cap."""
+
+    def attention_config(self) -> AttentionConfig:
+        return AttentionConfig.for_cache(self.caches[0], self.model.config.num_attention_heads,
+                                         self.model.dtype)
+
+
 def test_without_the_window_in_the_config_the_step_is_refused(gemma_pair):
     _, ours = gemma_pair
     with pytest.raises(ValueError, match="AttentionConfig must name them"):
-        PagedDriver(ours).step({"b": PROMPTS["b"]})
+        WindowBlindDriver(ours).step({"b": PROMPTS["b"]})
 
 
 def test_registry_layer_types_and_limits():
@@ -144,37 +113,19 @@ def test_registry_layer_types_and_limits():
     assert max_model_len(VARIANTS["gemma2-softcap"]()) == 256
 
 
-def save_word_tokenizer(folder, vocab_size: int) -> None:
-    """A word-level tokenizer over the model's vocabulary, with no EOS token."""
-    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
-
-
 @pytest.mark.parametrize("variant", ["gemma3-tied", "gemma2-softcap"])
 def test_greedy_through_the_engine_matches_generate(variant, tmp_path):
     config = VARIANTS[variant]()
     folder = save_random_model(config, tmp_path)
     save_word_tokenizer(folder, config.vocab_size)
-    hf = hf_model(folder)
-    prompts = [PROMPTS["b"], PROMPTS["a"]]
-    with torch.no_grad():
-        expected = [hf.generate(torch.tensor([p]), do_sample=False,
-                                max_new_tokens=32)[0, len(p):].tolist() for p in prompts]
-    llm = LLM(model=folder, dtype="float32", num_threads=1, block_size=4, num_kv_blocks=64)
-    try:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
-    finally:
-        llm.shutdown()
-    assert [len(e) for e in expected] == [32, 32]
-    assert [out.outputs[0].token_ids for out in outs] == expected
+    check_engine_greedy(folder, hf_model(folder), [PROMPTS["b"], PROMPTS["a"]])
 
 
 def test_bfloat16_runs_close_to_transformers_bfloat16(tmp_path):
     folder = save_random_model(VARIANTS["gemma3-tied"](), tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
                                               attn_implementation="eager").eval()
-    out = GemmaDriver(load_ours(folder, dtype=torch.bfloat16)).step(PROMPTS)
+    out = PagedDriver(load_ours(folder, dtype=torch.bfloat16)).step(PROMPTS)
     for name, tokens in PROMPTS.items():
         # bf16 keeps ~3 significant digits; logits here are O(1-10), three layers deep. Ours and
         # transformers' bf16 each lie up to 0.8 from the float32 logits, up to 0.37 apart; a
@@ -254,7 +205,7 @@ def test_gguf_matches_safetensors_and_transformers(arch, tmp_path, monkeypatch):
     ours = load_ours(path)
     assert type(ours) is cls
     assert [layer.self_attn.window for layer in ours.layers] == windows
-    out = GemmaDriver(ours).step(PROMPTS)
+    out = PagedDriver(ours).step(PROMPTS)
     hf_gguf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf",
                                                    dtype=torch.float32,
                                                    attn_implementation="eager").eval()

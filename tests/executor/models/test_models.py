@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from tokenizers import Tokenizer, models
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig,
+                          PreTrainedTokenizerFast, Qwen2Config)
 
+from aphrodite import LLM, SamplingParams
 from aphrodite.executor.layers.attention import (AttentionConfig, AttentionMetadata,
                                                  allocate_kv_caches)
 from aphrodite.executor.models import LlamaForCausalLM, get_model_class
@@ -60,13 +63,19 @@ class PagedDriver:
         for row, seq in enumerate(chunks):
             tables[row, : len(self.tables[seq])] = self.tables[seq]
         meta = AttentionMetadata.build(np.array(query_lens), np.array(seq_lens), tables,
-                                       np.concatenate(slots), AttentionConfig.for_cache(
-                                           self.caches[0], self.model.config.num_attention_heads,
-                                           self.model.dtype))
+                                       np.concatenate(slots), self.attention_config())
         hidden = self.model(torch.tensor(ids), torch.from_numpy(np.concatenate(positions)),
                             self.caches, meta)
         logits = self.model.compute_logits(hidden)
         return dict(zip(chunks, logits.split(query_lens)))
+
+
+    def attention_config(self) -> AttentionConfig:
+        """As the model runner builds it: the model's window and soft cap where it has them."""
+        return AttentionConfig.for_cache(
+            self.caches[0], self.model.config.num_attention_heads, self.model.dtype,
+            sliding_window=getattr(self.model, "sliding_window", None),
+            softcap=getattr(self.model, "attention_softcap", None))
 
 
 @torch.no_grad()
@@ -125,37 +134,73 @@ def tiny_pair(request, tmp_path_factory):
 PROMPTS = {"a": [5, 17, 200], "b": [1, 2, 3, 4, 99, 120, 7], "c": list(range(30, 42))}
 
 
-def test_prefill_then_batched_decode(tiny_pair):
-    hf, ours = tiny_pair
-    driver = PagedDriver(ours)
-    out = driver.step(PROMPTS)                        # (a) every prompt in one flat batch
-    seqs = {name: list(p) for name, p in PROMPTS.items()}
+def check_prefill_then_decode(hf, driver: PagedDriver, prompts: dict[str, list[int]],
+                              decode_steps: int) -> None:
+    """Every prompt in one flat batch, then decode_steps steps decoding all of them together,
+    each sequence extended by HF's greedy token; logits equal HF's at every position."""
+    out = driver.step(prompts)
+    seqs = {name: list(p) for name, p in prompts.items()}
     for name, tokens in seqs.items():
         torch.testing.assert_close(out[name], hf_logits(hf, tokens), atol=ATOL, rtol=RTOL)
-    for _ in range(5):                                # (b) decode all sequences together
+    for _ in range(decode_steps):
         for name in seqs:
-            seqs[name].append(int(hf_logits(hf, seqs[name])[-1].argmax()))  # HF's greedy token
+            seqs[name].append(int(hf_logits(hf, seqs[name])[-1].argmax()))
         out = driver.step({name: tokens[-1:] for name, tokens in seqs.items()})
         for name, tokens in seqs.items():
-            torch.testing.assert_close(out[name][0], hf_logits(hf, tokens)[-1], atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(out[name][0], hf_logits(hf, tokens)[-1], atol=ATOL,
+                                       rtol=RTOL)
+
+
+def check_chunked_prefill(hf, driver: PagedDriver, long_prompt: list[int], short: list[int],
+                          cuts: tuple[int, int]) -> None:
+    """The long prompt arrives in three chunks (split at cuts) over its own cached prefix while
+    the short one prefills and then decodes beside it; logits equal HF's."""
+    ref_long, ref_short = hf_logits(hf, long_prompt), hf_logits(hf, short)
+    first, second = cuts
+    out = driver.step({"long": long_prompt[:first], "short": short})
+    torch.testing.assert_close(out["long"], ref_long[:first], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out["short"], ref_short, atol=ATOL, rtol=RTOL)
+    next_short = short + [int(ref_short[-1].argmax())]
+    out = driver.step({"short": next_short[-1:], "long": long_prompt[first:second]})
+    torch.testing.assert_close(out["long"], ref_long[first:second], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out["short"][0], hf_logits(hf, next_short)[-1], atol=ATOL,
+                               rtol=RTOL)
+    out = driver.step({"long": long_prompt[second:]})
+    torch.testing.assert_close(out["long"], ref_long[second:], atol=ATOL, rtol=RTOL)
+
+
+LONG_PROMPT = [(i * 37) % 256 for i in range(23)]
+
+
+def save_word_tokenizer(folder, vocab_size: int) -> None:
+    """A word-level tokenizer over the model's vocabulary, with no EOS token: the engine needs
+    one in the model folder."""
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
+
+
+def check_engine_greedy(folder: str, hf, prompts: list[list[int]], tokens: int = 32) -> None:
+    """`tokens` greedy tokens of each prompt through the whole engine (LLM: scheduler,
+    workers, batched decode, sampler) equal transformers' generate."""
+    with torch.no_grad():
+        expected = [hf.generate(torch.tensor([p]), do_sample=False,
+                                max_new_tokens=tokens)[0, len(p):].tolist() for p in prompts]
+    with LLM(model=folder, dtype="float32", num_threads=1, block_size=4, num_kv_blocks=64) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=tokens), use_tqdm=False)
+    assert [len(e) for e in expected] == [tokens] * len(prompts)   # no early EOS
+    assert [out.outputs[0].token_ids for out in outs] == expected
+
+
+def test_prefill_then_batched_decode(tiny_pair):
+    hf, ours = tiny_pair
+    check_prefill_then_decode(hf, PagedDriver(ours), PROMPTS, decode_steps=5)
 
 
 def test_chunked_prefill_over_cached_prefix(tiny_pair):
     hf, ours = tiny_pair
-    driver = PagedDriver(ours, seed=1)
-    long_prompt = [(i * 37) % 256 for i in range(23)]
-    short = PROMPTS["b"]
-    ref_long, ref_short = hf_logits(hf, long_prompt), hf_logits(hf, short)
-    # (c) the long prompt arrives in chunks of 6, 9, 8 while the short one prefills, then decodes
-    out = driver.step({"long": long_prompt[:6], "short": short})
-    torch.testing.assert_close(out["long"], ref_long[:6], atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(out["short"], ref_short, atol=ATOL, rtol=RTOL)
-    next_short = short + [int(ref_short[-1].argmax())]
-    out = driver.step({"short": next_short[-1:], "long": long_prompt[6:15]})
-    torch.testing.assert_close(out["long"], ref_long[6:15], atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(out["short"][0], hf_logits(hf, next_short)[-1], atol=ATOL, rtol=RTOL)
-    out = driver.step({"long": long_prompt[15:]})
-    torch.testing.assert_close(out["long"], ref_long[15:], atol=ATOL, rtol=RTOL)
+    # chunks of 6, 9 and 8 tokens
+    check_chunked_prefill(hf, PagedDriver(ours, seed=1), LONG_PROMPT, PROMPTS["b"], (6, 15))
 
 
 def test_bfloat16_runs_close_to_transformers_bfloat16(tmp_path):

@@ -7,13 +7,11 @@ transformers' generate (Mixtral)."""
 
 import pytest
 import torch
-from test_models import (ATOL, PROMPTS, RTOL, SMALL, PagedDriver, hf_logits, load_ours,
-                         save_random_model)
-from tokenizers import Tokenizer, models
-from transformers import (AutoModelForCausalLM, MixtralConfig, PreTrainedTokenizerFast,
-                          Qwen2MoeConfig, Qwen3MoeConfig)
+from test_models import (ATOL, LONG_PROMPT, PROMPTS, RTOL, SMALL, PagedDriver,
+                         check_chunked_prefill, check_engine_greedy, check_prefill_then_decode,
+                         hf_logits, load_ours, save_random_model, save_word_tokenizer)
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
-from aphrodite import LLM, SamplingParams
 from aphrodite.executor.loader import iter_weights
 from aphrodite.executor.models import get_model_class
 from aphrodite.executor.models.fused_decode import NoFusedDecode
@@ -56,35 +54,12 @@ def moe_pair(request, tmp_path_factory):
 
 def test_prefill_then_batched_decode(moe_pair):
     hf, ours = moe_pair
-    driver = PagedDriver(ours)
-    out = driver.step(PROMPTS)
-    seqs = {name: list(p) for name, p in PROMPTS.items()}
-    for name, tokens in seqs.items():
-        torch.testing.assert_close(out[name], hf_logits(hf, tokens), atol=ATOL, rtol=RTOL)
-    for _ in range(4):
-        for name in seqs:
-            seqs[name].append(int(hf_logits(hf, seqs[name])[-1].argmax()))
-        out = driver.step({name: tokens[-1:] for name, tokens in seqs.items()})
-        for name, tokens in seqs.items():
-            torch.testing.assert_close(out[name][0], hf_logits(hf, tokens)[-1],
-                                       atol=ATOL, rtol=RTOL)
+    check_prefill_then_decode(hf, PagedDriver(ours), PROMPTS, decode_steps=4)
 
 
 def test_chunked_prefill(moe_pair):
     hf, ours = moe_pair
-    driver = PagedDriver(ours, seed=1)
-    long_prompt = [(i * 37) % 256 for i in range(23)]
-    short = PROMPTS["b"]
-    ref_long, ref_short = hf_logits(hf, long_prompt), hf_logits(hf, short)
-    out = driver.step({"long": long_prompt[:6], "short": short})
-    torch.testing.assert_close(out["long"], ref_long[:6], atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(out["short"], ref_short, atol=ATOL, rtol=RTOL)
-    next_short = short + [int(ref_short[-1].argmax())]
-    out = driver.step({"short": next_short[-1:], "long": long_prompt[6:15]})
-    torch.testing.assert_close(out["long"], ref_long[6:15], atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(out["short"][0], hf_logits(hf, next_short)[-1], atol=ATOL, rtol=RTOL)
-    out = driver.step({"long": long_prompt[15:]})
-    torch.testing.assert_close(out["long"], ref_long[15:], atol=ATOL, rtol=RTOL)
+    check_chunked_prefill(hf, PagedDriver(ours, seed=1), LONG_PROMPT, PROMPTS["b"], (6, 15))
 
 
 def _checkpoint(tmp_path, variant="mixtral-4x2"):
@@ -159,12 +134,6 @@ def test_tensor_parallel_matches_single_rank(tmp_path):
 # The whole engine
 
 
-def save_word_tokenizer(folder, vocab_size: int) -> None:
-    """A word-level tokenizer over the model's vocabulary, with no EOS token."""
-    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
-
-
 @pytest.mark.slow
 def test_mixtral_greedy_through_the_engine_matches_generate(tmp_path):
     config = MixtralConfig(**MOE, num_local_experts=4, num_experts_per_tok=2,
@@ -172,15 +141,4 @@ def test_mixtral_greedy_through_the_engine_matches_generate(tmp_path):
     folder = save_random_model(config, tmp_path)
     save_word_tokenizer(folder, config.vocab_size)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    prompts = [PROMPTS["b"], PROMPTS["c"]]
-    with torch.no_grad():
-        expected = [hf.generate(torch.tensor([p]), do_sample=False,
-                                max_new_tokens=32)[0, len(p):].tolist() for p in prompts]
-    llm = LLM(model=folder, dtype="float32", num_threads=1, block_size=4, num_kv_blocks=64)
-    try:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
-    finally:
-        llm.shutdown()
-    assert [len(e) for e in expected] == [32, 32]
-    assert [out.outputs[0].token_ids for out in outs] == expected
+    check_engine_greedy(folder, hf, [PROMPTS["b"], PROMPTS["c"]])

@@ -6,7 +6,8 @@ shards cut out of the fused checkpoint tensors; greedy tokens through the whole 
 
 import pytest
 import torch
-from test_models import ATOL, RTOL, SMALL, PagedDriver, hf_logits, load_ours, save_random_model
+from test_models import (PROMPTS, SMALL, PagedDriver, check_chunked_prefill,
+                         check_prefill_then_decode, load_ours, save_random_model)
 from transformers import AutoModelForCausalLM, Phi3Config
 
 from aphrodite.executor.layers import linear
@@ -41,40 +42,16 @@ def phi3_pair(request, tmp_path_factory):
     return hf, load_ours(folder)
 
 
-PROMPTS = {"a": [5, 17, 200], "b": [1, 2, 3, 4, 99, 120, 7], "c": list(range(30, 42))}
-
-
 def test_prefill_then_batched_decode(phi3_pair):
     hf, ours = phi3_pair
     assert isinstance(ours, Phi3ForCausalLM)
-    driver = PagedDriver(ours)
-    out = driver.step(PROMPTS)
-    seqs = {name: list(p) for name, p in PROMPTS.items()}
-    for name, tokens in seqs.items():
-        torch.testing.assert_close(out[name], hf_logits(hf, tokens), atol=ATOL, rtol=RTOL)
-    for _ in range(5):
-        for name in seqs:
-            seqs[name].append(int(hf_logits(hf, seqs[name])[-1].argmax()))
-        out = driver.step({name: tokens[-1:] for name, tokens in seqs.items()})
-        for name, tokens in seqs.items():
-            torch.testing.assert_close(out[name][0], hf_logits(hf, tokens)[-1], atol=ATOL, rtol=RTOL)
+    check_prefill_then_decode(hf, PagedDriver(ours), PROMPTS, decode_steps=5)
 
 
 def test_chunked_prefill(phi3_pair):
     hf, ours = phi3_pair
-    driver = PagedDriver(ours, seed=1)
     long_prompt = [(i * 37) % 256 for i in range(40)]     # within original_max (64)
-    short = PROMPTS["b"]
-    ref_long, ref_short = hf_logits(hf, long_prompt), hf_logits(hf, short)
-    out = driver.step({"long": long_prompt[:6], "short": short})
-    torch.testing.assert_close(out["long"], ref_long[:6], atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(out["short"], ref_short, atol=ATOL, rtol=RTOL)
-    next_short = short + [int(ref_short[-1].argmax())]
-    out = driver.step({"short": next_short[-1:], "long": long_prompt[6:25]})
-    torch.testing.assert_close(out["long"], ref_long[6:25], atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(out["short"][0], hf_logits(hf, next_short)[-1], atol=ATOL, rtol=RTOL)
-    out = driver.step({"long": long_prompt[25:]})
-    torch.testing.assert_close(out["long"], ref_long[25:], atol=ATOL, rtol=RTOL)
+    check_chunked_prefill(hf, PagedDriver(ours, seed=1), long_prompt, PROMPTS["b"], (6, 25))
 
 
 def test_registry_and_limits():

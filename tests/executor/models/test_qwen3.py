@@ -9,12 +9,11 @@ QK-norm); greedy tokens through the whole engine against transformers' generate.
 import gguf
 import pytest
 import torch
-from test_models import (ATOL, PROMPTS, RTOL, SMALL, PagedDriver, _tp_worker, hf_logits,
-                         load_ours, save_random_model)
-from tokenizers import Tokenizer, models
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
+from test_models import (ATOL, LONG_PROMPT, PROMPTS, RTOL, SMALL, PagedDriver, _tp_worker,
+                         check_chunked_prefill, check_engine_greedy, check_prefill_then_decode,
+                         hf_logits, load_ours, save_random_model, save_word_tokenizer)
+from transformers import AutoModelForCausalLM, Qwen3Config
 
-from aphrodite import LLM, SamplingParams
 from aphrodite.config import EngineConfig
 from aphrodite.executor.kernels.cpu import ops as cpu_kernels
 from aphrodite.executor.layers.quantized import QuantizedWeight
@@ -42,35 +41,12 @@ def qwen3_pair(request, tmp_path_factory):
 def test_prefill_then_batched_decode(qwen3_pair):
     hf, ours = qwen3_pair
     assert isinstance(ours, Qwen3ForCausalLM)
-    driver = PagedDriver(ours)
-    out = driver.step(PROMPTS)
-    seqs = {name: list(p) for name, p in PROMPTS.items()}
-    for name, tokens in seqs.items():
-        torch.testing.assert_close(out[name], hf_logits(hf, tokens), atol=ATOL, rtol=RTOL)
-    for _ in range(4):
-        for name in seqs:
-            seqs[name].append(int(hf_logits(hf, seqs[name])[-1].argmax()))
-        out = driver.step({name: tokens[-1:] for name, tokens in seqs.items()})
-        for name, tokens in seqs.items():
-            torch.testing.assert_close(out[name][0], hf_logits(hf, tokens)[-1], atol=ATOL,
-                                       rtol=RTOL)
+    check_prefill_then_decode(hf, PagedDriver(ours), PROMPTS, decode_steps=4)
 
 
 def test_chunked_prefill(qwen3_pair):
     hf, ours = qwen3_pair
-    driver = PagedDriver(ours, seed=1)
-    long_prompt = [(i * 37) % 256 for i in range(23)]
-    short = PROMPTS["b"]
-    ref_long, ref_short = hf_logits(hf, long_prompt), hf_logits(hf, short)
-    out = driver.step({"long": long_prompt[:6], "short": short})
-    torch.testing.assert_close(out["long"], ref_long[:6], atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(out["short"], ref_short, atol=ATOL, rtol=RTOL)
-    next_short = short + [int(ref_short[-1].argmax())]
-    out = driver.step({"short": next_short[-1:], "long": long_prompt[6:15]})
-    torch.testing.assert_close(out["long"], ref_long[6:15], atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(out["short"][0], hf_logits(hf, next_short)[-1], atol=ATOL, rtol=RTOL)
-    out = driver.step({"long": long_prompt[15:]})
-    torch.testing.assert_close(out["long"], ref_long[15:], atol=ATOL, rtol=RTOL)
+    check_chunked_prefill(hf, PagedDriver(ours, seed=1), LONG_PROMPT, PROMPTS["b"], (6, 15))
 
 
 def test_bfloat16_runs_close_to_transformers_bfloat16(tmp_path):
@@ -221,27 +197,10 @@ def test_quantised_gguf_never_takes_the_fused_decode_step(tmp_path, monkeypatch,
 # The whole engine
 
 
-def save_word_tokenizer(folder, vocab_size: int) -> None:
-    """A word-level tokenizer over the model's vocabulary, with no EOS token."""
-    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
-
-
 def test_greedy_through_the_engine_matches_generate(tmp_path):
     config = Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=True, eos_token_id=None,
                          bos_token_id=None, pad_token_id=None)
     folder = save_random_model(config, tmp_path)
     save_word_tokenizer(folder, config.vocab_size)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    prompts = [PROMPTS["b"], PROMPTS["c"]]
-    with torch.no_grad():
-        expected = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=32)[0, len(p):]
-                    .tolist() for p in prompts]
-    llm = LLM(model=folder, dtype="float32", num_threads=1, block_size=4, num_kv_blocks=64)
-    try:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
-    finally:
-        llm.shutdown()
-    assert [len(e) for e in expected] == [32, 32]
-    assert [out.outputs[0].token_ids for out in outs] == expected
+    check_engine_greedy(folder, hf, [PROMPTS["b"], PROMPTS["c"]])
