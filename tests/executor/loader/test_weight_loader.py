@@ -10,6 +10,7 @@ import os
 from types import SimpleNamespace
 
 import gguf
+import gguf_files
 import numpy as np
 import pytest
 import torch
@@ -87,45 +88,21 @@ def llama_cpp_rope_freqs(config) -> np.ndarray:
 
 def write_gguf(hf_model, path, quant=gguf.GGMLQuantizationType.F32, rope_freqs=None) -> str:
     config = hf_model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny llama")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    for name, tensor in hf_model.state_dict().items():
-        array = tensor.numpy()
+
+    def convert(name: str, array: np.ndarray) -> np.ndarray:
         if name.endswith("q_proj.weight"):
-            array = llama_cpp_permute(array, config.num_attention_heads, config.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            array = llama_cpp_permute(array, config.num_attention_heads, config.num_key_value_heads)
-        if name == "model.embed_tokens.weight":
-            gguf_name = "token_embd.weight"
-        elif name == "lm_head.weight":
-            gguf_name = "output.weight"
-        elif name == "model.norm.weight":
-            gguf_name = "output_norm.weight"
-        else:
-            _, _, layer, rest = name.split(".", 3)
-            module, kind = rest.rsplit(".", 1)
-            gguf_name = f"blk.{layer}.{GGUF_NAMES[module]}.{kind}"
-        if array.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(array, quant), raw_dtype=quant)
-        else:
-            writer.add_tensor(gguf_name, array)
-    if rope_freqs is not None:
-        writer.add_tensor("rope_freqs.weight", rope_freqs)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
+            return llama_cpp_permute(array, config.num_attention_heads, config.num_attention_heads)
+        if name.endswith("k_proj.weight"):
+            return llama_cpp_permute(array, config.num_attention_heads, config.num_key_value_heads)
+        return array
+
+    def metadata(writer: gguf.GGUFWriter) -> None:
+        writer.add_name("tiny llama")
+        writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+        writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+
+    return gguf_files.write_gguf(path, "llama", hf_model, GGUF_NAMES, quant, convert, metadata,
+                                 None if rope_freqs is None else {"rope_freqs.weight": rope_freqs})
 
 
 def dequantized(array: np.ndarray, quant) -> torch.Tensor:

@@ -6,8 +6,10 @@ global base with linear scaling), QK-norm and no soft caps, Gemma 2 with small a
 logit soft caps so that they matter; greedy tokens through the whole engine against generate."""
 
 import gguf
+import numpy as np
 import pytest
 import torch
+from gguf_files import write_gguf
 from test_models import (ATOL, RTOL, PagedDriver, check_chunked_prefill, check_engine_greedy,
                          check_prefill_then_decode, hf_logits, load_ours, save_random_model,
                          save_word_tokenizer)
@@ -136,8 +138,6 @@ def test_bfloat16_runs_close_to_transformers_bfloat16(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # GGUF (llama.cpp's gemma3 names, norm weights stored as 1 + w, Q/K rows not permuted)
 
-GGUF_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight",
-               "model.norm.weight": "output_norm.weight"}
 GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
@@ -150,38 +150,21 @@ GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
 def write_gemma_gguf(hf_model, path, arch: str) -> str:
     """What llama.cpp's converter writes for a Gemma 2 / Gemma 3 text model, in float32."""
     config = hf_model.config
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    rope = config.rope_parameters
-    writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_sliding_window(config.sliding_window)
-    writer.add_vocab_size(config.vocab_size)
-    for name, tensor in hf_model.state_dict().items():
-        array = tensor.numpy()
+
+    def convert(name: str, array: np.ndarray) -> np.ndarray | None:
         if name == "lm_head.weight":
-            continue     # tied
-        if name in GGUF_GLOBAL:
-            gguf_name = GGUF_GLOBAL[name]
-        else:
-            _, _, layer, rest = name.split(".", 3)
-            module, kind = rest.rsplit(".", 1)
-            gguf_name = f"blk.{layer}.{GGUF_LAYER[module]}.{kind}"
-        if name.endswith("norm.weight"):
-            array = array + 1     # llama.cpp stores Gemma's norm weights as 1 + w
-        writer.add_tensor(gguf_name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
+            return None     # tied
+        # llama.cpp stores Gemma's norm weights as 1 + w
+        return array + 1 if name.endswith("norm.weight") else array
+
+    def metadata(writer: gguf.GGUFWriter) -> None:
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        rope = config.rope_parameters
+        writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
+        writer.add_sliding_window(config.sliding_window)
+
+    return write_gguf(path, arch, hf_model, GGUF_LAYER, convert=convert, metadata=metadata)
 
 
 # What a GGUF's config holds; transformers' defaults for the rest (query_pre_attn_scalar 256;

@@ -9,6 +9,7 @@ QK-norm); greedy tokens through the whole engine against transformers' generate.
 import gguf
 import pytest
 import torch
+from gguf_files import write_gguf
 from test_models import (ATOL, LONG_PROMPT, PROMPTS, RTOL, SMALL, PagedDriver, _tp_worker,
                          check_chunked_prefill, check_engine_greedy, check_prefill_then_decode,
                          hf_logits, load_ours, save_random_model, save_word_tokenizer)
@@ -100,8 +101,6 @@ GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
               "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
-                "model.norm.weight": "output_norm.weight"}
 # transformers' GGUF config for qwen3 takes no head_dim from the file (Qwen3Config's default,
 # 128, is what real Qwen3 models have), so the GGUF models here have that head_dim.
 GGUF_CONFIG = dict(SMALL, head_dim=128, tie_word_embeddings=False)
@@ -109,35 +108,13 @@ GGUF_CONFIG = dict(SMALL, head_dim=128, tie_word_embeddings=False)
 
 def write_qwen3_gguf(hf_model, path, quant=gguf.GGMLQuantizationType.F32) -> str:
     config = hf_model.config
-    writer = gguf.GGUFWriter(str(path), "qwen3")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    for name, tensor in hf_model.state_dict().items():
-        array = tensor.numpy()
-        if name in GLOBAL_NAMES:
-            gguf_name = GLOBAL_NAMES[name]
-        else:
-            _, _, layer, rest = name.split(".", 3)
-            module, kind = rest.rsplit(".", 1)
-            gguf_name = f"blk.{layer}.{GGUF_NAMES[module]}.{kind}"
-        if array.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(array, quant), raw_dtype=quant)
-        else:
-            writer.add_tensor(gguf_name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
+
+    def metadata(writer: gguf.GGUFWriter) -> None:
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+
+    return write_gguf(path, "qwen3", hf_model, GGUF_NAMES, quant, metadata=metadata)
 
 
 def test_gguf_matches_safetensors_and_transformers(tmp_path, monkeypatch):
