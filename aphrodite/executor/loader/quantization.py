@@ -90,22 +90,21 @@ def quantization_mode(config, files: ModelFiles, device, model) -> str:
     """How a model's GGUF matrices are held (see the module docstring); logs the choice."""
     if not files.is_gguf:
         return "none"
-    mode, why = _choose(config, files, device, model)
-    usage = footprint(files.gguf_path, quantized_types() if mode != "none" else ())
+    usage = footprint(files.gguf_path, quantized_types())   # every mode's total, from one read
+    mode, why = _choose(config, usage, device, model)
     gib = 2 ** 30
     logger.info("GGUF weights: --quantization %s -> %s (%s): %.2f GiB once loaded, "
                 "%.2f GiB of memory available", config.quantization, mode, why,
                 usage.total(mode) / gib, available_ram() / gib)
     # Named in every mode: these stay float32 even where quantised matrices are asked for.
-    without_kernel = footprint(files.gguf_path, quantized_types()).dequantised
-    if without_kernel:
+    if usage.dequantised:
         logger.info("Dequantised to float32 at load, no kernel keeps these GGUF types "
                     "quantised: %s",
-                    ", ".join(f"{n} ({c} tensors)" for n, c in sorted(without_kernel.items())))
+                    ", ".join(f"{n} ({c} tensors)" for n, c in sorted(usage.dequantised.items())))
     return mode
 
 
-def _choose(config, files: ModelFiles, device, model) -> tuple[str, str]:
+def _choose(config, usage: Footprint, device, model) -> tuple[str, str]:
     """The mode and the reason for it."""
     if config.quantization == "none":
         return "none", "asked for"
@@ -121,7 +120,6 @@ def _choose(config, files: ModelFiles, device, model) -> tuple[str, str]:
         return "int4", "asked for"
     if not linear.uses_gguf_blocks():
         return "none", "without the C++ kernels, torch's int4 kernel rounds activations to bfloat16"
-    usage = footprint(files.gguf_path, quantized_types())
     budget = DENSE_COPY_MAX_SHARE * available_ram()
     if usage.total("int4+dense") > budget:
         return "int4", (f"a float32 copy for long calls would take the weights to "
