@@ -8,13 +8,12 @@ format and the call's token count (rows of x):
     bfloat16 on a CPU emulating bf16    torch's bf16 GEMM below UPCAST_BF16_FROM_TOKENS,
                                         else a float32 upcast in slices
     any other plain tensor              F.linear (MKL for CPU float32; a GPU's own GEMM)
-    Q4/Q8 GGUF blocks (C++ kernels)     cpu_kernels.quantized_linear up to DENSE_ABOVE_TOKENS,
+    GGUF blocks (C++ kernels)           cpu_kernels.quantized_linear up to DENSE_ABOVE_TOKENS,
                                         then dequantised per call
       + a float32 copy                  the copy (F.linear, MKL) above DENSE_ABOVE_TOKENS
-      + AMX tiles (int4)                cpu_kernels.amx_linear above AMX_ABOVE_TOKENS
+      + AMX tiles (Q4_1)                cpu_kernels.amx_linear above AMX_ABOVE_TOKENS
     torch's int4 layout (no C++)        torch's int4 kernel up to TORCH_INT4_DENSE_ABOVE_TOKENS,
                                         then dequantised per call
-    int8 parts (no C++)                 dequantised per call
 
 Load-time choices: float32 CPU matrices are packed for oneDNN (prepare_weight); quantised
 matrices hold GGUF blocks where the C++ kernels build, else torch's int4 layout
@@ -37,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from aphrodite.executor.kernels.cpu import ops as cpu_kernels
-from aphrodite.executor.layers.quantized import QuantizedParts, QuantizedWeight
+from aphrodite.executor.layers.quantized import Q4_1, QuantizedParts, QuantizedWeight
 
 # oneDNN's blocked layout is tuned for this many rows of input: within noise of the call's
 # real row count from 1 to 2048 tokens, where a hint of 1 is 1.5x slower at 4-16 tokens
@@ -97,9 +96,9 @@ def choose_kernel(weight: torch.Tensor, tokens: int) -> Kernel:
             return _amx
         if tokens > DENSE_ABOVE_TOKENS:
             return _dense_copy if weight.dense is not None else _dequantized
-        if weight.blocks is not None:
+        if weight.segments:
             return _gguf_blocks
-        if weight.kind == "int4" and tokens <= TORCH_INT4_DENSE_ABOVE_TOKENS:
+        if weight.packed is not None and tokens <= TORCH_INT4_DENSE_ABOVE_TOKENS:
             return _torch_int4
         return _dequantized
     if weight.is_mkldnn:
@@ -180,21 +179,23 @@ def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def uses_gguf_blocks() -> bool:
     """Whether quantised matrices keep GGUF blocks for the C++ kernels (where they build);
-    otherwise int4 takes torch's int4 layout and int8 has no kernel (one scale per row in
-    torch, one per block of 32 in GGUF)."""
+    otherwise Q4 takes torch's int4 layout and the other types have no kernel (torch's int8
+    kernel takes one scale per row, GGUF one per block of 32)."""
     return cpu_kernels.library_available()
 
 
-def quantized_weight(parts: QuantizedParts) -> QuantizedWeight:
+def quantized_weight(parts: QuantizedParts | list[QuantizedParts]) -> QuantizedWeight:
+    """A matrix, or a stacked one's parts in row order, as the kernels here multiply it."""
     return QuantizedWeight(parts, gguf_blocks=uses_gguf_blocks())
 
 
 def add_large_call_operand(weight: QuantizedWeight) -> None:
     """What calls of many tokens multiply, for the loader's "int4+dense" mode: AMX tiles for
-    int4 matrices where the CPU has AMX (as accurate as float32), else a plain float32 copy.
+    Q4_1 matrices where the CPU has AMX (as accurate as float32), else a plain float32 copy.
     The copy is not packed for oneDNN: above DENSE_ABOVE_TOKENS MKL is the faster one
     (2048 tokens: 2489 ms against 2749)."""
-    if weight.kind == "int4" and weight.out_features % 32 == 0 and cpu_kernels.amx_available():
+    if (weight.ggml_type == Q4_1 and weight.out_features % 32 == 0
+            and cpu_kernels.amx_available()):
         weight.amx = cpu_kernels.amx_pack(weight.blocks, weight.in_features)
     else:
         weight.dense = weight.dequantize()

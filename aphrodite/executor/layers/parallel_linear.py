@@ -57,7 +57,7 @@ class ColumnParallelLinear(nn.Module):
             self._quantized[part] = value
             if len(self._quantized) == len(self.part_rows):
                 stacked = [self._quantized.pop(p) for p in self.part_rows]
-                load_matrix(self, "weight", QuantizedParts.cat_rows(stacked))
+                load_matrix(self, "weight", stacked)
             return slot
         param = self.weight if kind == "weight" else self.bias
         value = shard(value, 0, self.part_rows[part], self.tp_rank, self.tp_size)

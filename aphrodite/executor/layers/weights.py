@@ -46,9 +46,11 @@ def replace_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None
     setattr(module, name, value)
 
 
-def load_matrix(module: nn.Module, name: str, value: torch.Tensor | QuantizedParts) -> str:
-    """A whole matrix: copied into module.<name>, or, quantised, held as a QuantizedWeight."""
-    if not isinstance(value, QuantizedParts):
+def load_matrix(module: nn.Module, name: str,
+                value: torch.Tensor | QuantizedParts | list[QuantizedParts]) -> str:
+    """A whole matrix: copied into module.<name>, or, quantised (one matrix, or a stacked
+    one's parts in row order), held as a QuantizedWeight."""
+    if not isinstance(value, (QuantizedParts, list)):
         return copy_into(name, getattr(module, name), value)
     weight = quantized_weight(value)
     if tuple(weight.shape) != tuple(getattr(module, name).shape):

@@ -1,7 +1,7 @@
 """The converted-weights cache: a GGUF file's HF-named tensors, converted once, kept as safetensors.
 
-Converting a GGUF file (dequantising, un-permuting Q/K rows, splitting quantised blocks into
-codes and scales) happens once per file; later loads read the converted tensors back. An
+Converting a GGUF file (dequantising, un-permuting Q/K rows, rewriting Q4_0 blocks as Q4_1)
+happens once per file; later loads read the converted tensors back. An
 entry is keyed by the file (model_files.gguf_weights_cache_path) and by cache_variant: the
 converter's version and which types were kept quantised. A missing, stale or unreadable entry
 means converting again and rewriting it.
@@ -18,17 +18,17 @@ import numpy as np
 import torch
 
 from aphrodite.executor.loader import gguf
-from aphrodite.executor.layers.quantized import Q8_0, QuantizedParts
+from aphrodite.executor.layers.quantized import QuantizedParts
 from aphrodite.model_files import ModelFiles, gguf_weights_cache_path, write_file_atomically
 
 logger = logging.getLogger(__name__)
 
 # Bump when the converted layout or values change: old cache entries then miss.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 # An entry is written from all converted tensors at once. For files above this size, holding
 # them all dequantised would double peak memory: those stream their float32 tensors instead.
 DENSE_CACHE_MAX_FILE = 1 << 30
-_SEP = "::"   # entry names: "<hf name>" (dense) or "<hf name>::codes|scales|mins"
+_SEP = "::"   # entry names: "<hf name>" (dense) or "<hf name>::blocks" (quantised)
 
 
 def converts_in_one_piece(path: str) -> bool:
@@ -39,7 +39,7 @@ def cache_variant(quantized: tuple[int, ...]) -> str:
     """The entry's name: what was converted, and how (quantized: the GGUF types kept)."""
     if not quantized:
         return f"v{CONVERTER_VERSION}-dense"
-    return f"v{CONVERTER_VERSION}-{'q4q8' if Q8_0 in quantized else 'int4'}"
+    return f"v{CONVERTER_VERSION}-q{'.'.join(str(int(t)) for t in sorted(quantized))}"
 
 
 def load_gguf_converted(files: ModelFiles, quantized: tuple[int, ...], progress: bool
@@ -67,20 +67,15 @@ def _write(tmp: str, tensors: dict[str, torch.Tensor | QuantizedParts]) -> None:
     from safetensors.numpy import save_file
 
     arrays: dict[str, np.ndarray] = {}
-    kinds: dict[str, str] = {}
+    quantized: dict[str, list[int]] = {}   # name -> [ggml type, columns]
     for name, value in tensors.items():
         if isinstance(value, QuantizedParts):
-            kinds[name] = value.kind
-            codes = value.codes
-            if value.kind == "int4":   # two codes a byte on disk
-                codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
-            arrays[name + _SEP + "codes"] = np.ascontiguousarray(codes)
-            arrays[name + _SEP + "scales"] = np.ascontiguousarray(value.scales)
-            if value.mins is not None:
-                arrays[name + _SEP + "mins"] = np.ascontiguousarray(value.mins)
+            quantized[name] = [int(value.ggml_type), value.cols]
+            arrays[name + _SEP + "blocks"] = np.ascontiguousarray(value.blocks)
         else:
             arrays[name] = value.numpy()
-    save_file(arrays, tmp, metadata={"converter": str(CONVERTER_VERSION), "kinds": json.dumps(kinds)})
+    save_file(arrays, tmp, metadata={"converter": str(CONVERTER_VERSION),
+                                     "quantized": json.dumps(quantized)})
 
 
 def _read(path) -> dict[str, torch.Tensor | QuantizedParts]:
@@ -90,15 +85,9 @@ def _read(path) -> dict[str, torch.Tensor | QuantizedParts]:
         meta = f.metadata() or {}
         if meta.get("converter") != str(CONVERTER_VERSION):
             raise ValueError(f"converter version {meta.get('converter')!r}")
-        kinds = json.loads(meta["kinds"])
-        keys = set(f.keys())
         tensors: dict[str, torch.Tensor | QuantizedParts] = {}
-        for name in sorted(k for k in keys if _SEP not in k):
+        for name in sorted(k for k in f.keys() if _SEP not in k):
             tensors[name] = torch.from_numpy(f.get_tensor(name))
-        for name, kind in kinds.items():
-            codes = f.get_tensor(name + _SEP + "codes")
-            if kind == "int4":
-                codes = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(codes.shape[0], -1)
-            mins = f.get_tensor(name + _SEP + "mins") if name + _SEP + "mins" in keys else None
-            tensors[name] = QuantizedParts(kind, codes, f.get_tensor(name + _SEP + "scales"), mins)
+        for name, (ggml_type, cols) in json.loads(meta["quantized"]).items():
+            tensors[name] = QuantizedParts(ggml_type, f.get_tensor(name + _SEP + "blocks"), cols)
     return tensors

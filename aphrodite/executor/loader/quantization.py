@@ -1,7 +1,8 @@
 """Which GGUF matrices stay quantised, and in which mode: "none", "int4" or "int4+dense".
 
 - "none": every matrix dequantised to float32 at load.
-- "int4": Q4 matrices (and Q8_0 ones, where the C++ kernels build) kept as QuantizedWeight.
+- "int4": matrices kept in their GGUF blocks as QuantizedWeight: every type the C++ kernels
+  multiply (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K) where they build, else Q4 only.
 - "int4+dense": kept quantised for calls of a few tokens, plus what calls of many tokens
   multiply (a float32 copy, or AMX tiles: linear.add_large_call_operand).
 
@@ -11,8 +12,9 @@ weight on top of GGUF's ~0.6, and buys float32 GEMM speed for prefill and large 
 batches, where the weight-only kernels lose. Where the copy would take the model past
 DENSE_COPY_MAX_SHARE of the available memory, auto keeps the blocks only. Without the C++
 kernels auto means none: torch's int4 kernel rounds activations to bfloat16
-(layers/quantized.py). Tensors of other GGUF types (the k-quants among them) are dequantised
-to float32 in every mode. The start-up log says which mode was chosen, why, and the bytes.
+(layers/quantized.py). Tensors of other GGUF types (Q2_K, Q3_K, IQ*, ...) are dequantised to
+float32 in every mode, and the log names them. The start-up log says which mode was chosen,
+why, and the bytes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 from aphrodite.executor.layers import linear
-from aphrodite.executor.layers.quantized import INT4_TYPES, Q8_0, QuantizedWeight
+from aphrodite.executor.layers.quantized import INT4_TYPES, KERNEL_TYPES, Q4_0, QuantizedWeight
 from aphrodite.executor.loader.gguf import GGUFTensors
 from aphrodite.model_files import ModelFiles
 
@@ -44,9 +46,9 @@ def available_ram() -> int:
 
 
 def quantized_types() -> tuple[int, ...]:
-    """GGUF types kept quantised: Q4 always; Q8_0 only where matrices hold GGUF blocks, since
-    torch's int8 kernel takes one scale per row, not per block."""
-    return (*INT4_TYPES, Q8_0) if linear.uses_gguf_blocks() else INT4_TYPES
+    """GGUF types kept quantised: those the C++ kernels multiply where they build, else Q4
+    only (torch's int4 kernel)."""
+    return (Q4_0, *KERNEL_TYPES) if linear.uses_gguf_blocks() else INT4_TYPES
 
 
 @dataclass

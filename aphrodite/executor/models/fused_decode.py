@@ -81,7 +81,7 @@ def layer_weights(layers: nn.ModuleList) -> ctypes.Array | None:
         weight, bias = projection.weight, projection.bias
         return cpu_kernels.QuantizedMatrix(
             weight.blocks.data_ptr(), None if bias is None else bias.data_ptr(),
-            weight.out_features, weight.in_features, int(weight.kind == "int4"))
+            weight.out_features, weight.in_features, weight.ggml_type)
 
     weights = (cpu_kernels.DecodeLayerWeights * len(layers))()
     for entry, layer, (qkv, o, gate_up, down) in zip(weights, layers, projections):

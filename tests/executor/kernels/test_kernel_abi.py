@@ -42,7 +42,7 @@ def test_the_structures_keep_the_field_order_callers_construct_them_in():
     """The fused decode step (executor/models/) builds QuantizedMatrix and DecodeStep from
     positional arguments."""
     assert [name for name, _ in cpu_kernels.QuantizedMatrix._fields_] == [
-        "blocks", "bias", "rows", "cols", "is_int4"]
+        "blocks", "bias", "rows", "cols", "ggml_type"]
     assert [name for name, _ in cpu_kernels.DecodeStep._fields_] == [
         "hidden", "cos", "sin", "slots", "block_tables", "seq_lens", "tokens", "hidden_size",
         "heads", "kv_heads", "head_dim", "block_size", "max_blocks", "cache_half", "kv_f16",
@@ -55,8 +55,9 @@ def test_the_structures_keep_the_field_order_callers_construct_them_in():
 def test_an_argument_type_that_differs_from_the_definition_fails_to_compile(
         checked_build, monkeypatch):
     replace_function(monkeypatch, "quantized_linear",
-                     "void quantized_linear(const float* x, int64_t tokens, int64_t cols, "
-                     "const uint8_t* weight, int64_t is_int4, int64_t rows, float* out)")
+                     "int quantized_linear(const float* x, int64_t tokens, int64_t cols, "
+                     "const uint8_t* weight, int64_t ggml_type, int64_t rows, "
+                     "int64_t out_stride, float* out)")
     with pytest.raises(subprocess.CalledProcessError) as failure:
         checked_build()
     assert "conflicting declaration of C function" in failure.value.stderr

@@ -51,7 +51,8 @@ def _quantized(kind, gguf_blocks):
         np.uint8 if kind == "int4" else np.int8)
     scales = np.full((64, 2), 0.5, dtype=np.float32)
     mins = np.full((64, 2), -4.0, dtype=np.float32) if kind == "int4" else None
-    return QuantizedWeight(QuantizedParts(kind, codes, scales, mins), gguf_blocks=gguf_blocks)
+    return QuantizedWeight(QuantizedParts.from_codes(kind, codes, scales, mins),
+                           gguf_blocks=gguf_blocks)
 
 
 @pytest.mark.skipif(not linear.onednn_available(), reason="torch built without oneDNN")
@@ -82,7 +83,8 @@ def test_kernel_choice_follows_format_and_token_count(monkeypatch, cpp_compiler)
     int4_max = linear.TORCH_INT4_DENSE_ABOVE_TOKENS
     assert choose(torch_int4, int4_max) is linear._torch_int4
     assert choose(torch_int4, int4_max + 1) is linear._dequantized
-    assert choose(_quantized("int8", gguf_blocks=False), 1) is linear._dequantized
+    with pytest.raises(ValueError, match="only Q4_0/Q4_1"):   # no kernel: loaded dequantised
+        _quantized("int8", gguf_blocks=False)
 
 
 def test_fused_decode_takes_blocks_and_yields_to_a_float32_copy(cpp_compiler):

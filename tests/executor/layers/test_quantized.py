@@ -48,7 +48,7 @@ def test_parts_dequantize_like_gguf(kind):
     parts = parts_from_gguf(raw, kind, reference.shape)
     np.testing.assert_array_equal(parts.dequantize(), reference)
     # The C++ kernel's blocks are GGUF's own (Q4_0 rewritten as Q4_1)
-    blocks = parts.gguf_blocks()
+    blocks = parts.blocks
     as_gguf = Q.Q8_0 if kind == Q.Q8_0 else Q.Q4_1
     np.testing.assert_array_equal(gguf.quants.dequantize(blocks, as_gguf).reshape(reference.shape),
                                   reference)
@@ -61,8 +61,9 @@ def test_kernel_dequantisation_is_ggufs_bit_for_bit(kind, cpp_compiler):
     """The float32 copy `auto` keeps and the kernel's widened panels share this code: its
     matrix must be gguf's own, bit for bit."""
     raw, reference = quantized_matrix(kind, rows=40, cols=256, seed=3)
-    blocks = torch.from_numpy(parts_from_gguf(raw, kind, reference.shape).gguf_blocks())
-    out = cpu_kernels.dequantize_blocks(blocks, kind != Q.Q8_0, reference.shape[1])
+    blocks = torch.from_numpy(np.ascontiguousarray(parts_from_gguf(raw, kind, reference.shape).blocks))
+    out = cpu_kernels.dequantize_blocks(blocks, Q.Q8_0 if kind == Q.Q8_0 else Q.Q4_1,
+                                       reference.shape[1])
     np.testing.assert_array_equal(out.numpy(), reference)
 
 
@@ -81,6 +82,10 @@ def kernel_path(request, monkeypatch):
 def test_quantized_linear_matches_dequantized_matmul(kind, tokens, kernel_path):
     raw, _ = quantized_matrix(kind, seed=tokens)
     parts = parts_from_gguf(raw, kind, (96, 192))
+    if kernel_path == "torch" and kind == Q.Q8_0:   # the loader dequantises it instead
+        with pytest.raises(ValueError, match="only Q4_0/Q4_1"):
+            quantized_weight(parts)
+        return
     weight = quantized_weight(parts)
     assert (weight.blocks is not None) == (kernel_path == "kernel")
     bias = torch.randn(96)
@@ -88,8 +93,7 @@ def test_quantized_linear_matches_dequantized_matmul(kind, tokens, kernel_path):
     expected = (x.double() @ torch.from_numpy(parts.dequantize()).double().T + bias.double())
     out = linear.linear(x, weight, bias)
     assert out.dtype == torch.float32 and out.shape == (tokens, 96)
-    if (kernel_path == "kernel" or tokens > linear.TORCH_INT4_DENSE_ABOVE_TOKENS
-            or kind == Q.Q8_0):
+    if kernel_path == "kernel" or tokens > linear.TORCH_INT4_DENSE_ABOVE_TOKENS:
         # float32 activations against the dequantised matrix: rounding order only
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     else:
@@ -116,13 +120,13 @@ def test_kernel_panels_cover_every_row_and_token(kind, threads, cpp_compiler):
     token counts that leave partial panels, tiles, chunks and transposition blocks must still
     give every output (against a float64 product of gguf's matrix)."""
     raw, reference = quantized_matrix(kind, rows=103, cols=288, seed=threads)
-    blocks = torch.from_numpy(parts_from_gguf(raw, kind, reference.shape).gguf_blocks())
+    blocks = torch.from_numpy(np.ascontiguousarray(parts_from_gguf(raw, kind, reference.shape).blocks))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for tokens in (7, 8, 9, 16, 17, 21, 33, 40, 49, 56, 64, 70):
             x = torch.randn(tokens, 288)
-            out = cpu_kernels.quantized_linear(x, blocks, kind != Q.Q8_0)
+            out = cpu_kernels.quantized_linear(x, blocks, Q.Q8_0 if kind == Q.Q8_0 else Q.Q4_1)
             expected = x.double() @ torch.from_numpy(reference).double().T
             torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     finally:
@@ -152,7 +156,7 @@ def test_amx_product_is_float32_accurate(kind, threads, amx):
         for rows, cols in ((64, 64), (96, 1088)):
             raw, reference = quantized_matrix(kind, rows=rows, cols=cols, seed=threads)
             parts = parts_from_gguf(raw, kind, reference.shape)
-            packed = cpu_kernels.amx_pack(torch.from_numpy(parts.gguf_blocks()), cols)
+            packed = cpu_kernels.amx_pack(torch.from_numpy(parts.blocks), cols)
             weight = torch.from_numpy(reference).double()
             scaled = parts.codes.reshape(rows, -1, 32) * parts.scales[..., None]
             magnitude = torch.from_numpy(

@@ -28,73 +28,78 @@ extern "C" int kv_float16_supported() { return vec8::kHasF16 ? 1 : 0; }
 
 // q, out: [batch, heads, head_dim] float32; k_cache, v_cache: [blocks, block_size, kv_heads,
 // head_dim] of kv_dtype; block_tables: [batch, max_blocks] int64; seq_lens: [batch] int64,
-// each >= 1.
+// each >= 1. window: the sliding window (the new token at p sees positions > p - window),
+// softcap: scores s become softcap * tanh(s / softcap); 0 for none.
 extern "C" void paged_decode_attention(const float* q, const void* k_cache, const void* v_cache,
                                        int kv_dtype, const int64_t* block_tables,
                                        int64_t max_blocks, const int64_t* seq_lens,
                                        int64_t batch, int64_t heads, int64_t kv_heads,
                                        int64_t head_dim, int64_t block_size, float scale,
-                                       float* out) {
+                                       int64_t window, float softcap, float* out) {
     switch (kv_dtype) {
         case kBfloat16:
             attention::decode(q, static_cast<const uint16_t*>(k_cache),
                               static_cast<const uint16_t*>(v_cache), block_tables, max_blocks,
-                              seq_lens, batch, heads, kv_heads, head_dim, block_size, scale, out);
+                              seq_lens, batch, heads, kv_heads, head_dim, block_size, scale, out,
+                              window, softcap);
             break;
 #if defined(__F16C__)
         case kFloat16:
             attention::decode(q, static_cast<const vec8::f16*>(k_cache),
                               static_cast<const vec8::f16*>(v_cache), block_tables, max_blocks,
-                              seq_lens, batch, heads, kv_heads, head_dim, block_size, scale, out);
+                              seq_lens, batch, heads, kv_heads, head_dim, block_size, scale, out,
+                              window, softcap);
             break;
 #endif
         default:
             attention::decode(q, static_cast<const float*>(k_cache),
                               static_cast<const float*>(v_cache), block_tables, max_blocks,
-                              seq_lens, batch, heads, kv_heads, head_dim, block_size, scale, out);
+                              seq_lens, batch, heads, kv_heads, head_dim, block_size, scale, out,
+                              window, softcap);
     }
 }
 
 // q [tokens, heads, head_dim] float32, q_stride floats from one token to the next; out
 // [tokens, heads, head_dim], the prefill rows written; k_cache, v_cache [blocks, block_size,
 // kv_heads, head_dim], float32 or (kv_f16) float16; seqs [num_seqs, 4] int64: block-table
-// row, first token, new tokens, context length after the step.
+// row, first token, new tokens, context length after the step. window, softcap: as for
+// paged_decode_attention.
 extern "C" void paged_prefill_attention(const float* q, int64_t q_stride, const void* k_cache,
                                         const void* v_cache, int kv_f16,
                                         const int64_t* block_tables, int64_t max_blocks,
                                         const int64_t* seqs, int64_t num_seqs, int64_t heads,
                                         int64_t kv_heads, int64_t head_dim, int64_t block_size,
-                                        float scale, float* out) {
+                                        float scale, int64_t window, float softcap, float* out) {
     const auto* prefill_seqs = reinterpret_cast<const attention::PrefillSeq*>(seqs);
 #if defined(__F16C__)
     if (kv_f16) {
         attention::prefill(q, q_stride, static_cast<const vec8::f16*>(k_cache),
                            static_cast<const vec8::f16*>(v_cache), block_tables, max_blocks,
                            prefill_seqs, num_seqs, heads, kv_heads, head_dim, block_size, scale,
-                           out);
+                           out, window, softcap);
         return;
     }
 #endif
     attention::prefill(q, q_stride, static_cast<const float*>(k_cache),
                        static_cast<const float*>(v_cache), block_tables, max_blocks,
-                       prefill_seqs, num_seqs, heads, kv_heads, head_dim, block_size, scale, out);
+                       prefill_seqs, num_seqs, heads, kv_heads, head_dim, block_size, scale, out,
+                       window, softcap);
 }
 
-// x [tokens, cols] float32; weight [rows, cols / 32 blocks] of GGUF Q4_1 (is_int4) or Q8_0
-// blocks; out [tokens, rows]. cols % 32 == 0.
-extern "C" void quantized_linear(const float* x, int64_t tokens, int64_t cols,
-                                 const uint8_t* weight, int is_int4, int64_t rows, float* out) {
-    quantized::matmul(x, tokens, cols, weight, is_int4 != 0, rows, out);
+// x [tokens, cols] float32; weight [rows, cols / block values] GGUF blocks of ggml_type (the
+// GGML type code: quantized_linear.h lists those it knows); out [tokens, rows], row t at
+// out + t * out_stride. Returns 0, or -1 for a type it does not know (nothing written).
+extern "C" int quantized_linear(const float* x, int64_t tokens, int64_t cols,
+                                const uint8_t* weight, int ggml_type, int64_t rows,
+                                int64_t out_stride, float* out) {
+    return quantized::matmul(x, tokens, cols, weight, ggml_type, rows, out_stride, out) ? 0 : -1;
 }
 
-// weight as above -> out [rows, cols] float32.
-extern "C" void dequantize_blocks(const uint8_t* weight, int is_int4, int64_t rows, int64_t cols,
-                                  float* out) {
-    if (is_int4) {
-        quantized::dequantize<true>(weight, rows, cols, out);
-    } else {
-        quantized::dequantize<false>(weight, rows, cols, out);
-    }
+// weight as above -> out [rows, cols] float32, bit for bit gguf's dequantisation. Returns 0,
+// or -1 for a type it does not know.
+extern "C" int dequantize_blocks(const uint8_t* weight, int ggml_type, int64_t rows,
+                                 int64_t cols, float* out) {
+    return quantized::dequantize(weight, ggml_type, rows, cols, out) ? 0 : -1;
 }
 
 // Whether this process may use AMX's tiles (Linux grants them on request, once); 0 on builds

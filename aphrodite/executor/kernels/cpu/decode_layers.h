@@ -27,7 +27,8 @@
 namespace fused {
 
 inline void matmul(const QuantizedMatrix& m, const float* x, int64_t tokens, float* out) {
-    quantized::matmul(x, tokens, m.cols, m.blocks, m.is_int4 != 0, m.rows, out);
+    quantized::matmul(x, tokens, m.cols, m.blocks, static_cast<int>(m.ggml_type), m.rows, m.rows,
+                      out);
     if (m.bias)
         for (int64_t t = 0; t < tokens; ++t)
             for (int64_t r = 0; r < m.rows; ++r) out[t * m.rows + r] += m.bias[r];

@@ -28,11 +28,11 @@ PREFILL_TILE_ROWS = 48
 
 # Structures passed by pointer, each field "C type name"; a structure's members come first.
 STRUCTS = {
-    # One quantised matrix: GGUF blocks [rows, cols / 32] (see quantized_linear.h).
+    # One quantised matrix: GGUF blocks of one type, row by row (see quantized_linear.h).
     "QuantizedMatrix": [
         "const uint8_t* blocks",
         "const float* bias",             # [rows] or null
-        "int64_t rows", "int64_t cols", "int64_t is_int4"],
+        "int64_t rows", "int64_t cols", "int64_t ggml_type"],
     # One decoder layer's weights and KV cache (decode_layers.h).
     "DecodeLayerWeights": [
         "const float* input_norm",       # [hidden]
@@ -62,14 +62,15 @@ FUNCTIONS = [
     "void paged_decode_attention(const float* q, const void* k_cache, const void* v_cache, "
     "int kv_dtype, const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_lens, "
     "int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size, "
-    "float scale, float* out)",
+    "float scale, int64_t window, float softcap, float* out)",
     "void paged_prefill_attention(const float* q, int64_t q_stride, const void* k_cache, "
     "const void* v_cache, int kv_f16, const int64_t* block_tables, int64_t max_blocks, "
     "const int64_t* seqs, int64_t num_seqs, int64_t heads, int64_t kv_heads, "
-    "int64_t head_dim, int64_t block_size, float scale, float* out)",
-    "void quantized_linear(const float* x, int64_t tokens, int64_t cols, "
-    "const uint8_t* weight, int is_int4, int64_t rows, float* out)",
-    "void dequantize_blocks(const uint8_t* weight, int is_int4, int64_t rows, int64_t cols, "
+    "int64_t head_dim, int64_t block_size, float scale, int64_t window, float softcap, "
+    "float* out)",
+    "int quantized_linear(const float* x, int64_t tokens, int64_t cols, "
+    "const uint8_t* weight, int ggml_type, int64_t rows, int64_t out_stride, float* out)",
+    "int dequantize_blocks(const uint8_t* weight, int ggml_type, int64_t rows, int64_t cols, "
     "float* out)",
     "int amx_enable()",
     "int64_t amx_packed_size(int64_t rows, int64_t cols)",

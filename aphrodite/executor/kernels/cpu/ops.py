@@ -74,10 +74,13 @@ def supports(kv_cache: torch.Tensor) -> bool:
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                           seq_lens: torch.Tensor, scale: float, window: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
     """q [B, H, D] one new token per sequence -> [B, H, D], over each sequence's first
     seq_lens[b] cached tokens (this step's already written). kv_cache: one layer,
-    [2, blocks, block_size, kv_heads, head_dim]; block_tables [B, max_blocks] int64."""
+    [2, blocks, block_size, kv_heads, head_dim]; block_tables [B, max_blocks] int64.
+    window: a sliding window (the new token at p sees positions > p - window; blocks wholly
+    before it are not read); softcap: scores s become tanh(s / softcap) * softcap."""
     _, _, block_size, kv_heads, head_dim = kv_cache.shape
     batch, heads, _ = q.shape
     q32 = q.to(torch.float32).contiguous()
@@ -87,7 +90,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     _library().paged_decode_attention(
         q32.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
         _KV_DTYPE_CODES[kv_cache.dtype], block_tables.data_ptr(), block_tables.shape[1],
-        seq_lens.data_ptr(), batch, heads, kv_heads, head_dim, block_size, scale, out.data_ptr())
+        seq_lens.data_ptr(), batch, heads, kv_heads, head_dim, block_size, scale, window or 0,
+        softcap or 0.0, out.data_ptr())
     return out.to(q.dtype)
 
 
@@ -106,11 +110,13 @@ def supports_prefill(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
 
 
 def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                            seqs: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+                            seqs: torch.Tensor, scale: float, out: torch.Tensor,
+                            window: int | None = None, softcap: float | None = None) -> None:
     """Causal attention of every prefill chunk over its context in the cache (this step's
     keys and values already written). q [T, H, D] (rows may be strided); out [T, H, D]
     contiguous, only the prefill tokens' rows written; seqs [n, 4] int64: block-table row,
-    first token in the batch, new tokens, context length after the step."""
+    first token in the batch, new tokens, context length after the step. window, softcap: as
+    for paged_decode_attention."""
     _, _, block_size, kv_heads, head_dim = kv_cache.shape
     assert kv_cache.is_contiguous() and out.is_contiguous() and seqs.is_contiguous()
     assert block_tables.is_contiguous() and block_tables.dtype == seqs.dtype == torch.int64
@@ -118,18 +124,25 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
         q.data_ptr(), q.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
         int(kv_cache.dtype == torch.float16), block_tables.data_ptr(), block_tables.shape[1],
         seqs.data_ptr(), seqs.shape[0], q.shape[1], kv_heads, head_dim, block_size, scale,
-        out.data_ptr())
+        window or 0, softcap or 0.0, out.data_ptr())
 
 
-def quantized_linear(x: torch.Tensor, blocks: torch.Tensor, is_int4: bool) -> torch.Tensor:
+def quantized_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """x [tokens, cols] float32 @ W^T -> [tokens, rows] float32. blocks: W as uint8
-    [rows, cols / 32 * block bytes], GGUF's Q4_1 blocks (is_int4) or Q8_0 blocks (see
-    quantized_linear.h)."""
+    [rows, bytes per row], GGUF blocks of ggml_type (a GGML type code; quantized_linear.h lists
+    those the kernels know). out: where to write, a [tokens, rows] float32 view whose rows may
+    be further apart than rows (columns of a wider result); new if None. ValueError for a type
+    the kernels do not know."""
     x = x.contiguous()
-    out = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
+    if out is None:
+        out = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
     assert x.dtype == torch.float32 and blocks.dtype == torch.uint8 and blocks.is_contiguous()
-    _library().quantized_linear(x.data_ptr(), x.shape[0], x.shape[1], blocks.data_ptr(),
-                                int(is_int4), blocks.shape[0], out.data_ptr())
+    assert out.dtype == torch.float32 and out.shape == (x.shape[0], blocks.shape[0]) \
+        and out.stride(1) == 1
+    if _library().quantized_linear(x.data_ptr(), x.shape[0], x.shape[1], blocks.data_ptr(),
+                                   ggml_type, blocks.shape[0], out.stride(0), out.data_ptr()):
+        raise ValueError(f"the CPU kernels do not multiply GGML type {ggml_type}")
     return out
 
 
@@ -169,13 +182,14 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, rows: int) -> torch.Tensor
     return out[:tokens]
 
 
-def dequantize_blocks(blocks: torch.Tensor, is_int4: bool, cols: int) -> torch.Tensor:
+def dequantize_blocks(blocks: torch.Tensor, ggml_type: int, cols: int) -> torch.Tensor:
     """The float32 [rows, cols] matrix of quantized_linear's blocks (bit for bit gguf's
-    dequantisation)."""
+    dequantisation). ValueError for a type the kernels do not know."""
     out = torch.empty(blocks.shape[0], cols, dtype=torch.float32)
     assert blocks.dtype == torch.uint8 and blocks.is_contiguous()
-    _library().dequantize_blocks(blocks.data_ptr(), int(is_int4), blocks.shape[0], cols,
-                                 out.data_ptr())
+    if _library().dequantize_blocks(blocks.data_ptr(), ggml_type, blocks.shape[0], cols,
+                                    out.data_ptr()):
+        raise ValueError(f"the CPU kernels do not dequantise GGML type {ggml_type}")
     return out
 
 

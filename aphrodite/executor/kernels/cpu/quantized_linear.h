@@ -29,17 +29,35 @@
 
 namespace quantized {
 
-// x [tokens, cols] float32; weight [rows, cols / 32 blocks] as above; out [tokens, rows].
-// cols % 32 == 0.
-inline void matmul(const float* x, int64_t tokens, int64_t cols, const uint8_t* weight,
-                   bool is_int4, int64_t rows, float* out) {
-    if (tokens >= kPanelFromTokens) {
-        if (is_int4) run_panels<true>(x, tokens, cols, weight, rows, out);
-        else run_panels<false>(x, tokens, cols, weight, rows, out);
-    } else if (is_int4) {
-        run<true>(x, tokens, cols, weight, rows, out);
-    } else {
-        run<false>(x, tokens, cols, weight, rows, out);
+// The GGML type codes of the blocks above.
+constexpr int kQ4_1 = 3, kQ8_0 = 8;
+
+// x [tokens, cols] float32; weight [rows, cols / 32 blocks] of ggml_type; out [tokens, rows],
+// row t at out + t * out_stride. cols % 32 == 0. False for a type these kernels do not know.
+inline bool matmul(const float* x, int64_t tokens, int64_t cols, const uint8_t* weight,
+                   int ggml_type, int64_t rows, int64_t out_stride, float* out) {
+    const bool panels = tokens >= kPanelFromTokens;
+    switch (ggml_type) {
+        case kQ4_1:
+            if (panels) run_panels<true>(x, tokens, cols, weight, rows, out_stride, out);
+            else run<true>(x, tokens, cols, weight, rows, out_stride, out);
+            return true;
+        case kQ8_0:
+            if (panels) run_panels<false>(x, tokens, cols, weight, rows, out_stride, out);
+            else run<false>(x, tokens, cols, weight, rows, out_stride, out);
+            return true;
+        default:
+            return false;
+    }
+}
+
+// weight as above -> out [rows, cols] float32. False for a type these kernels do not know.
+inline bool dequantize(const uint8_t* weight, int ggml_type, int64_t rows, int64_t cols,
+                       float* out) {
+    switch (ggml_type) {
+        case kQ4_1: dequantize_matrix<true>(weight, rows, cols, out); return true;
+        case kQ8_0: dequantize_matrix<false>(weight, rows, cols, out); return true;
+        default: return false;
     }
 }
 

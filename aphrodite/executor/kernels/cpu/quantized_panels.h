@@ -162,31 +162,31 @@ inline float* scratch(int slot, int64_t n) {
     return buffers[slot].data();
 }
 
-// out[t * rows + first + r] = sums[r * padded + t] for a panel's count rows and every token:
+// out[t * stride + first + r] = sums[r * padded + t] for a panel's count rows and every token:
 // eight rows by eight tokens at a time, a last group's missing tokens not stored.
 inline void store_panel(const float* sums, int64_t padded, int64_t tokens, int64_t count,
-                        float* out, int64_t rows) {
+                        float* out, int64_t stride) {
     float block[64];
     const int64_t whole = count / 8 * 8;
     for (int64_t t0 = 0; t0 < tokens; t0 += 8) {
         const int64_t n = std::min<int64_t>(8, tokens - t0);
         for (int64_t r = 0; r < whole; r += 8) {
             if (n == 8) {
-                transpose8(sums + r * padded + t0, padded, out + t0 * rows + r, rows);
+                transpose8(sums + r * padded + t0, padded, out + t0 * stride + r, stride);
                 continue;
             }
             transpose8(sums + r * padded + t0, padded, block, 8);
             for (int64_t t = 0; t < n; ++t)
-                std::memcpy(out + (t0 + t) * rows + r, block + t * 8, 8 * sizeof(float));
+                std::memcpy(out + (t0 + t) * stride + r, block + t * 8, 8 * sizeof(float));
         }
         for (int64_t r = whole; r < count; ++r)       // rows past the last whole group
-            for (int64_t t = t0; t < t0 + n; ++t) out[t * rows + r] = sums[r * padded + t];
+            for (int64_t t = t0; t < t0 + n; ++t) out[t * stride + r] = sums[r * padded + t];
     }
 }
 
 template <bool kInt4>
 void run_panels(const float* x, int64_t tokens, int64_t cols, const uint8_t* weight,
-                int64_t rows, float* out) {
+                int64_t rows, int64_t out_stride, float* out) {
     const int64_t row_bytes = cols / kBlock * block_bytes<kInt4>();
     const int64_t panels = (rows + kPanelRows - 1) / kPanelRows;
     const int64_t padded = padded_tokens(tokens), groups = padded / 8;
@@ -235,7 +235,7 @@ void run_panels(const float* x, int64_t tokens, int64_t cols, const uint8_t* wei
                     broadcast_tiles<1>(xt + t * cols, panel, count, cols,
                                        res + t, padded);
             }
-            store_panel(res, padded, tokens, count, out + first, rows);
+            store_panel(res, padded, tokens, count, out + first, out_stride);
         }
     }
 }

@@ -175,7 +175,7 @@ void row_tile(const uint8_t* row, int64_t blocks, const float* x, int64_t cols,
 
 template <bool kInt4>
 void run(const float* x, int64_t tokens, int64_t cols, const uint8_t* weight, int64_t rows,
-         float* out) {
+         int64_t out_stride, float* out) {
     const int64_t blocks = cols / kBlock;
     const int64_t row_bytes = blocks * block_bytes<kInt4>();
     std::vector<float> x_sums(kInt4 ? tokens * blocks : 0);
@@ -190,12 +190,12 @@ void run(const float* x, int64_t tokens, int64_t cols, const uint8_t* weight, in
             const uint8_t* row = weight + r * row_bytes;
             const float* xt = x + t0 * cols;
             const float* xs = kInt4 ? x_sums.data() + t0 * blocks : nullptr;
-            float* o = out + t0 * rows + r;
+            float* o = out + t0 * out_stride + r;
             switch (tokens - t0 < kTokenTile ? tokens - t0 : kTokenTile) {
-                case 1: row_tile<kInt4, 1>(row, blocks, xt, cols, xs, o, rows); break;
-                case 2: row_tile<kInt4, 2>(row, blocks, xt, cols, xs, o, rows); break;
-                case 3: row_tile<kInt4, 3>(row, blocks, xt, cols, xs, o, rows); break;
-                default: row_tile<kInt4, 4>(row, blocks, xt, cols, xs, o, rows);
+                case 1: row_tile<kInt4, 1>(row, blocks, xt, cols, xs, o, out_stride); break;
+                case 2: row_tile<kInt4, 2>(row, blocks, xt, cols, xs, o, out_stride); break;
+                case 3: row_tile<kInt4, 3>(row, blocks, xt, cols, xs, o, out_stride); break;
+                default: row_tile<kInt4, 4>(row, blocks, xt, cols, xs, o, out_stride);
             }
         }
     }
@@ -253,7 +253,7 @@ void dequantize_row(const uint8_t* row, int64_t cols, float* out) {
 }
 
 template <bool kInt4>
-void dequantize(const uint8_t* weight, int64_t rows, int64_t cols, float* out) {
+void dequantize_matrix(const uint8_t* weight, int64_t rows, int64_t cols, float* out) {
     const int64_t row_bytes = cols / kBlock * block_bytes<kInt4>();
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r)
