@@ -57,7 +57,12 @@ def test_gpu_matches_cpu(tiny_llama):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (9, 3, 64), (8, 8, 128)])
-def test_triton_decode_matches_torch_reference(dtype, tol, heads, kv_heads, head_dim):
+@pytest.mark.parametrize("window,softcap", [(None, None), (500, None), (37, None),
+                                            (None, 5.0), (600, 2.0)])
+def test_triton_decode_matches_torch_reference(dtype, tol, heads, kv_heads, head_dim, window,
+                                               softcap):
+    """Contexts shorter and longer than the window (500 and 600: the splits then cover the
+    window, not the 3000-token context), windows not a multiple of the block size."""
     from aphrodite.executor.layers.attention.kv_cache import gather_context
     from aphrodite.executor.kernels.triton.paged_decode import paged_decode_attention
     torch.manual_seed(0)
@@ -75,13 +80,18 @@ def test_triton_decode_matches_torch_reference(dtype, tol, heads, kv_heads, head
     tables = tables.cuda()
     q = torch.randn(len(lens), heads, head_dim, dtype=dtype, device="cuda")
     got = paged_decode_attention(q, cache, tables, torch.tensor(lens, device="cuda"),
-                                 max(lens), 0.1)
+                                 max(lens), 0.1, window, softcap)
     for row, length in enumerate(lens):   # per-row float64 reference
         keys = gather_context(cache[0], tables[row], width)[:length].double()
         values = gather_context(cache[1], tables[row], width)[:length].double()
         group = heads // kv_heads
         keys = keys.repeat_interleave(group, dim=1)
         values = values.repeat_interleave(group, dim=1)
-        probs = torch.softmax(torch.einsum("hd,shd->hs", q[row].double(), keys) * 0.1, -1)
+        scores = torch.einsum("hd,shd->hs", q[row].double(), keys) * 0.1
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if window is not None:   # the new token sits at length - 1
+            scores[:, :max(0, length - window)] = float("-inf")
+        probs = torch.softmax(scores, -1)
         want = torch.einsum("hs,shd->hd", probs, values)
         assert torch.allclose(got[row].double(), want, atol=tol, rtol=tol), (row, length)

@@ -9,9 +9,8 @@ What sets them apart from Llama (models/llama.py):
 - MLP: down(gelu_tanh(gate) * up).
 - Attention scale query_pre_attn_scalar ** -0.5. The layers of type "sliding_attention"
   (config.layer_types) attend through config.sliding_window: a token at position p sees
-  positions > p - window. The torch attention backends apply the window; the model's
-  `sliding_window` and `attention_softcap` go into the AttentionConfig (model_runner), so the
-  selector sends its steps there.
+  positions > p - window. Each layer passes its window (and Gemma 2's soft cap) to
+  paged_attention, and every attention backend applies them.
 - Gemma 3: QK-norm (the (1 + w) norm over head_dim on each q and k head) and two rotary tables,
   the local layers' base (rope_parameters["sliding_attention"], 10k) and the global layers'
   (rope_parameters["full_attention"], 1M, with its scaling); final_logit_softcapping may be None.
@@ -19,8 +18,7 @@ What sets them apart from Llama (models/llama.py):
   table for every layer.
 
 The fused C++ decode step (models/fused_decode.py) runs Llama's layer; this model never calls
-it (its forward runs layer by layer), and its windowed attention keeps the step off the C++
-decode kernel that the fused step requires.
+it (its forward runs layer by layer).
 """
 
 from __future__ import annotations
@@ -156,7 +154,7 @@ def layer_types(config) -> list[str]:
 
 class Gemma3ForCausalLM(nn.Module):
     QK_NORM = True
-    # Decode steps may replay CUDA graphs: the torch decode recomputes its window mask from the
+    # Decode steps may replay CUDA graphs: the torch and Triton decodes find each window from the
     # refilled seq_lens, and nothing is read back to the host.
     supports_cuda_graphs = True
 
@@ -196,7 +194,7 @@ class Gemma3ForCausalLM(nn.Module):
         self.lm_head = (None if self.tie_word_embeddings
                         else empty_param(config.vocab_size, config.hidden_size, dtype=dtype))
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
-        # What the AttentionConfig needs to know (model_runner): any windowed layer, the cap.
+        # The model's window and cap, which model_runner records in its AttentionConfig.
         self.sliding_window = config.sliding_window if SLIDING in types else None
         self.attention_softcap = getattr(config, "attn_logit_softcapping", None)
 

@@ -86,7 +86,10 @@ def test_float16_caches_need_f16c(other):
 @pytest.mark.parametrize("heads,kv_heads,head_dim",
                          [(9, 3, 64), (8, 4, 128), (12, 2, 64), (4, 4, 40)])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_decode_attention(other, dtype, heads, kv_heads, head_dim, batch):
+@pytest.mark.parametrize("window,softcap", [(None, None), (37, None), (None, 4.0), (50, 2.0)])
+def test_decode_attention(other, dtype, heads, kv_heads, head_dim, batch, window, softcap):
+    """Without and with a sliding window (not a multiple of the block size, shorter and
+    longer than the contexts) and a soft cap."""
     skip_without_float16(other, dtype)
     g = torch.Generator().manual_seed(batch * heads + head_dim)
     block_size, max_blocks = 16, 8
@@ -97,15 +100,17 @@ def test_decode_attention(other, dtype, heads, kv_heads, head_dim, batch):
     seq_lens[0] = block_size * max_blocks                      # a full table
     q = torch.randn(batch, heads, head_dim, generator=g)
     native, built = other.run(lambda: cpu_kernels.paged_decode_attention(
-        q, cache, tables, seq_lens, head_dim ** -0.5))
+        q, cache, tables, seq_lens, head_dim ** -0.5, window, softcap))
     assert_close(built, native)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 1, 32), (2, 2, 128)])
-def test_prefill_attention(other, dtype, heads, kv_heads, head_dim):
+@pytest.mark.parametrize("window,softcap", [(None, None), (37, None), (None, 4.0), (50, 2.0)])
+def test_prefill_attention(other, dtype, heads, kv_heads, head_dim, window, softcap):
     """Chunks of 1, 7, 64 and 300 tokens after cached prefixes: single tiles, partial and
-    many tiles, the diagonal blocks and the ones every row sees."""
+    many tiles, the diagonal blocks and the ones every row sees; without and with a sliding
+    window and a soft cap."""
     skip_without_float16(other, dtype)
     g = torch.Generator().manual_seed(heads + head_dim)
     block_size, chunks, prefixes = 16, [1, 7, 64, 300], [40, 0, 17, 33]
@@ -122,7 +127,8 @@ def test_prefill_attention(other, dtype, heads, kv_heads, head_dim):
 
     def run():
         out = torch.zeros(sum(chunks), heads, head_dim)
-        cpu_kernels.paged_prefill_attention(q, cache, tables, seqs, head_dim ** -0.5, out)
+        cpu_kernels.paged_prefill_attention(q, cache, tables, seqs, head_dim ** -0.5, out,
+                                            window, softcap)
         return out
 
     native, built = other.run(run)

@@ -1,15 +1,15 @@
-"""paged_attention with a sliding window and a soft cap (the torch backends) against a dense
-masked reference, and the selector routing such a model to the torch backends."""
+"""paged_attention with a sliding window and a soft cap against a dense masked float64
+reference, on every CPU backend: the torch ones (torch_paged.py) and the C++ kernels
+(paged_decode_attention.h, paged_prefill_attention.h; test_attention_window_kernels.py tests
+them on larger shapes); and the selector keeping such a model on the C++ kernels."""
 
 import numpy as np
 import pytest
 import torch
 from test_attention import DECODES, MANY_DECODES, MIXED, make_batch
 
-from aphrodite.executor.kernels.cpu import ops as cpu_kernels
-from aphrodite.executor.layers.attention import (AttentionConfig, AttentionMetadata,
-                                                 paged_attention, write_kv)
-from aphrodite.executor.layers.attention import metadata
+from aphrodite.executor.layers.attention import AttentionConfig, paged_attention, write_kv
+from aphrodite.executor.layers.attention import metadata, triton
 from aphrodite.executor.layers.attention.selector import select_backends
 
 torch.set_num_threads(1)
@@ -36,23 +36,38 @@ def windowed_reference(q, keys, values, prefix, scale, window, softcap):
 LONG_MIXED = [(20, 1), (0, 13), (9, 7), (0, 1), (7, 1), (30, 1), (3, 12)]
 
 
+# (decode backend, prefill backend, group_tokens, C++ kernels). "kernel": the selector's
+# choice with the kernels built, which for float32 models is the C++ decode and prefill kernels
+# (asserted below) and for bfloat16 ones C++ decode and torch prefill.
+PATHS = {"padded": ("torch_padded", "torch", None, False),
+         "grouped": ("torch_grouped", "torch", None, False),
+         "grouped-small": ("torch_grouped", "torch", 24, False),
+         "kernel": (None, None, None, True)}
+
+
 @pytest.mark.parametrize("spec", [MIXED, DECODES, MANY_DECODES, LONG_MIXED],
                          ids=["mixed", "all-decode", "many-decodes", "long-mixed"])
 @pytest.mark.parametrize("window,softcap", [(8, None), (5, None), (None, 2.0), (6, 1.5)],
                          ids=["w8", "w5", "cap", "w6-cap"])
-@pytest.mark.parametrize("decode,group_tokens", [("torch_padded", None), ("torch_grouped", None),
-                                                 ("torch_grouped", 24)],
-                         ids=["padded", "grouped", "grouped-small"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],
-                         ids=["fp32", "bf16"])
-def test_window_and_softcap_match_dense_reference(spec, window, softcap, decode, group_tokens,
-                                                  dtype, tol, monkeypatch):
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("dtype,cache_dtype,tol", [
+    (torch.float32, None, 1e-5), (torch.bfloat16, None, 2e-2),
+    (torch.float32, torch.float16, 1e-5)], ids=["fp32", "bf16", "fp32-fp16-cache"])
+def test_window_and_softcap_match_dense_reference(spec, window, softcap, path, dtype,
+                                                  cache_dtype, tol, monkeypatch, request):
+    decode, prefill, group_tokens, kernel = PATHS[path]
+    if kernel:
+        request.getfixturevalue("cpp_compiler")
     if group_tokens:
         monkeypatch.setattr(metadata, "DECODE_GROUP_TOKENS", group_tokens)
     heads, kv_heads, head_dim = 8, 2, 16
     scale = 0.3
     q, k, v, cache, meta, full = make_batch(spec, heads, kv_heads, head_dim, dtype,
-                                            decode=decode, prefill="torch")
+                                            cache_dtype=cache_dtype, decode=decode,
+                                            prefill=prefill)
+    if kernel:   # the C++ kernels serve the windowed and capped layers
+        assert meta.decode_backend in (None, "cpu")
+        assert meta.prefill_backend in (None, "cpu" if dtype == torch.float32 else "torch")
     write_kv(k, v, cache, meta)
     out = paged_attention(q, k, v, cache, meta, scale, window=window, softcap=softcap)
     start = 0
@@ -67,27 +82,16 @@ def test_window_and_softcap_match_dense_reference(spec, window, softcap, decode,
         assert not torch.allclose(out[:spec[0][1]].float(), plain, atol=tol, rtol=tol)
 
 
-def test_selector_routes_a_windowed_model_to_torch(cpp_compiler):
-    plain = AttentionConfig("cpu", torch.float32, torch.float32, 4, 2, 16, 4)
-    assert select_backends(plain, np.array([1, 5])) == ("cpu", "cpu", False)
-    for extra in ({"sliding_window": 8}, {"softcap": 50.0}):
+def test_selector_keeps_a_windowed_model_on_the_kernels(cpp_compiler):
+    """A window or soft cap changes no backend: the C++ kernels on CPU, Triton (where
+    installed) on CUDA."""
+    cuda_decode = "triton" if triton.decode_supported(16) else "torch_padded"
+    for extra in ({}, {"sliding_window": 8}, {"softcap": 50.0}):
         config = AttentionConfig("cpu", torch.float32, torch.float32, 4, 2, 16, 4, **extra)
-        assert select_backends(config, np.array([1, 5])) == ("torch_grouped", "torch", False)
-        assert select_backends(config, np.array([1, 1])) == ("torch_grouped", None, False)
+        assert select_backends(config, np.array([1, 5])) == ("cpu", "cpu", False)
+        assert select_backends(config, np.array([1, 1])) == ("cpu", None, True)
         cuda = AttentionConfig("cuda", torch.float16, torch.float16, 4, 2, 16, 4, **extra)
-        assert select_backends(cuda, np.array([1, 5])) == ("torch_padded", "torch", False)
-    with pytest.raises(ValueError, match="torch backends only"):
-        AttentionConfig("cpu", torch.float32, torch.float32, 4, 2, 16, 4, decode="cpu",
-                        sliding_window=8)
-
-
-def test_a_window_on_a_kernel_backend_is_an_error(cpp_compiler):
-    q, k, v, cache, meta, _ = make_batch([(9, 1), (0, 3)], 4, 2, 16, torch.float32)
-    assert meta.decode_backend == "cpu" and cpu_kernels.library_available()
-    write_kv(k, v, cache, meta)
-    with pytest.raises(ValueError, match="AttentionConfig must name them"):
-        paged_attention(q, k, v, cache, meta, 0.25, window=4)
-    config = AttentionConfig.for_cache(cache, 4, torch.float32, sliding_window=4)
-    assert config.sliding_window == 4 and config.torch_only
-    assert AttentionMetadata.build(np.array([1]), np.array([10]), np.zeros((1, 3), np.int32),
-                                   np.array([3]), config).decode_backend == "torch_grouped"
+        assert select_backends(cuda, np.array([1, 5])) == (cuda_decode, "torch", False)
+    forced = AttentionConfig("cpu", torch.float32, torch.float32, 4, 2, 16, 4, decode="cpu",
+                             prefill="cpu", sliding_window=8, softcap=50.0)
+    assert select_backends(forced, np.array([1, 5]))[:2] == ("cpu", "cpu")

@@ -6,6 +6,13 @@
 // A sequence's query heads all use one token's row of keys (every kv head, contiguous) while
 // it is in cache. Scores are kept for the whole context: one pass for the scores, a softmax,
 // one pass for the weighted sum of values, so K and V are each read once.
+//
+// A sliding window (window > 0: the new token at position p sees positions > p - window)
+// starts the context at the window's first block: blocks wholly before it are never read, so
+// the cost is bounded by the window, not the context. That block's tokens before the window
+// get no weight. A soft cap (softcap > 0) turns the scaled scores s into
+// softcap * tanh(s / softcap) before the softmax (attention_softcap.h). Without either, the
+// loops are those of plain attention: both are applied outside them, once per item and head.
 
 #pragma once
 
@@ -19,6 +26,7 @@
 
 #include <omp.h>
 
+#include "attention_softcap.h"
 #include "paged_decode_blocks.h"
 #include "vec8.h"
 
@@ -26,11 +34,12 @@ namespace attention {
 
 using namespace vec8;
 
-// head_dim must be a multiple of 8 (ops.supports checks).
+// head_dim must be a multiple of 8 (ops.supports checks). window, softcap: 0 for none.
 template <typename T>
 void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
             int64_t max_blocks, const int64_t* seq_lens, int64_t batch, int64_t heads,
-            int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale, float* out) {
+            int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale, float* out,
+            int64_t window = 0, float softcap = 0.f) {
     const int64_t group = heads / kv_heads, chunks = head_dim / 8;
 #if defined(__AVX512F__) && defined(__F16C__)
     // head_dim 64 with up to four query heads per kv head, or 128 with up to two.
@@ -39,6 +48,14 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
     const int64_t row_size = kv_heads * head_dim;      // one token: every kv head's vector
     const int64_t block_elems = block_size * row_size;
     const int64_t block_bytes = block_elems * static_cast<int64_t>(sizeof(T));
+    // The first position a sequence of `full` tokens attends to, and the start of its block:
+    // what the kernel reads begins there.
+    const auto visible_from = [&](int64_t full) {
+        return window > 0 ? std::max<int64_t>(0, full - window) : int64_t{0};
+    };
+    const auto read_from = [&](int64_t full) {
+        return visible_from(full) / block_size * block_size;
+    };
     // A work item is a sequence, or with fewer sequences than threads can share evenly, one
     // kv head of a sequence (each item then reads its part of every token's row), and when
     // even those are too few to share evenly, a run of whole blocks of that kv head's context
@@ -58,8 +75,9 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
     // bundled copy provides.)
     std::vector<int64_t> order(batch);
     for (int64_t i = 0; i < batch; ++i) order[i] = i;
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int64_t a, int64_t b) { return seq_lens[a] > seq_lens[b]; });
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+        return seq_lens[a] - read_from(seq_lens[a]) > seq_lens[b] - read_from(seq_lens[b]);
+    });
     std::atomic<int64_t> next{0};
 #pragma omp parallel
     {
@@ -68,10 +86,13 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
         for (int64_t item = next++; item < batch * parts * splits; item = next++) {
             const int64_t seq = order[item / (parts * splits)], part = item / splits % parts;
             const int64_t kv_first = part * kv_per_part, kv_last = kv_first + kv_per_part;
-            const int64_t full = seq_lens[seq];
-            const int64_t run = (full + block_size * splits - 1) / (block_size * splits) * block_size;
-            const int64_t first = std::min(full, item % splits * run);
+            const int64_t full = seq_lens[seq], base = read_from(full), span = full - base;
+            const int64_t run = (span + block_size * splits - 1) / (block_size * splits) * block_size;
+            const int64_t first = base + std::min(span, item % splits * run);
             const int64_t len = std::min(full, first + run) - first;   // this item's tokens
+            // Its leading tokens before the window (only the first run of a sequence has any,
+            // and fewer than a block, so it keeps some visible ones).
+            const int64_t hidden = std::max<int64_t>(0, visible_from(full) - first);
             const int64_t slot = (seq * parts + part) * splits + item % splits;
             float* mine = splits > 1 ? partial.data() + slot * part_heads * (head_dim + 2) : nullptr;
             if (len == 0) {                       // a run past a short context's end
@@ -124,13 +145,15 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
             }
             for (int64_t h = kv_first * group; h < kv_last * group; ++h) {
                 float* row = scores.data() + h * len;   // the build's widest vectors
-                vn tops_n = splatn(row[0]);
+                if (softcap > 0.f) soft_cap(row, len, softcap);
+                std::fill(row, row + hidden, -std::numeric_limits<float>::infinity());
+                vn tops_n = splatn(row[hidden]);
                 int64_t t = 0;
                 for (; t + kLanes <= len; t += kLanes) {
                     const vn x = loadn(row + t);
                     tops_n = x > tops_n ? x : tops_n;
                 }
-                float top = row[0];
+                float top = row[hidden];
                 for (int64_t lane = 0; lane < kLanes; ++lane) top = std::max(top, tops_n[lane]);
                 for (; t < len; ++t) top = std::max(top, row[t]);
                 vn sums = {};
@@ -145,6 +168,9 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* b
                     row[t] = std::exp(row[t] - top);
                     sum += row[t];
                 }
+                // expn's clamped input leaves e^-87.3 for the hidden tokens, well below the
+                // sum's last bit (the top's own term is 1): their weights are set to 0.
+                std::fill(row, row + hidden, 0.f);
                 total[h] = sum;
                 tops[h] = top;
             }

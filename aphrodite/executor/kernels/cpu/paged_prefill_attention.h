@@ -18,6 +18,12 @@
 // no score matrix larger than a block is ever held. Queries, scores and the weighted values
 // are all kept with rows innermost ([dim][row], [key][row]), so the products and the softmax
 // are vector operations across rows, and the cache's keys and values are read as they lie.
+//
+// A sliding window (window > 0: a token at position p sees positions > p - window) starts a
+// tile at the block of the first key its first token sees, so blocks wholly before every
+// row's window are never read; keys before a row's window are masked like those after it. A
+// soft cap (softcap > 0) turns a block's scaled scores s into softcap * tanh(s / softcap)
+// before the mask (attention_softcap.h). Without either, a tile runs the plain loops.
 
 #pragma once
 
@@ -30,6 +36,7 @@
 
 #include <omp.h>
 
+#include "attention_softcap.h"
 #include "vec8.h"
 
 namespace attention {
@@ -47,16 +54,16 @@ struct PrefillSeq {
 
 struct Tile {
     int64_t seq, kv, first, count;   // chunk tokens first .. first + count - 1, one kv head
-    int64_t keys;                    // keys the tile's last token sees: its cost
+    int64_t keys;                    // keys its last token reads (within a window): its cost
 };
 
 // Per-thread scratch for one tile.
 struct TileBuffers {
-    std::vector<float> qt, scores, acc, top, total, limit, corr, widened;
+    std::vector<float> qt, scores, acc, top, total, limit, floor, corr, widened;
     TileBuffers(int64_t head_dim, int64_t block_size)
         : qt(head_dim * kTileRows), scores(block_size * kTileRows), acc(head_dim * kTileRows),
-          top(kTileRows), total(kTileRows), limit(kTileRows), corr(kTileRows),
-          widened(block_size * head_dim) {}
+          top(kTileRows), total(kTileRows), limit(kTileRows), floor(kTileRows),
+          corr(kTileRows), widened(block_size * head_dim) {}
 };
 
 // n tokens' vectors of one kv head in a cache block, stride elements apart, as floats: a
@@ -170,18 +177,21 @@ template <typename T>
 inline void prefill_tile(const Tile& tile, const PrefillSeq& seq, const float* q,
                          int64_t q_stride, const T* k_cache, const T* v_cache,
                          const int64_t* table, int64_t heads, int64_t kv_heads,
-                         int64_t head_dim, int64_t block_size, float scale, float* out,
-                         TileBuffers& buf) {
+                         int64_t head_dim, int64_t block_size, float scale, int64_t window,
+                         float softcap, float* out, TileBuffers& buf) {
     const int64_t group = heads / kv_heads, rows = tile.count * group;
     const int64_t row_size = kv_heads * head_dim, prefix = seq.seq_len - seq.new_tokens;
     const float lowest = -std::numeric_limits<float>::infinity();
 
-    // Rows m = token * group + head. Padding rows (m >= rows) have zero queries and see every
-    // key: finite scores whose results are dropped.
+    // Rows m = token * group + head: row m sees keys at positions floor[m] < j <= limit[m].
+    // Padding rows (m >= rows) have zero queries and see every key: finite scores whose
+    // results are dropped.
     std::fill(buf.qt.begin(), buf.qt.end(), 0.f);
     for (int64_t m = 0; m < kTileRows; ++m) {
         const int64_t token = m / group;
         buf.limit[m] = m < rows ? static_cast<float>(prefix + tile.first + token) : 1e30f;
+        buf.floor[m] = m < rows && window > 0 ? buf.limit[m] - static_cast<float>(window)
+                                              : -1e30f;
         if (m >= rows) continue;
         const float* src = q + (seq.token_start + tile.first + token) * q_stride
                            + (tile.kv * group + m % group) * head_dim;
@@ -193,27 +203,42 @@ inline void prefill_tile(const Tile& tile, const PrefillSeq& seq, const float* q
 
     const int64_t end = prefix + tile.first + tile.count;     // keys the last token sees
     const int64_t first_limit = prefix + tile.first;          // the most any row sees in full
-    for (int64_t start = 0; start < end; start += block_size) {
+    // The first key the first token sees, and with it the first block read.
+    const int64_t from = window > 0 ? std::max<int64_t>(0, first_limit - window + 1) : 0;
+    for (int64_t start = from / block_size * block_size; start < end; start += block_size) {
         const int64_t n = std::min(block_size, end - start);
         const int64_t base = table[start / block_size] * block_size * row_size + tile.kv * head_dim;
         const HeadRows keys = head_rows(k_cache + base, row_size, n, head_dim, buf.widened.data());
         tile_scores(keys.data, keys.stride, n, buf.qt.data(), head_dim, buf.scores.data());
-        const bool diagonal = start + n - 1 > first_limit;    // some rows must not see some keys
+        if (softcap > 0.f) soft_cap(buf.scores.data(), n * kTileRows, softcap);
+        // Some rows must not see some keys: those after them, or (windowed) those before the
+        // last token's window.
+        const bool windowed = window > 0 && start <= end - 1 - window;
+        const bool diagonal = start + n - 1 > first_limit || windowed;
         for (int64_t c = 0; c < kTileVecs; ++c) {
             const vn limit = loadn(buf.limit.data() + kLanes * c);
+            const vn floors = loadn(buf.floor.data() + kLanes * c);
             const vn old_top = loadn(buf.top.data() + kLanes * c);
             vn top = old_top;
             for (int64_t j = 0; j < n; ++j) {
                 float* s = buf.scores.data() + j * kTileRows + kLanes * c;
                 vn x = loadn(s);
                 if (diagonal) {
-                    x = splatn(static_cast<float>(start + j)) > limit ? splatn(lowest) : x;
+                    const vn position = splatn(static_cast<float>(start + j));
+                    x = position > limit ? splatn(lowest) : x;
+                    if (windowed) x = position <= floors ? splatn(lowest) : x;
                     storen(s, x);
                 }
                 top = x > top ? x : top;
             }
-            // Every row sees key 0, so top is finite from the first block on.
-            const vn corr = expn(old_top - top);
+            // Without a window every row sees key 0, so top is finite from the first block
+            // on. With one, a row may see none of a tile's first blocks: while its top is
+            // -inf, its (zero) sums are kept as they are, not scaled by e^(-inf - -inf).
+            // (Rows see a contiguous run of keys: one that has seen none yet after a block
+            // that masks none before a window has seen some of it.)
+            const vn corr = windowed
+                                ? (top == splatn(lowest) ? splatn(1.f) : expn(old_top - top))
+                                : expn(old_top - top);
             vn total = loadn(buf.total.data() + kLanes * c) * corr;
             for (int64_t j = 0; j < n; ++j) {
                 float* s = buf.scores.data() + j * kTileRows + kLanes * c;
@@ -242,20 +267,23 @@ inline void prefill_tile(const Tile& tile, const PrefillSeq& seq, const float* q
 // q: [tokens, heads, head_dim] with q_stride floats between tokens (a view into the fused
 // projection's output); out: [tokens, heads, head_dim] contiguous, only the prefill
 // sequences' rows written. heads / kv_heads <= kTileRows, head_dim a multiple of 8. The
-// cache's elements T: float, or f16 (vec8.h).
+// cache's elements T: float, or f16 (vec8.h). window, softcap: 0 for none.
 template <typename T>
 void prefill(const float* q, int64_t q_stride, const T* k_cache, const T* v_cache,
              const int64_t* block_tables, int64_t max_blocks, const PrefillSeq* seqs,
              int64_t num_seqs, int64_t heads, int64_t kv_heads, int64_t head_dim,
-             int64_t block_size, float scale, float* out) {
+             int64_t block_size, float scale, float* out, int64_t window = 0,
+             float softcap = 0.f) {
     const int64_t group = heads / kv_heads, tokens_per_tile = kTileRows / group;
     std::vector<Tile> tiles;
     for (int64_t s = 0; s < num_seqs; ++s) {
         const int64_t prefix = seqs[s].seq_len - seqs[s].new_tokens;
         for (int64_t first = 0; first < seqs[s].new_tokens; first += tokens_per_tile) {
             const int64_t count = std::min(tokens_per_tile, seqs[s].new_tokens - first);
+            const int64_t keys = prefix + first + count;
+            const int64_t cost = window > 0 ? std::min(keys, window + count) : keys;
             for (int64_t kv = 0; kv < kv_heads; ++kv)
-                tiles.push_back({s, kv, first, count, prefix + first + count});
+                tiles.push_back({s, kv, first, count, cost});
         }
     }
     // The longest tiles first, then the rest one at a time: no thread is left with a long
@@ -272,7 +300,7 @@ void prefill(const float* q, int64_t q_stride, const T* k_cache, const T* v_cach
             const PrefillSeq& seq = seqs[tile.seq];
             prefill_tile(tile, seq, q, q_stride, k_cache, v_cache,
                          block_tables + seq.row * max_blocks, heads, kv_heads, head_dim,
-                         block_size, scale, out, buf);
+                         block_size, scale, window, softcap, out, buf);
         }
     }
 }

@@ -7,6 +7,12 @@ K/V are read once and nothing is materialised. Long contexts are split across pr
 (flash-decoding) and the partial results merged in torch, so a small batch still fills the
 GPU. Imported only when layers/attention/triton.py serves a step (Triton needs a GPU);
 tests/executor/test_gpu.py checks it against a float64 reference.
+
+A sliding window (the new token at p sees positions > p - window) starts each row's context
+at its window, so the splits cover at most `window` tokens and nothing older is read. A soft
+cap turns the scaled scores s into cap * tanh(s / cap) (Gemma 2): tanh as 1 - 2 / (e^2x + 1),
+since triton.language has no tanh on every Triton version (it is in libdevice, whose module
+path moves between versions); e^2x overflowing to inf gives 1, underflowing to 0 gives -1.
 """
 
 from __future__ import annotations
@@ -27,15 +33,20 @@ MAX_SPLITS = 16
 def _paged_decode_kernel(
         q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr,
         out_ptr, max_ptr, sum_ptr,
-        scale, kv_stride, tables_stride, split_len,
+        scale, kv_stride, tables_stride, split_len, window, softcap,
         BLOCK_SIZE: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+        NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, WINDOWED: tl.constexpr,
+        SOFTCAP: tl.constexpr):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + row)
-    start = split * split_len
+    if WINDOWED:   # the first position the new token (at seq_len - 1) sees
+        first = tl.maximum(seq_len - window, 0)
+    else:
+        first = 0
+    start = first + split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
     g = tl.arange(0, GROUP_PAD)
@@ -58,6 +69,8 @@ def _paged_decode_kernel(
         k = tl.load(cache_ptr + offsets, mask=valid[:, None], other=0.0)
         v = tl.load(cache_ptr + kv_stride + offsets, mask=valid[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+        if SOFTCAP:
+            scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
         scores = tl.where(valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         # A split with no valid token keeps max = -inf; guard the exp of (-inf) - (-inf).
@@ -83,16 +96,21 @@ def num_splits_for(max_seq_len: int) -> int:
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, max_seq_len: int, scale: float) -> torch.Tensor:
-    """q [B, H, D] (one new token per sequence) -> [B, H, D]; same contract as the torch path.
+                           seq_lens: torch.Tensor, max_seq_len: int, scale: float,
+                           window: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
+    """q [B, H, D] (one new token per sequence) -> [B, H, D]; same contract as the torch path,
+    window and softcap included.
 
     `max_seq_len` is a host int (the CUDA-graph bucket under capture), so the launch grid
-    never depends on device data."""
+    never depends on device data; with a window, no row reads more than min(max_seq_len,
+    window) tokens, and the splits cover that many."""
     batch, heads, head_dim = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     group = heads // kv_heads
-    splits = num_splits_for(max_seq_len)
-    split_len = -(-max_seq_len // splits)
+    span = max_seq_len if window is None else min(max_seq_len, window)
+    splits = num_splits_for(span)
+    split_len = -(-span // splits)
     split_len = -(-split_len // TOKENS_PER_TILE) * TOKENS_PER_TILE
     q = q.contiguous()
     block_tables = block_tables.contiguous()
@@ -101,10 +119,11 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     sums = torch.empty_like(maxes)
     _paged_decode_kernel[(batch, kv_heads, splits)](
         q, kv_cache, block_tables, seq_lens, partial, maxes, sums,
-        scale, kv_cache.stride(0), block_tables.stride(0), split_len,
-        BLOCK_SIZE=block_size, KV_HEADS=kv_heads, GROUP=group,
+        scale, kv_cache.stride(0), block_tables.stride(0), split_len, window or 0,
+        float(softcap or 0.0), BLOCK_SIZE=block_size, KV_HEADS=kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        TILE=TOKENS_PER_TILE, NUM_SPLITS=splits,
+        TILE=TOKENS_PER_TILE, NUM_SPLITS=splits, WINDOWED=window is not None,
+        SOFTCAP=softcap is not None,
         # float32 models get exact float32 products, not TF32's 10-bit mantissa
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if splits == 1:

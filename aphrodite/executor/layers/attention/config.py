@@ -11,8 +11,6 @@ import torch
 DECODE_BACKENDS = ("cpu", "triton", "torch_grouped", "torch_padded")
 # cpu: the C++ kernel (cpu.py); torch: torch_paged.prefill.
 PREFILL_BACKENDS = ("cpu", "torch")
-# The backends that apply a sliding window and a soft cap (torch_paged.py).
-TORCH_DECODE_BACKENDS = ("torch_grouped", "torch_padded")
 
 
 @dataclass(frozen=True)
@@ -30,7 +28,8 @@ class AttentionConfig:
     decode: str | None = None     # one of DECODE_BACKENDS
     prefill: str | None = None    # one of PREFILL_BACKENDS
     # The model's sliding window, where any of its layers attends through one (Gemma 2/3), and
-    # its attention-score soft cap (Gemma 2): only the torch backends apply them.
+    # its attention-score soft cap (Gemma 2). Every backend applies both; each layer passes
+    # its own to paged_attention, so the choice of backends does not depend on them.
     sliding_window: int | None = None
     softcap: float | None = None
 
@@ -40,15 +39,6 @@ class AttentionConfig:
             raise ValueError(f"decode backend {self.decode!r} is none of {DECODE_BACKENDS}")
         if self.prefill not in (None, *PREFILL_BACKENDS):
             raise ValueError(f"prefill backend {self.prefill!r} is none of {PREFILL_BACKENDS}")
-        if self.torch_only and (self.decode not in (None, *TORCH_DECODE_BACKENDS)
-                                or self.prefill not in (None, "torch")):
-            raise ValueError("a sliding window or a soft cap runs on the torch backends only, "
-                             f"not decode={self.decode!r}, prefill={self.prefill!r}")
-
-    @property
-    def torch_only(self) -> bool:
-        """Whether the model needs what only the torch backends do (a window, a soft cap)."""
-        return self.sliding_window is not None or self.softcap is not None
 
     @classmethod
     def for_cache(cls, kv_cache: torch.Tensor, num_heads: int, dtype: torch.dtype,

@@ -1,7 +1,8 @@
 """The C++ backend (CPU): paged decode and prefill attention that read keys and values where
 they lie in the cache (kernels/cpu/paged_decode_attention.h, paged_prefill_attention.h).
 
-Decode takes every decode row of a step in one call, prefill every prefill chunk. The support
+Decode takes every decode row of a step in one call, prefill every prefill chunk; both apply
+a layer's sliding window (reading no block wholly before it) and soft cap. The support
 checks ask the kernels' own predicates (cpu_kernels.supports, supports_prefill,
 cache_supported) about empty tensors of the config's shapes and dtypes, so the selector
 decides once per step what those predicates would answer for each layer's tensors.
@@ -51,17 +52,21 @@ def _empty_cache(config: AttentionConfig) -> torch.Tensor:
 
 
 def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+           seq_lens: torch.Tensor, scale: float, window: int | None = None,
+           softcap: float | None = None) -> torch.Tensor:
     """q [B, H, D], one new token per sequence -> [B, H, D]."""
     assert cpu_kernels.supports(kv_cache), "the selector chose it for another cache"
-    return cpu_kernels.paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale)
+    return cpu_kernels.paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale,
+                                              window, softcap)
 
 
 def prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-            prefill_seqs: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+            prefill_seqs: torch.Tensor, scale: float, out: torch.Tensor,
+            window: int | None = None, softcap: float | None = None) -> None:
     """Writes the prefill tokens' rows of out [T, H, D]; prefill_seqs as
     AttentionMetadata.prefill_seqs lists them."""
     # The selector checked dtypes and shapes; each token's heads must also lie contiguous,
     # as they do in a view of the fused qkv projection.
     assert cpu_kernels.supports_prefill(q, kv_cache), "queries or cache the kernel cannot read"
-    cpu_kernels.paged_prefill_attention(q, kv_cache, block_tables, prefill_seqs, scale, out)
+    cpu_kernels.paged_prefill_attention(q, kv_cache, block_tables, prefill_seqs, scale, out,
+                                        window, softcap)

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from aphrodite.executor.layers.attention import cpu, torch_paged, triton
-from aphrodite.executor.layers.attention.config import TORCH_DECODE_BACKENDS
 
 if TYPE_CHECKING:
     from aphrodite.executor.layers.attention.metadata import AttentionMetadata
@@ -22,14 +21,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     cached prefix, causal within this step's chunk. k/v must be in the cache already (write_kv).
     window: this layer's sliding window; a token at position p then sees positions > p - window
     only (transformers' sliding_window_overlay). softcap: scores become tanh(s / cap) * cap
-    before the mask and softmax (Gemma 2). Both need the torch backends, which the selector
-    picks for a model whose AttentionConfig names a window or a soft cap.
+    before the mask and softmax (Gemma 2). Every backend applies both.
     """
-    if (window is not None or softcap is not None) and (
-            meta.decode_backend not in (None, *TORCH_DECODE_BACKENDS)
-            or meta.prefill_backend not in (None, "torch")):
-        raise ValueError(f"a window or soft cap on backends {meta.decode_backend!r}, "
-                         f"{meta.prefill_backend!r}: the AttentionConfig must name them")
     if meta.num_decode_only:
         # meta.block_tables/seq_lens, which a CUDA graph's replay refills
         return _decode_rows(q, kv_cache, meta, meta.block_tables, meta.seq_lens,
@@ -41,7 +34,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                                meta.decode_max_seq_len, scale, window, softcap)
         out.index_copy_(0, meta.decode_token_idx, decoded)
     if meta.prefill_backend == "cpu":
-        cpu.prefill(q, kv_cache, meta.block_tables, meta.prefill_seqs, scale, out)
+        cpu.prefill(q, kv_cache, meta.block_tables, meta.prefill_seqs, scale, out, window,
+                    softcap)
     elif meta.prefill_backend == "torch":
         torch_paged.prefill(q, k, v, kv_cache, meta.block_tables, meta.prefills, scale, out,
                             window, softcap)
@@ -59,6 +53,7 @@ def _decode_rows(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadat
         return torch_paged.padded_decode(q, kv_cache, block_tables, seq_lens, max_seq_len,
                                          scale, window, softcap)
     if backend == "cpu":
-        return cpu.decode(q, kv_cache, block_tables, seq_lens, scale)
+        return cpu.decode(q, kv_cache, block_tables, seq_lens, scale, window, softcap)
     assert backend == "triton", backend
-    return triton.decode(q, kv_cache, block_tables, seq_lens, max_seq_len, scale)
+    return triton.decode(q, kv_cache, block_tables, seq_lens, max_seq_len, scale, window,
+                         softcap)

@@ -5,9 +5,6 @@ paged_attention (dispatch.py) runs the choice without checking again.
 The rules, first match wins:
 
 decode rows (one new token):
-    torch_grouped  CPU, a model with a sliding window or a soft cap (AttentionConfig
-                   .sliding_window / .softcap): the C++ and Triton kernels apply neither
-    torch_padded   elsewhere, such a model
     cpu            CPU, the C++ kernels built, a cache the decode kernel reads (float32,
                    bfloat16, or float16 where the CPU has F16C; head_dim a multiple of 8)
     torch_padded   CPU, the C++ kernels built, a cache it does not read
@@ -15,13 +12,13 @@ decode rows (one new token):
     triton         CUDA, Triton installed, head_dim a power of two >= 16
     torch_padded   anything else
 prefill chunks (several new tokens):
-    torch          a model with a sliding window or a soft cap
     cpu            CPU, the C++ kernels built, float32 model, a cache the prefill kernel
                    reads (float32, or float16 with F16C; head_dim a multiple of 8), at most
                    cpu_kernels.PREFILL_TILE_ROWS query heads per kv head
     torch          anything else
 
-AttentionConfig.decode / .prefill, when set, replace the rules' choice.
+AttentionConfig.decode / .prefill, when set, replace the rules' choice. Every backend applies
+a layer's sliding window and soft cap (Gemma 2/3), so they play no part in the choice.
 
 On CPU the C++ decode kernel's attention takes 54.8 ms of a default-model decode step at
 batch 64, context 128+, grouped torch attention 112.6 ms (benchmarks/step_profile.py
@@ -60,8 +57,6 @@ def select_backends(config: AttentionConfig, query_lens: np.ndarray) -> StepBack
 
 
 def _decode_backend(config: AttentionConfig) -> str:
-    if config.torch_only:
-        return "torch_grouped" if config.device.type == "cpu" else "torch_padded"
     if config.device.type == "cpu":
         if not cpu.kernels_built():
             return "torch_grouped"
@@ -72,8 +67,6 @@ def _decode_backend(config: AttentionConfig) -> str:
 
 
 def _prefill_backend(config: AttentionConfig) -> str:
-    if config.torch_only:
-        return "torch"
     if config.device.type == "cpu" and cpu.kernels_built() and cpu.prefill_supported(config):
         return "cpu"
     return "torch"

@@ -25,7 +25,10 @@ def decode_supported(head_dim: int) -> bool:
 
 
 def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-           seq_lens: torch.Tensor, max_seq_len: int, scale: float) -> torch.Tensor:
-    """q [B, H, D], one new token per sequence -> [B, H, D]."""
+           seq_lens: torch.Tensor, max_seq_len: int, scale: float, window: int | None = None,
+           softcap: float | None = None) -> torch.Tensor:
+    """q [B, H, D], one new token per sequence -> [B, H, D]; window and softcap as
+    paged_attention takes them."""
     from aphrodite.executor.kernels.triton.paged_decode import paged_decode_attention
-    return paged_decode_attention(q, kv_cache, block_tables, seq_lens, max_seq_len, scale)
+    return paged_decode_attention(q, kv_cache, block_tables, seq_lens, max_seq_len, scale,
+                                  window, softcap)
