@@ -1,6 +1,6 @@
 // Products of many tokens with GGUF blocks (quantized_linear.h picks them from
-// kPanelFromTokens tokens): panels of rows widened to float32, times the tokens in
-// register tiles.
+// kPanelFromTokens tokens): panels of rows widened to float32 (quantized_rows.h's
+// dequantize_row for the block format F), times the tokens in register tiles.
 //
 // Part of cpu_kernels.cpp (one translation unit), built at run time by build.py.
 
@@ -184,10 +184,10 @@ inline void store_panel(const float* sums, int64_t padded, int64_t tokens, int64
     }
 }
 
-template <bool kInt4>
+template <class F>
 void run_panels(const float* x, int64_t tokens, int64_t cols, const uint8_t* weight,
                 int64_t rows, int64_t out_stride, float* out) {
-    const int64_t row_bytes = cols / kBlock * block_bytes<kInt4>();
+    const int64_t row_bytes = cols / F::kValues * F::kBytes;
     const int64_t panels = (rows + kPanelRows - 1) / kPanelRows;
     const int64_t padded = padded_tokens(tokens), groups = padded / 8;
     // Tile by tile, tokens t.. at xt + t * cols. Not zeroed, since every element is written
@@ -218,7 +218,7 @@ void run_panels(const float* x, int64_t tokens, int64_t cols, const uint8_t* wei
         for (int64_t p = 0; p < panels; ++p) {
             const int64_t first = p * kPanelRows, count = std::min(kPanelRows, rows - first);
             for (int64_t r = 0; r < count; ++r)
-                dequantize_row<kInt4>(weight + (first + r) * row_bytes, cols,
+                dequantize_row<F>(weight + (first + r) * row_bytes, cols,
                                       panel + r * cols);
             int64_t t = 0;
 #if defined(__AVX512F__)
