@@ -17,6 +17,7 @@ import platform
 import numpy as np
 import pytest
 import torch
+from random_gguf_blocks import TYPES, random_blocks
 
 from aphrodite.executor.kernels.cpu import build
 from aphrodite.executor.kernels.cpu import ops as cpu_kernels
@@ -135,35 +136,21 @@ def test_prefill_attention(other, dtype, heads, kv_heads, head_dim, window, soft
     assert_close(built, native)
 
 
-def random_blocks(rows: int, cols: int, is_int4: bool, seed: int) -> torch.Tensor:
-    """GGUF blocks of a [rows, cols] matrix: Q4_1 (d, m, 16 bytes of nibbles) or Q8_0 (d, 32
-    int8), some scales float16 subnormals (which the portable build widens by hand)."""
-    rng = np.random.default_rng(seed)
-    n = rows * cols // 32
-    d = (rng.uniform(1e-3, 2e-2, n) * rng.choice([-1, 1], n)).astype(np.float16)
-    d[::17] = np.float16(3e-6)
-    parts = [d.view(np.uint8).reshape(n, 2)]
-    if is_int4:
-        parts.append((-rng.uniform(0, 0.1, n)).astype(np.float16).view(np.uint8).reshape(n, 2))
-    parts.append(rng.integers(0, 256, (n, 16 if is_int4 else 32), dtype=np.uint8))
-    return torch.from_numpy(np.concatenate(parts, axis=1).reshape(rows, -1).copy())
+@pytest.mark.parametrize("name", TYPES)
+def test_dequantize_blocks_bit_for_bit(other, name):
+    blocks = random_blocks(TYPES[name], 100, 512, seed=1)
+    native, built = other.run(lambda: cpu_kernels.dequantize_blocks(blocks, TYPES[name], 512))
+    assert torch.equal(built.view(torch.int32), native.view(torch.int32))
 
 
-@pytest.mark.parametrize("is_int4", [True, False], ids=["q4_1", "q8_0"])
-def test_dequantize_blocks_bit_for_bit(other, is_int4):
-    blocks = random_blocks(100, 256, is_int4, seed=1)
-    native, built = other.run(lambda: cpu_kernels.dequantize_blocks(blocks, 3 if is_int4 else 8, 256))
-    assert torch.equal(built, native)
-
-
-@pytest.mark.parametrize("is_int4", [True, False], ids=["q4_1", "q8_0"])
+@pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("tokens", [1, 7, 20, 64, 300])
-def test_quantized_linear(other, is_int4, tokens):
+def test_quantized_linear(other, name, tokens):
     """1 and 7 tokens: the row-by-row products; 20, 64 and 300: the panels, with the tiles of
     8, 16 and 32 tokens and a padded last one. 100 rows leave a partial panel and tile."""
-    blocks = random_blocks(100, 256, is_int4, seed=tokens)
-    x = torch.randn(tokens, 256, generator=torch.Generator().manual_seed(tokens))
-    native, built = other.run(lambda: cpu_kernels.quantized_linear(x, blocks, 3 if is_int4 else 8))
+    blocks = random_blocks(TYPES[name], 100, 512, seed=tokens)
+    x = torch.randn(tokens, 512, generator=torch.Generator().manual_seed(tokens))
+    native, built = other.run(lambda: cpu_kernels.quantized_linear(x, blocks, TYPES[name]))
     assert_close(built, native)
 
 
