@@ -7,9 +7,9 @@ and sizes to its kernel.
   kernel reads keys and values where they are.
 - paged_prefill_attention.h: every prefill chunk of a step in one call, over the paged cache
   too (torch's flash kernel runs one sequence a call, its prefix gathered first).
-- quantized_linear.h: GGUF-style int4/int8 weights times float32 activations for decode (see
-  layers/quantized.py for why not torch's weight-only kernels).
-- amx_linear.h: the same int4 matrices times many tokens (prefill chunks) on Intel AMX's
+- quantized_linear.h: GGUF blocks (Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K) times float32
+  activations (see layers/quantized.py for why not torch's weight-only kernels).
+- amx_linear.h: Q4_1 matrices times many tokens (prefill chunks) on Intel AMX's
   bfloat16 tiles, with every float32 bit kept (weights and activations split into exact
   bfloat16 parts); only where amx_available().
 - layer_ops.h: the elementwise steps between a layer's matrix products (residual add and RMS
