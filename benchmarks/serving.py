@@ -10,9 +10,11 @@
     python benchmarks/serving.py --baseline-url http://127.0.0.1:8080
 
 Workloads (see serving_workloads.py): fixed, mixed, shared-prefix (our server with prefix
-caching on and off) and long. Each (workload, concurrency) run sends the same seeded requests
-to every backend through the same closed-loop streaming client; backends run one after the
-other and each launched server is stopped before the next starts. See benchmarks/README.md.
+caching on and off) and long by default; prompt512 (one stream: TTFT and decode tok/s) on
+request. Each (workload, concurrency) run sends the same seeded requests to every backend
+through the same closed-loop streaming client; backends run one after the other and each
+launched server is stopped before the next starts, after its processes' RSS (now and peak)
+is read. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ import json
 import os
 import shlex
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from serving_client import Endpoint, run_level  # noqa: E402
-from serving_report import load_average, machine_description, print_table  # noqa: E402
+from serving_launch import Launched, free_port  # noqa: E402
+from serving_report import (load_average, machine_description, print_memory,  # noqa: E402
+                            print_table)
 from serving_workloads import (WordSource, default_specs, level_requests,  # noqa: E402
                                warmup_requests)
 
@@ -43,47 +45,6 @@ OURS = "aphrodite"
 OURS_NO_PREFIX = "aphrodite-no-prefix-cache"
 OURS_KV16 = "aphrodite-kv-float16"
 OUR_VARIANTS = {OURS, OURS_NO_PREFIX, OURS_KV16}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Launched:
-    """A server process that lives for one backend's turn, in its own process group."""
-
-    def __init__(self, argv: list[str], port: int, log_path: str):
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.base_url = f"http://127.0.0.1:{port}"
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; "
-                                   f"see {self.log.name}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/v1/models", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"server not ready after {timeout_s:.0f} s; see {self.log.name}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
 
 
 @dataclass
@@ -143,14 +104,16 @@ def build_backends(args, gguf: str | None) -> list[Backend]:
     return backends
 
 
-def run_backend(backend: Backend, plan: list[tuple], args) -> list[dict]:
-    """Every (workload, level) this backend takes part in; its server is up only meanwhile."""
+def run_backend(backend: Backend, plan: list[tuple], args) -> tuple[list[dict], dict | None]:
+    """Every (workload, level) this backend takes part in; its server is up only meanwhile.
+    Also, for a launched server, its seconds to ready and its processes' memory just before
+    it is stopped (see serving_launch.py)."""
     todo = [(spec, c, reqs) for spec, c, reqs in plan
             if (backend.workloads is None or spec.name in backend.workloads)
             and (backend.levels is None or c in backend.levels)]
     if not todo:
-        return []
-    server = None
+        return [], None
+    server, info = None, None
     if backend.argv:
         server = Launched(backend.argv, backend.port, f"{args.log_prefix}-{backend.name}.log")
     runs = []
@@ -158,7 +121,8 @@ def run_backend(backend: Backend, plan: list[tuple], args) -> list[dict]:
         if server:
             t0 = time.perf_counter()
             server.wait_ready(args.start_timeout)
-            print(f"[{backend.name}] ready in {time.perf_counter() - t0:.1f} s", flush=True)
+            info = {"ready_s": time.perf_counter() - t0}
+            print(f"[{backend.name}] ready in {info['ready_s']:.1f} s", flush=True)
         url = server.base_url if server else backend.url
         ep = Endpoint(url, args.served_model or model_name(url, args.api_key), args.api_key,
                       backend.extra_body)
@@ -172,8 +136,9 @@ def run_backend(backend: Backend, plan: list[tuple], args) -> list[dict]:
                   f"{stats['errors']} errors, load {load}", flush=True)
     finally:
         if server:
+            info = {**(info or {}), "memory": server.memory()}
             server.stop()
-    return runs
+    return runs, info
 
 
 def compare(runs: list[dict]) -> tuple[list[dict], list[str]]:
@@ -195,7 +160,7 @@ def compare(runs: list[dict]) -> tuple[list[dict], list[str]]:
                 base, same = by_key.get((w, 1, other)), False
             if base and base["stats"]["output_tok_s"]:
                 row["ratios"][other] = {"ratio": ours / base["stats"]["output_tok_s"],
-                                        "same_prompts": same}
+                                        "same_prompts": same, **latency_ratios(r, base)}
                 if base is by_key.get((w, c, other)) and r["backend"] == OURS:
                     base["ours_over_this"] = row["ratios"][other]["ratio"]
         off = by_key.get((w, c, OURS_NO_PREFIX))
@@ -209,11 +174,35 @@ def compare(runs: list[dict]) -> tuple[list[dict], list[str]]:
     return comparisons, notes
 
 
+def latency_ratios(ours: dict, base: dict) -> dict:
+    """Single-stream figures, where both runs have them: the baseline's TTFT p50 over ours
+    and our decode tok/s p50 over the baseline's (above 1: ours is faster on each)."""
+    out = {}
+    a, b = ours["stats"], base["stats"]
+    if a["ttft_ms"]["p50"] and b["ttft_ms"]["p50"]:
+        out["ttft_ratio"] = b["ttft_ms"]["p50"] / a["ttft_ms"]["p50"]
+    if a["decode_tok_s"]["p50"] and b["decode_tok_s"]["p50"]:
+        out["decode_ratio"] = a["decode_tok_s"]["p50"] / b["decode_tok_s"]["p50"]
+    return out
+
+
+def compare_memory(servers: dict) -> dict:
+    """Our model process's peak RSS over each launched baseline's (below 1: ours is smaller)."""
+    peak = lambda name: servers[name]["memory"]["model"].get("peak_mib")
+    ours = peak(OURS) if OURS in servers else None
+    return {name: ours / peak(name) for name in servers
+            if ours and name not in OUR_VARIANTS and peak(name)}
+
+
 def print_comparisons(comparisons: list[dict]) -> None:
     print("\nour output tok/s over each baseline's (same workload and concurrency):")
     for row in comparisons:
         parts = [f"{name} {v['ratio']:.2f}x{'' if v['same_prompts'] else '*'}"
                  for name, v in sorted(row["ratios"].items())]
+        if row["concurrency"] == 1:
+            parts += [f"{name} TTFT {v['ttft_ratio']:.2f}x, decode {v['decode_ratio']:.2f}x"
+                      for name, v in sorted(row["ratios"].items())
+                      if v["same_prompts"] and "ttft_ratio" in v and "decode_ratio" in v]
         if "prefix_cache_ttft_speedup" in row:
             parts.append(f"TTFT p50 prefix cache off/on {row['prefix_cache_ttft_speedup']:.2f}x")
         print(f"  {row['backend']:<21} {row['workload']:<14} c={row['concurrency']:<3} "
@@ -228,7 +217,8 @@ def int_list(text: str) -> list[int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--workloads", default="fixed,mixed,shared-prefix,long")
+    ap.add_argument("--workloads", default="fixed,mixed,shared-prefix,long",
+                    help="comma-separated; prompt512 (single-stream TTFT and decode) is extra")
     ap.add_argument("--levels", type=int_list, default=[1, 16, 64],
                     help="concurrency levels (shared-prefix caps them at 16, long at 8)")
     ap.add_argument("--min-requests", type=int, default=8,
@@ -289,17 +279,22 @@ def main() -> None:
               "model": files.name, "seed": args.seed, "argv": sys.argv[1:],
               "workloads": {spec.name: {"about": spec.about, "levels": spec.levels}
                             for spec, _, _ in plan},
-              "runs": [], "comparisons": [], "notes": []}
+              "runs": [], "comparisons": [], "notes": [], "servers": {}}
     gguf = os.path.join(files.path, files.gguf_file) if files.gguf_file else None
     started = time.perf_counter()
     for backend in build_backends(args, gguf):
-        report["runs"] += run_backend(backend, plan, args)
+        runs, info = run_backend(backend, plan, args)
+        report["runs"] += runs
+        if info:
+            report["servers"][backend.name] = info
+            report["memory_ratios"] = compare_memory(report["servers"])
         report["comparisons"], report["notes"] = compare(report["runs"])
         report["wall_s"] = time.perf_counter() - started
         if args.json:            # after every backend, so an interrupted run keeps its data
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=2)
     print_table(report)
+    print_memory(report)
     print_comparisons(report["comparisons"])
 
 

@@ -1,7 +1,10 @@
 """Closed-loop streaming clients for /v1/completions and the per-run metrics.
 
 `concurrency` clients each send their next request as soon as the previous one finishes.
-TTFT is the time to the first streamed text; TPOT is (latency - TTFT) / (tokens - 1).
+TTFT is the time to the first streamed text; TPOT is (latency - TTFT) / (tokens - 1) and decode
+tok/s its inverse, per request. Both use the end of the stream rather than the last text
+chunk's arrival: a server may send several tokens in one chunk (a fast step, or text held back
+until it decodes), and the stream ends right after the last token.
 """
 
 from __future__ import annotations
@@ -120,6 +123,8 @@ def summarise(results: list[RequestResult], elapsed: float) -> dict:
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
     tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    decode = [(r.output_tokens - 1) / (r.latency - r.ttft) for r in ok
+              if r.output_tokens > 1 and r.latency > r.ttft]
     ms = lambda d: {k: (v * 1e3 if v is not None else None) for k, v in d.items()}
     return {
         "requests": len(results), "completed": len(ok), "errors": len(results) - len(ok),
@@ -132,6 +137,7 @@ def summarise(results: list[RequestResult], elapsed: float) -> dict:
         "request_s": len(ok) / elapsed if elapsed else 0.0,
         "ttft_ms": ms(percentiles([r.ttft for r in ok])),
         "tpot_ms": ms(percentiles(tpot)),
+        "decode_tok_s": percentiles(decode),
         "e2e_ms": ms(percentiles([r.latency for r in ok])),
     }
 

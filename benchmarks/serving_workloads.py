@@ -1,8 +1,10 @@
-"""Seeded request lists for the serving benchmark: fixed, mixed, shared-prefix and long prompts.
+"""Seeded request lists for the serving benchmark: fixed, mixed, shared-prefix, long and
+prompt512 (one stream: TTFT of a 512-token prompt, then decode).
 
-Prompts are text made of whole-word vocabulary tokens (" apple", " river", ...), so every
-server, ours or not, tokenises them back to exactly the intended token count: the same
-requests go to every backend as plain OpenAI /v1/completions bodies.
+Prompts are text made of whole-word vocabulary tokens (" apple", " river", ...: GPT-2 style
+"Ġapple" or SentencePiece "▁apple"), so every server, ours or not, tokenises them back to
+exactly the intended token count (plus a BOS where the tokenizer adds one): the same requests
+go to every backend as plain OpenAI /v1/completions bodies.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ def default_specs(levels: list[int], scale: float = 1.0) -> dict[str, WorkloadSp
                                             "32 new tokens"),
         "long": WorkloadSpec("long", (1024, 4096), (32, 32), capped(8),
                              about="prompts 1024-4096 tokens, 32 new tokens"),
+        # One request at a time whatever --levels says: TTFT and decode speed of one stream.
+        "prompt512": WorkloadSpec("prompt512", (512, 512), (128, 128), [1],
+                                  about="one stream: 512 prompt tokens, 128 new tokens"),
     }
     if scale != 1.0:
         size = lambda n: max(1, round(n * scale))
@@ -61,9 +66,10 @@ class WordSource:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         vocab = tokenizer.get_vocab()
-        self.words = sorted(t[1:] for t in vocab if re.fullmatch(r"Ġ[a-z]{3,10}", t))
+        self.words = sorted({t[1:] for t in vocab if re.fullmatch(r"[Ġ▁][a-z]{3,10}", t)})
         if len(self.words) < 1000:
-            raise RuntimeError("tokenizer has no GPT-2 style word tokens; cannot build prompts")
+            raise RuntimeError("tokenizer has no GPT-2 or SentencePiece style word tokens; "
+                               "cannot build prompts")
 
     def text(self, rng: random.Random, n_tokens: int) -> str:
         return "".join(" " + rng.choice(self.words) for _ in range(n_tokens))
