@@ -109,9 +109,7 @@ class ModelRunner:
         self.attention_config = AttentionConfig(
             self.device, self.dtype, self.kv_dtype,
             self.hf_config.num_attention_heads // config.tensor_parallel_size,
-            self.model.num_kv_heads, self.model.head_dim, self.block_size,
-            sliding_window=getattr(self.model, "sliding_window", None),   # Gemma 2/3
-            softcap=getattr(self.model, "attention_softcap", None))
+            self.model.num_kv_heads, self.model.head_dim, self.block_size)
         self.num_kv_blocks, self.kv_caches = self._allocate_kv_cache(rank)
         if self.device.type == "cpu":
             cpu_kernels.library_available()     # built (or found cached) now, not in a step

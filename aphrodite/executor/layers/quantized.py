@@ -175,6 +175,9 @@ class QuantizedWeight(torch.Tensor):
             for part in runs:
                 if part.ggml_type not in KERNEL_TYPES:
                     raise ValueError(f"no kernel multiplies GGML type {part.ggml_type}")
+                if part.cols % BLOCKS[part.ggml_type][0]:
+                    raise ValueError(f"{part.cols} columns are not whole blocks of GGML type "
+                                     f"{part.ggml_type}")
             self.segments = [(p.ggml_type, torch.from_numpy(np.require(p.blocks, requirements=["C", "W"])))
                              for p in runs]
             return

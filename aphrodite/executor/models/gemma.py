@@ -194,9 +194,6 @@ class Gemma3ForCausalLM(nn.Module):
         self.lm_head = (None if self.tie_word_embeddings
                         else empty_param(config.vocab_size, config.hidden_size, dtype=dtype))
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
-        # The model's window and cap, which model_runner records in its AttentionConfig.
-        self.sliding_window = config.sliding_window if SLIDING in types else None
-        self.attention_softcap = getattr(config, "attn_logit_softcapping", None)
 
     @property
     def num_kv_heads(self) -> int:

@@ -1,16 +1,14 @@
 """paged_attention with a sliding window and a soft cap against a dense masked float64
 reference, on every CPU backend: the torch ones (torch_paged.py) and the C++ kernels
 (paged_decode_attention.h, paged_prefill_attention.h; test_attention_window_kernels.py tests
-them on larger shapes); and the selector keeping such a model on the C++ kernels."""
+them on larger shapes). Which backends a model takes does not depend on its windows:
+test_gemma_kernels.py checks that Gemma runs on the C++ kernels."""
 
-import numpy as np
 import pytest
 import torch
 from test_attention import DECODES, MANY_DECODES, MIXED, make_batch
 
-from aphrodite.executor.layers.attention import AttentionConfig, paged_attention, write_kv
-from aphrodite.executor.layers.attention import metadata, triton
-from aphrodite.executor.layers.attention.selector import select_backends
+from aphrodite.executor.layers.attention import metadata, paged_attention, write_kv
 
 torch.set_num_threads(1)
 
@@ -80,18 +78,3 @@ def test_window_and_softcap_match_dense_reference(spec, window, softcap, path, d
     plain = windowed_reference(q[:spec[0][1]], *full[0][:2], spec[0][0], scale, None, None)
     if spec[0][0] + spec[0][1] > (window or 1 << 30) or softcap:
         assert not torch.allclose(out[:spec[0][1]].float(), plain, atol=tol, rtol=tol)
-
-
-def test_selector_keeps_a_windowed_model_on_the_kernels(cpp_compiler):
-    """A window or soft cap changes no backend: the C++ kernels on CPU, Triton (where
-    installed) on CUDA."""
-    cuda_decode = "triton" if triton.decode_supported(16) else "torch_padded"
-    for extra in ({}, {"sliding_window": 8}, {"softcap": 50.0}):
-        config = AttentionConfig("cpu", torch.float32, torch.float32, 4, 2, 16, 4, **extra)
-        assert select_backends(config, np.array([1, 5])) == ("cpu", "cpu", False)
-        assert select_backends(config, np.array([1, 1])) == ("cpu", None, True)
-        cuda = AttentionConfig("cuda", torch.float16, torch.float16, 4, 2, 16, 4, **extra)
-        assert select_backends(cuda, np.array([1, 5])) == (cuda_decode, "torch", False)
-    forced = AttentionConfig("cpu", torch.float32, torch.float32, 4, 2, 16, 4, decode="cpu",
-                             prefill="cpu", sliding_window=8, softcap=50.0)
-    assert select_backends(forced, np.array([1, 5]))[:2] == ("cpu", "cpu")

@@ -222,8 +222,8 @@ def test_real_gemma3_270m_greedy_matches_transformers():
         expected = [hf.generate(torch.tensor([p]), do_sample=False,
                                 max_new_tokens=64)[0, len(p):].tolist() for p in prompts]
     del hf
-    # auto keeps the file's Q8_0 matrices in blocks plus a float32 copy, int4 the blocks only;
-    # its k-quant and Q5_0 tensors are dequantised at load either way.
+    # auto keeps every matrix (Q5_0, Q8_0, Q4_K, Q6_K) in its blocks plus a float32 copy,
+    # int4 the blocks only.
     for quantization in ("auto", "int4"):
         llm = LLM(model=str(path), dtype="float32", quantization=quantization)
         try:

@@ -35,7 +35,7 @@ def test_gemma_attends_through_the_cpp_kernels(gemma_pair, kernel_calls):  # noq
     hf, ours = gemma_pair
     check_prefill_then_decode(hf, PagedDriver(ours), PROMPTS, decode_steps=WINDOW + 2)
     check_chunked_prefill(hf, PagedDriver(ours, seed=1), PROMPTS["b"], PROMPTS["c"], (6, 15))
-    softcap = ours.attention_softcap
+    softcap = getattr(hf.config, "attn_logit_softcapping", None)
     layers = [layer.self_attn.window for layer in ours.layers]
     assert WINDOW in layers and None in layers     # sliding and global layers
     for kernel in ("decode", "prefill"):

@@ -71,11 +71,9 @@ class PagedDriver:
 
 
     def attention_config(self) -> AttentionConfig:
-        """As the model runner builds it: the model's window and soft cap where it has them."""
+        """As the model runner builds it."""
         return AttentionConfig.for_cache(
-            self.caches[0], self.model.config.num_attention_heads, self.model.dtype,
-            sliding_window=getattr(self.model, "sliding_window", None),
-            softcap=getattr(self.model, "attention_softcap", None))
+            self.caches[0], self.model.config.num_attention_heads, self.model.dtype)
 
 
 @torch.no_grad()

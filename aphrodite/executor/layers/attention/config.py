@@ -27,11 +27,8 @@ class AttentionConfig:
     # each on one machine); it must be able to run here.
     decode: str | None = None     # one of DECODE_BACKENDS
     prefill: str | None = None    # one of PREFILL_BACKENDS
-    # The model's sliding window, where any of its layers attends through one (Gemma 2/3), and
-    # its attention-score soft cap (Gemma 2). Every backend applies both; each layer passes
-    # its own to paged_attention, so the choice of backends does not depend on them.
-    sliding_window: int | None = None
-    softcap: float | None = None
+    # Not here: sliding windows and soft caps. Every backend applies both, and each layer
+    # passes its own to paged_attention, so the choice of backends does not depend on them.
 
     def __post_init__(self):
         object.__setattr__(self, "device", torch.device(self.device))
@@ -42,11 +39,9 @@ class AttentionConfig:
 
     @classmethod
     def for_cache(cls, kv_cache: torch.Tensor, num_heads: int, dtype: torch.dtype,
-                  decode: str | None = None, prefill: str | None = None,
-                  sliding_window: int | None = None,
-                  softcap: float | None = None) -> AttentionConfig:
+                  decode: str | None = None, prefill: str | None = None) -> AttentionConfig:
         """The config of a model with num_heads query heads in `dtype` over one layer's
         kv_cache (which gives the device, cache dtype and geometry)."""
         _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
         return cls(kv_cache.device, dtype, kv_cache.dtype, num_heads, num_kv_heads, head_dim,
-                   block_size, decode, prefill, sliding_window, softcap)
+                   block_size, decode, prefill)
