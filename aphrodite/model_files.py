@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from aphrodite.gguf_config import GGUF_CONFIG_FIXES, fix_gguf_config
+
 logger = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
@@ -115,7 +117,8 @@ def _download_from_hub(repo_id: str) -> str:
 
 
 def load_config(files: ModelFiles):
-    """transformers config of the model; for GGUF, parsed from metadata once and cached."""
+    """transformers config of the model; for GGUF, parsed from metadata (with the facts that
+    transformers misses set by gguf_config.fix_gguf_config) once and cached."""
     from transformers import AutoConfig
 
     if not files.is_gguf:
@@ -125,7 +128,8 @@ def load_config(files: ModelFiles):
         config = AutoConfig.from_pretrained(cached)
         config._name_or_path = files.path  # as if parsed from the GGUF file itself
         return config
-    config = AutoConfig.from_pretrained(files.path, gguf_file=files.gguf_file)
+    config = fix_gguf_config(AutoConfig.from_pretrained(files.path, gguf_file=files.gguf_file),
+                             files.gguf_path)
     _save_to_cache(cached, config.save_pretrained)
     return config
 
@@ -162,13 +166,14 @@ def cache_root() -> Path:
 
 
 def _gguf_cache_dir(files: ModelFiles) -> Path:
-    # Keyed by the file's identity (path, size, mtime) and the transformers version that
-    # converted it, so a changed file or a different converter misses the cache.
+    # Keyed by the file's identity (path, size, mtime), the transformers version that
+    # converted it and the version of our config fixes, so a changed file or a different
+    # converter misses the cache.
     import transformers
 
     stat = os.stat(files.gguf_path)
     key = json.dumps([os.path.realpath(files.gguf_path), stat.st_size, stat.st_mtime_ns,
-                      transformers.__version__])
+                      transformers.__version__, GGUF_CONFIG_FIXES])
     return cache_root() / "gguf" / hashlib.sha256(key.encode()).hexdigest()[:32]
 
 

@@ -26,9 +26,14 @@ def gguf_name(name: str, layer_names: dict[str, str]) -> str:
 def write_gguf(path, arch: str, hf_model, layer_names: dict[str, str], quant=F32,
                convert: Callable[[str, np.ndarray], np.ndarray | None] = lambda n, a: a,
                metadata: Callable[[gguf.GGUFWriter], None] = lambda writer: None,
-               extra_tensors: dict[str, np.ndarray] | None = None) -> str:
+               extra_tensors: dict[str, np.ndarray] | None = None,
+               split: Callable[[str, np.ndarray], list[tuple[str, np.ndarray]] | None]
+               = lambda n, a: None) -> str:
     """convert(name, array): the array as the converter stores it, or None to leave the tensor
-    out; metadata(writer): the architecture's own keys."""
+    out; metadata(writer): the architecture's own keys; split(name, array): the GGUF tensors
+    [(GGUF name, array)] that one tensor becomes where it is not one tensor under its GGUF name
+    (stacked experts), else None. Matrices and stacked experts are stored as `quant`, except
+    the router (ffn_gate_inp), which llama.cpp's quantiser keeps as it is."""
     config = hf_model.config
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(config.max_position_embeddings)
@@ -44,11 +49,11 @@ def write_gguf(path, arch: str, hf_model, layer_names: dict[str, str], quant=F32
         array = convert(name, tensor.numpy())
         if array is None:
             continue
-        if array.ndim == 2 and quant != F32:
-            writer.add_tensor(gguf_name(name, layer_names), gguf.quants.quantize(array, quant),
-                              raw_dtype=quant)
-        else:
-            writer.add_tensor(gguf_name(name, layer_names), array)
+        for target, part in split(name, array) or [(gguf_name(name, layer_names), array)]:
+            if part.ndim >= 2 and quant != F32 and ".ffn_gate_inp." not in target:
+                writer.add_tensor(target, gguf.quants.quantize(part, quant), raw_dtype=quant)
+            else:
+                writer.add_tensor(target, part)
     for name, array in (extra_tensors or {}).items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()
@@ -56,3 +61,27 @@ def write_gguf(path, arch: str, hf_model, layer_names: dict[str, str], quant=F32
     writer.write_tensors_to_file()
     writer.close()
     return str(path)
+
+
+def llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """Q/K rows in the order llama.cpp's Llama converter stores them (LlamaModel.permute)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def add_byte_tokenizer(writer: gguf.GGUFWriter, bos: int = 1, eos: int = 2) -> None:
+    """A 256-token byte-level BPE vocabulary without merges: what transformers needs to build a
+    GGUF file's tokenizer (the engine loads it), for models of vocabulary size 256."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = list(bytes_to_unicode().values())
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)

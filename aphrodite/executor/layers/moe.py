@@ -13,7 +13,8 @@ Expert matrices are stacked per layer, gate/up as [num_experts, 2 * inter, hidde
 [num_experts, hidden, inter], and multiplied with torch (F.linear on one expert's slice).
 Under tensor parallelism each expert's intermediate dimension is split like the dense MLP's
 (gate/up rows, down columns) and the partial outputs are all-reduced. Quantised experts (GGUF
-blocks) are future work: load refuses QuantizedParts.
+blocks) are future work: load refuses QuantizedParts, and the GGUF loader hands experts over
+in float32, one expert at a time.
 """
 
 from __future__ import annotations

@@ -126,6 +126,18 @@ _GGUF_LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm",
     "attn_q_norm": "self_attn.q_norm",   # Qwen3's QK-norm
     "attn_k_norm": "self_attn.k_norm",
+    "attn_qkv": "self_attn.qkv_proj",    # Phi-3's fused q, k, v rows
+    # Mixture of experts: the router, and the experts stacked [experts, rows, cols], which
+    # iter_gguf yields one expert at a time (mlp.experts.E.gate_proj, ...); Qwen2-MoE's shared
+    # expert and its gate (one row, stored as a vector).
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 # Per architecture, where a name means another module than in Llama: Gemma 2/3 have four norms
 # a layer, and llama.cpp's ffn_norm is their pre-feedforward one.
@@ -133,6 +145,8 @@ _GGUF_ARCH_LAYER_NAMES = {arch: {"post_attention_norm": "post_attention_layernor
                                  "ffn_norm": "pre_feedforward_layernorm",
                                  "post_ffw_norm": "post_feedforward_layernorm"}
                           for arch in ("gemma2", "gemma3")}
+# Phi-3's ffn_up holds gate then up, as HF's gate_up_proj.
+_GGUF_ARCH_LAYER_NAMES["phi3"] = {"ffn_up": "mlp.gate_up_proj"}
 # Architectures whose norm weights llama.cpp's converter stores as 1 + w where HF stores w.
 _GGUF_NORM_PLUS_ONE = ("gemma2", "gemma3")
 _GGUF_GLOBAL_NAMES = {
@@ -142,15 +156,19 @@ _GGUF_GLOBAL_NAMES = {
 }
 # llama.cpp stores Llama 3.1's rope scaling as per-frequency divisors instead of config keys.
 GGUF_ROPE_FREQS_NAME = "model.rotary_emb.rope_freqs"
-# Precomputed rotary tables some old conversions carry; we compute our own.
+# Precomputed rotary tables some old conversions carry; we compute our own. Phi-3's LongRoPE
+# factors are read into the config (gguf_config.py).
 _GGUF_IGNORED = re.compile(r"^(blk\.\d+\.attn_rot_embd|rope_factors_(long|short))(\.weight)?$")
 _GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+# Mixtral files from llama.cpp's converter before stacked experts: one matrix per expert.
+_GGUF_EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 _GGUF_GLOBAL = re.compile(r"^(\w+)\.(weight|bias)$")
 # Matrices that can stay quantised, by HF name: those multiplied through linear() (the layers'
 # projections, the output matrix) and the embedding, which is looked up row by row (and is the
 # output matrix too when they are tied).
-_QUANTIZABLE_NAME = re.compile(r"^(model\.layers\.\d+\.(self_attn\.[qkvo]_proj"
-                               r"|mlp\.(gate|up|down)_proj)|model\.embed_tokens|lm_head)\.weight$")
+_QUANTIZABLE_NAME = re.compile(r"^(model\.layers\.\d+\.(self_attn\.([qkvo]|qkv)_proj"
+                               r"|mlp\.(shared_expert\.)?(gate|up|down|gate_up)_proj)"
+                               r"|model\.embed_tokens|lm_head)\.weight$")
 
 
 def gguf_to_hf_name(gguf_name: str, arch: str | None = None) -> str | None:
@@ -161,6 +179,10 @@ def gguf_to_hf_name(gguf_name: str, arch: str | None = None) -> str | None:
     if _GGUF_IGNORED.match(gguf_name):
         return None
     layer_names = {**_GGUF_LAYER_NAMES, **_GGUF_ARCH_LAYER_NAMES.get(arch, {})}
+    match = _GGUF_EXPERT.match(gguf_name)
+    if match:
+        layer, matrix, expert = match.groups()
+        return f"model.layers.{layer}.mlp.experts.{expert}.{matrix}_proj.weight"
     match = _GGUF_LAYER.match(gguf_name)
     if match and match.group(2) in layer_names:
         layer, part, kind = match.groups()
@@ -183,6 +205,19 @@ def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def expert_tensors(name: str, tensor: GGUFTensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """A stacked experts tensor [experts, rows, cols] (HF name model.layers.N.mlp.experts.<m>)
+    as one float32 matrix per expert (model.layers.N.mlp.experts.E.<m>.weight), dequantised one
+    expert at a time, so that loading holds one expert's float32 copy beyond the model."""
+    from gguf.quants import dequantize
+
+    prefix, matrix = name.removesuffix(".weight").rsplit(".", 1)
+    for expert, rows in enumerate(tensor.data):
+        array = np.array(dequantize(rows, tensor.tensor_type), dtype=np.float32)
+        array = array.reshape(tensor.shape[1:])
+        yield f"{prefix}.{expert}.{matrix}.weight", torch.from_numpy(array)
+
+
 def iter_gguf(path: str, progress: bool, quantize: tuple[int, ...] = ()
               ) -> Iterator[tuple[str, torch.Tensor | QuantizedParts]]:
     """HF-named tensors of a GGUF file; matrices stored in one of the `quantize` types come out
@@ -200,6 +235,9 @@ def iter_gguf(path: str, progress: bool, quantize: tuple[int, ...] = ()
                        disable=not progress):
         name = gguf_to_hf_name(tensor.name, arch)
         if name is None:
+            continue
+        if len(tensor.shape) == 3:
+            yield from expert_tensors(name, tensor)
             continue
         heads = None
         if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):

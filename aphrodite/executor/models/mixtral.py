@@ -8,7 +8,11 @@ decoder layer, so it never runs the fused C++ decode step: its fused_decode alwa
 Checkpoints name experts per expert (block_sparse_moe.experts.N.w1 / w2 / w3, or
 mlp.experts.N.gate_proj / up_proj / down_proj); transformers 5 models in memory hold them fused
 (mlp.experts.gate_up_proj [E, 2 * inter, hidden], mlp.experts.down_proj [E, hidden, inter]),
-and those are split per expert on loading.
+and those are split per expert on loading. GGUF files stack them per matrix
+(ffn_gate_exps / ffn_up_exps / ffn_down_exps, the router ffn_gate_inp); the loader
+(loader/gguf.py) yields those per expert under the mlp.experts.N names, dequantised to float32.
+llama.cpp writes Mixtral as arch `llama`, Q/K rows permuted as Llama's; gguf_config.py makes
+its config a MixtralConfig.
 """
 
 from __future__ import annotations

@@ -7,9 +7,11 @@ up. Each is split into its parts here and handed to Llama's loader under the unf
 which shards each part for tensor parallelism and stacks them again in our projections. The
 128k models' LongRoPE scaling lives in layers/rotary.py.
 
-The layer being Llama's, the fused C++ decode step (models/fused_decode.py) computes it as
-well; it only triggers on GGUF blocks, and GGUF Phi-3 files do not load yet (loader/gguf.py
-has no name for their fused `attn_qkv` tensors, so loading one fails naming that tensor).
+GGUF files (llama.cpp's arch `phi3`) name the same fused tensors `attn_qkv` and `ffn_up`
+(gate then up); quantised ones arrive as QuantizedParts and are split by rows alike. Their
+LongRoPE factors are tensors there, which gguf_config.py reads into the config. The layer
+being Llama's, the fused C++ decode step (models/fused_decode.py) computes a quantised GGUF
+Phi-3's decode steps as well.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import torch
 
 from aphrodite.executor.layers.quantized import QuantizedParts
@@ -32,8 +35,9 @@ Weight = torch.Tensor | QuantizedParts
 def _split_rows(value: Weight, sizes: list[int]) -> list[Weight]:
     if value.shape[0] != sum(sizes):
         raise ValueError(f"fused shape {tuple(value.shape)} does not have {sum(sizes)} rows")
-    if isinstance(value, QuantizedParts):
-        raise ValueError("a quantised fused tensor (GGUF Phi-3 is not supported)")
+    if isinstance(value, QuantizedParts):   # GGUF blocks hold whole rows: a split cuts none
+        starts = np.cumsum([0, *sizes])
+        return [value.take_rows(np.arange(a, b)) for a, b in zip(starts[:-1], starts[1:])]
     return list(torch.split(value, sizes, dim=0))
 
 

@@ -83,6 +83,8 @@ class Qwen2MoeForCausalLM(MoeForCausalLM):
         if not isinstance(self.layers[int(index)].mlp, SharedExpertMoe):
             raise ValueError("a shared expert in a layer that the config makes dense")
         ours, part = _SHARED[module]
+        if module == "mlp.shared_expert_gate" and isinstance(value, torch.Tensor):
+            value = value.reshape(1, -1)   # GGUF stores this one-row matrix as a vector
         prefix = f"layers.{index}.{ours}"
         return f"{prefix}.{self.get_submodule(prefix).load('weight', value, part)}"
 

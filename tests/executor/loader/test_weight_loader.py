@@ -217,8 +217,12 @@ def test_gguf_name_mapping():
     assert gguf_to_hf_name("blk.0.attn_q.bias") == "model.layers.0.self_attn.q_proj.bias"
     assert gguf_to_hf_name("output.weight") == "lm_head.weight"
     assert gguf_to_hf_name("blk.3.attn_rot_embd") is None
+    # stacked experts: iter_gguf splits them into mlp.experts.E.gate_proj.weight, ...
+    assert (gguf_to_hf_name("blk.1.ffn_gate_exps.weight")
+            == "model.layers.1.mlp.experts.gate_proj.weight")
+    assert gguf_to_hf_name("blk.1.ffn_up.weight", "phi3") == "model.layers.1.mlp.gate_up_proj.weight"
     with pytest.raises(ValueError, match="no known HF equivalent"):
-        gguf_to_hf_name("blk.0.ffn_gate_exps.weight")
+        gguf_to_hf_name("blk.0.ssm_conv1d.weight")
 
 
 # ---------------------------------------------------------------------------------------------
