@@ -93,8 +93,11 @@ class ModelRunner:
         self.block_size = config.block_size
         model_cls = get_model_class(self.hf_config)
         with torch.device(self.device):
+            # Rotary tables cover --max-model-len where given (Gemma 3's two tables for its
+            # 32k positions take 128 MiB in float32).
             self.model = model_cls(self.hf_config, self.dtype, tp_rank=rank,
-                                   tp_size=config.tensor_parallel_size)
+                                   tp_size=config.tensor_parallel_size,
+                                   max_positions=config.max_model_len or None)
         load_model_weights(self.model, files, config, self.device, progress=rank == 0)
         self.model.eval()
         self.eos_token_ids = eos_token_ids(files, self.hf_config, None)
