@@ -19,21 +19,15 @@ transformers/integrations/ggml.py):
 - Gemma 2 / Gemma 3 27B's query_pre_attn_scalar: hidden / heads where the config default (256)
   holds for the other sizes; llama.cpp tells the 27B models by their layer count, as here.
 
-No torch: the reader below takes the scalar metadata and the tensor table in one pass over the
-header, stepping over arrays (gguf.GGUFReader would parse every token string: about 10 s on
-Gemma 3's 262k-token vocabulary). The format:
-https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
+No torch: the header is read by aphrodite/gguf_reader.py.
 """
 
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-            10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
+from aphrodite.gguf_reader import GGUFTensors
+
 _F32 = 0
 # Part of the key of cached GGUF configs (model_files): bump when fix_gguf_config changes.
 GGUF_CONFIG_FIXES = 1
@@ -41,83 +35,18 @@ GGUF_CONFIG_FIXES = 1
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
-class GGUFHeader:
-    """A GGUF file's scalar metadata (`metadata`) and its float32 vectors by name (`vector`)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        with open(path, "rb") as f:
-            self._buf = f.read(1 << 20)
-            self._pos = 0
-            self.metadata: dict[str, object] = {}
-            self._tensors: dict[str, tuple[tuple[int, ...], int, int]] = {}
-            while True:
-                try:
-                    self._parse()
-                    break
-                except struct.error:   # the header goes on past what was read: read more
-                    f.seek(0)
-                    self._buf = f.read(2 * len(self._buf))
-                    self._pos = 0
-
-    def _parse(self) -> None:
-        magic, _version, tensor_count, kv_count = self._unpack("<4sIQQ")
-        if magic != b"GGUF":
-            raise ValueError(f"{self.path} is not a GGUF file")
-        for _ in range(kv_count):
-            key = self._string()
-            (value_type,) = self._unpack("<I")
-            value = self._value(value_type)
-            if value is not None:
-                self.metadata[key] = value
-        for _ in range(tensor_count):
-            name = self._string()
-            (n_dims,) = self._unpack("<I")
-            dims = self._unpack(f"<{n_dims}Q")
-            self._tensors[name] = (dims, *self._unpack("<IQ"))
-        alignment = int(self.metadata.get("general.alignment", 32))
-        self._data_start = -(-self._pos // alignment) * alignment
-
-    def _unpack(self, fmt: str) -> tuple:
-        values = struct.unpack_from(fmt, self._buf, self._pos)
-        self._pos += struct.calcsize(fmt)
-        return values
-
-    def _string(self) -> str:
-        (length,) = self._unpack("<Q")
-        if self._pos + length > len(self._buf):
-            raise struct.error("string past the buffer")
-        text = self._buf[self._pos:self._pos + length].decode("utf-8", errors="replace")
-        self._pos += length
-        return text
-
-    def _value(self, value_type: int):
-        if value_type in _SCALARS:
-            return self._unpack(_SCALARS[value_type])[0]
-        if value_type == _STRING:
-            return self._string()
-        item_type, count = self._unpack("<IQ")
-        if item_type in _SCALARS:
-            self._pos += count * struct.calcsize(_SCALARS[item_type])
-        else:
-            for _ in range(count):
-                self._value(item_type)
+def _float32_vector(tensors: GGUFTensors, name: str) -> list[float] | None:
+    """A float32 tensor's values (None where the file has no such float32 tensor)."""
+    tensor = next((t for t in tensors.tensors if t.name == name), None)
+    if tensor is None or tensor.tensor_type != _F32:
         return None
-
-    def vector(self, name: str) -> list[float] | None:
-        """A float32 tensor's values (None where the file has no such float32 tensor)."""
-        if name not in self._tensors or self._tensors[name][1] != _F32:
-            return None
-        dims, _, offset = self._tensors[name]
-        count = int(np.prod(dims))
-        data = np.fromfile(self.path, dtype="<f4", count=count, offset=self._data_start + offset)
-        return [float(x) for x in data]
+    return [float(x) for x in np.asarray(tensor.data).reshape(-1).view("<f4")]
 
 
 def fix_gguf_config(config, path: str):
     """The config of the GGUF file at `path` with the facts above set; returns it (Mixtral: a
     new MixtralConfig)."""
-    header = GGUFHeader(path)
+    header = GGUFTensors(path)
     meta = header.metadata
     arch = meta.get("general.architecture")
 
@@ -153,7 +82,7 @@ def _mixtral(config, experts: int, used: int):
     return mixtral
 
 
-def _fix_rope(config, arch: str, get, header: GGUFHeader) -> None:
+def _fix_rope(config, arch: str, get, header: GGUFTensors) -> None:
     params = dict(getattr(config, "rope_parameters", None) or {})
     # Gemma 3 keys its parameters by layer type; the file's scaling is the global layers'.
     target = params["full_attention"] if "full_attention" in params else params
@@ -164,8 +93,8 @@ def _fix_rope(config, arch: str, get, header: GGUFHeader) -> None:
         # Named, so that the model refuses a scaling it does not apply (layers/rotary.py).
         target.update(rope_type="yarn", factor=float(factor), original_max_position_embeddings=int(
             get("rope.scaling.original_context_length") or config.max_position_embeddings))
-    long = header.vector("rope_factors_long.weight")
-    short = header.vector("rope_factors_short.weight")
+    long = _float32_vector(header, "rope_factors_long.weight")
+    short = _float32_vector(header, "rope_factors_short.weight")
     if arch == "phi3" and get("rope.scaling.original_context_length"):
         original = int(get("rope.scaling.original_context_length"))
         config.original_max_position_embeddings = original

@@ -28,7 +28,7 @@ from torch import nn
 
 from aphrodite.executor.layers import linear
 from aphrodite.executor.layers.quantized import INT4_TYPES, KERNEL_TYPES, Q4_0, QuantizedWeight
-from aphrodite.executor.loader.gguf import GGUFTensors
+from aphrodite.gguf_reader import GGUFTensors
 from aphrodite.model_files import ModelFiles
 
 logger = logging.getLogger(__name__)

@@ -27,6 +27,7 @@ from aphrodite.executor.loader import quantization
 from aphrodite.executor.loader.converted_cache import load_gguf_converted
 from aphrodite.executor.loader.quantization import quantized_types
 from aphrodite.executor.models import get_model_class
+from aphrodite.gguf_reader import GGUFTensors
 from aphrodite.model_files import gguf_weights_cache_path, load_config, load_tokenizer, resolve_model
 
 torch.set_num_threads(1)
@@ -262,7 +263,7 @@ def test_quantization_modes(cpp_compiler, monkeypatch):
     usage = quantization.footprint(files.gguf_path, quantized_types())
     assert usage.kept_weights > 0 and usage.total("int4") < usage.total("int4+dense")
     assert usage.total("none") == 4 * sum(int(np.prod(t.shape)) for t in
-                                          gguf_loader.GGUFTensors(files.gguf_path).tensors)
+                                          GGUFTensors(files.gguf_path).tensors)
     monkeypatch.setattr(quantization, "available_ram",
                         lambda: int(usage.total("int4+dense") / quantization.DENSE_COPY_MAX_SHARE))
     assert mode() == "int4+dense"

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from aphrodite.executor.layers.attention import (AttentionConfig, AttentionMetadata,
                                                  allocate_kv_caches)
 from aphrodite.executor.loader import iter_weights
-from aphrodite.executor.loader.gguf import GGUFTensors, gguf_to_hf_name
+from aphrodite.executor.loader.gguf import gguf_to_hf_name
+from aphrodite.gguf_reader import GGUFTensors
 from aphrodite.executor.models import get_model_class
 from aphrodite.model_files import (
     ModelFiles,
