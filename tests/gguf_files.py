@@ -23,6 +23,18 @@ def gguf_name(name: str, layer_names: dict[str, str]) -> str:
     return f"blk.{layer}.{layer_names[module]}.{kind}"
 
 
+def add_shape_keys(writer: gguf.GGUFWriter, config) -> None:
+    """The keys every llama.cpp converter writes from a config (TextModel.set_gguf_parameters)."""
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+
+
 def write_gguf(path, arch: str, hf_model, layer_names: dict[str, str], quant=F32,
                convert: Callable[[str, np.ndarray], np.ndarray | None] = lambda n, a: a,
                metadata: Callable[[gguf.GGUFWriter], None] = lambda writer: None,
@@ -36,14 +48,7 @@ def write_gguf(path, arch: str, hf_model, layer_names: dict[str, str], quant=F32
     the router (ffn_gate_inp), which llama.cpp's quantiser keeps as it is."""
     config = hf_model.config
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
+    add_shape_keys(writer, config)
     metadata(writer)
     for name, tensor in hf_model.state_dict().items():
         array = convert(name, tensor.numpy())

@@ -7,6 +7,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from gguf_files import add_shape_keys
 from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MixtralConfig,
                           Phi3Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
@@ -21,17 +22,10 @@ DIMS = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_lay
 
 
 def write_config(path, arch: str, config, extra=lambda writer: None, tensors=None):
-    """The keys every converter writes (TextModel.set_gguf_parameters), then extra(writer)."""
+    """The keys every converter writes, then extra(writer)."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(f"tiny {arch}")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
+    add_shape_keys(writer, config)
     rope = config.rope_parameters       # Gemma 3's is keyed by layer type: the global base
     writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
     if getattr(config, "head_dim", None) and arch != "llama":
