@@ -17,8 +17,10 @@ What sets them apart from Llama (models/llama.py):
 - Gemma 2: attention scores soft-capped (tanh(s / cap) * cap) and the logits too; one rotary
   table for every layer.
 
-The fused C++ decode step (models/fused_decode.py) runs Llama's layer; this model never calls
-it (its forward runs layer by layer).
+On CPU a decode step of a model whose matrices all hold GGUF blocks runs every layer in one
+C++ call (models/fused_decode.py, with tanh-GELU, the four norms, QK-norm, each layer's window
+and rotary table); prefill, mixed steps and other weights run layer by layer. The embedding
+scale, the final norm and the logits' soft cap stay here.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from aphrodite.executor.layers.quantized import QuantizedParts
 from aphrodite.executor.layers.rotary import RotaryEmbedding, rotate_and_cache
 from aphrodite.executor.layers.weights import empty_param, load_matrix
 from aphrodite.executor.models.checkpoint import load_checkpoint
+from aphrodite.executor.models.fused_decode import FusedDecode
 from aphrodite.model_files import max_model_len, rope_settings
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -194,6 +197,7 @@ class Gemma3ForCausalLM(nn.Module):
         self.lm_head = (None if self.tie_word_embeddings
                         else empty_param(config.vocab_size, config.hidden_size, dtype=dtype))
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
+        self.fused_decode = FusedDecode(gelu=True)
 
     @property
     def num_kv_heads(self) -> int:
@@ -207,6 +211,10 @@ class Gemma3ForCausalLM(nn.Module):
             if id(rotary) not in by_table:
                 by_table[id(rotary)] = rotary.lookup(positions)
             cos_sin[kind] = by_table[id(rotary)]
+        fused = self.fused_decode.run(self.layers, x, cos_sin.get(FULL) or cos_sin[SLIDING],
+                                      kv_caches, meta, cos_sin.get(SLIDING))
+        if fused is not None:
+            return self.norm(fused)
         delta = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, delta = layer(cos_sin[layer.layer_type], x, delta, kv_cache, meta)

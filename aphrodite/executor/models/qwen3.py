@@ -7,9 +7,9 @@ only when attention_bias), head_dim from the config, tied embeddings when the co
 A config with use_sliding_window is served up to its window (model_files.max_model_len), where
 full attention is the same thing.
 
-The fused C++ decode step (models/fused_decode.py) runs Llama's layer, which has no QK-norm, so
-this model replaces its FusedDecode with one that always declines: every step runs layer by
-layer.
+On CPU a decode step of a model whose matrices all hold GGUF blocks runs every layer in one
+C++ call, QK-norm included (models/fused_decode.py reads q_norm / k_norm from the attention);
+prefill, mixed steps and other weights run layer by layer.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from aphrodite.executor.layers.parallel_linear import AllReduce
 from aphrodite.executor.layers.quantized import QuantizedParts
 from aphrodite.executor.layers.rotary import rotate_and_cache
 from aphrodite.executor.layers.weights import copy_into
-from aphrodite.executor.models.fused_decode import NoFusedDecode
 from aphrodite.executor.models.llama import Attention, LlamaForCausalLM
 
 _QK_NORM = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qk]_norm)\.weight$")
@@ -61,7 +60,6 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
         super().__init__(config, dtype, tp_rank, tp_size, all_reduce, max_positions)
         for layer in self.layers:
             layer.self_attn = Qwen3Attention(layer.self_attn, config, dtype)
-        self.fused_decode = NoFusedDecode()     # the C++ step has no QK-norm
 
     def _load_one(self, name: str, value: torch.Tensor | QuantizedParts) -> str | None:
         return load_qk_norm(self, name, value) or super()._load_one(name, value)

@@ -155,16 +155,19 @@ def test_quantized_linear(other, name, tokens):
 
 
 @pytest.mark.parametrize("rows,size", [(7, 100), (64, 576)])
-def test_add_rms_norm_and_silu_and_mul(other, rows, size):
+def test_add_rms_norm_and_gated_products(other, rows, size):
+    """The norm, and the SiLU- and tanh-GELU-gated products (gates up to about +-20, where
+    the exponentials saturate)."""
     g = torch.Generator().manual_seed(rows)
     x, delta = torch.randn(rows, size, generator=g), torch.randn(rows, size, generator=g)
-    weight, gate_up = torch.randn(size, generator=g), torch.randn(rows, 2 * size, generator=g)
+    weight = torch.randn(size, generator=g)
+    gate_up = torch.randn(rows, 2 * size, generator=g) * 5
 
     def run():
         summed = x.clone()
         return (cpu_kernels.add_rms_norm(summed, delta, weight, 1e-5), summed,
                 cpu_kernels.add_rms_norm(x.clone(), None, weight, 1e-5),
-                cpu_kernels.silu_and_mul(gate_up))
+                cpu_kernels.silu_and_mul(gate_up), cpu_kernels.gelu_tanh_and_mul(gate_up))
 
     native, built = other.run(run)
     assert_close(built, native)

@@ -39,16 +39,20 @@ def test_the_header_declares_every_entry_point_and_structure():
 
 
 def test_the_structures_keep_the_field_order_callers_construct_them_in():
-    """The fused decode step (executor/models/) builds QuantizedMatrix and DecodeStep from
-    positional arguments."""
+    """The fused decode step (executor/models/) builds MatrixSegment, QuantizedMatrix and
+    DecodeStep from positional arguments."""
+    assert [name for name, _ in cpu_kernels.MatrixSegment._fields_] == [
+        "blocks", "rows", "ggml_type"]
     assert [name for name, _ in cpu_kernels.QuantizedMatrix._fields_] == [
-        "blocks", "bias", "rows", "cols", "ggml_type"]
+        "part0", "part1", "part2", "bias", "rows", "cols"]
     assert [name for name, _ in cpu_kernels.DecodeStep._fields_] == [
         "hidden", "cos", "sin", "slots", "block_tables", "seq_lens", "tokens", "hidden_size",
         "heads", "kv_heads", "head_dim", "block_size", "max_blocks", "cache_half", "kv_f16",
-        "eps", "scale"]
+        "eps", "scale", "local_cos", "local_sin", "gelu", "softcap"]
     assert cpu_kernels.DecodeStep.eps.offset == 15 * 8
-    assert ctypes.sizeof(cpu_kernels.DecodeLayerWeights) == 3 * 8 + 4 * ctypes.sizeof(
+    assert cpu_kernels.DecodeStep.local_cos.offset == 16 * 8
+    assert ctypes.sizeof(cpu_kernels.QuantizedMatrix) == 3 * 3 * 8 + 3 * 8
+    assert ctypes.sizeof(cpu_kernels.DecodeLayerWeights) == 9 * 8 + 4 * ctypes.sizeof(
         cpu_kernels.QuantizedMatrix)
 
 

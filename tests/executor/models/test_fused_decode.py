@@ -6,12 +6,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from random_gguf_blocks import random_blocks
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from aphrodite.executor.layers.attention import (AttentionConfig, AttentionMetadata,
                                                  allocate_kv_caches)
 from aphrodite.executor.kernels.cpu import ops as cpu_kernels
-from aphrodite.executor.layers.quantized import QuantizedWeight, parts_from_gguf
+from aphrodite.executor.layers.quantized import QuantizedParts, QuantizedWeight, parts_from_gguf
 from aphrodite.executor.models import fused_decode, get_model_class
 
 Q = gguf.GGMLQuantizationType
@@ -29,7 +30,10 @@ TYPES = {"q_proj": Q.Q4_0, "k_proj": Q.Q4_0, "v_proj": Q.Q4_0, "o_proj": Q.Q8_0,
          "gate_proj": Q.Q4_1, "up_proj": Q.Q4_1, "down_proj": Q.Q4_1}
 
 
-def quantised_model(config):
+def quantised_model(config, types=TYPES, random_types=()):
+    """A tiny random model of `config` whose projections hold GGUF blocks of types[projection]
+    (gguf's quantisation of the random weights; random valid blocks for random_types, the
+    K-quants gguf cannot quantise)."""
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -37,9 +41,12 @@ def quantised_model(config):
             param.copy_(1 + 0.2 * torch.randn_like(param) if "norm" in name
                         else 0.15 * torch.randn_like(param))
     weights = {n: t.detach() for n, t in hf.state_dict().items()}
-    for name, tensor in weights.items():   # the projections as the loader hands them over
-        kind = next((t for p, t in TYPES.items() if f".{p}.weight" in name), None)
-        if kind is not None:
+    for seed, (name, tensor) in enumerate(weights.items()):   # as the loader hands them over
+        kind = next((t for p, t in types.items() if f".{p}.weight" in name), None)
+        if kind in random_types:
+            blocks = random_blocks(kind, *tensor.shape, seed=seed).numpy()
+            weights[name] = QuantizedParts(kind, blocks, tensor.shape[1])
+        elif kind is not None:
             raw = gguf.quants.quantize(tensor.numpy(), kind)
             weights[name] = parts_from_gguf(raw, kind, tuple(tensor.shape))
     model = get_model_class(config)(config, torch.float32)
@@ -68,12 +75,23 @@ def test_fused_decode_matches_layer_by_layer(family, batch, cache_dtype, cpp_com
                                              fused_steps):
     model = quantised_model(VARIANTS[family]())
     assert isinstance(model.layers[1].self_attn.o_proj.weight, QuantizedWeight)
+    check_fused_steps(model, batch, cache_dtype, fused_steps)
+
+
+def check_fused_steps(model, batch: int, cache_dtype: torch.dtype, fused_steps: list[int],
+                      atol: float = 1e-5):
+    """Prefills contexts of 1 to 15 tokens, then three decode steps of `batch` sequences,
+    each run fused and again layer by layer from the same caches: the same final hidden
+    states, logits and written caches (atol on the hidden states and caches, and on the
+    logits relative to their largest; a float16 cache's elements within one float16 step,
+    as float32 rounding differences upstream may round them the other way)."""
     assert fused_decode.layer_weights(model.layers) is not None
+    vocab = model.config.vocab_size
     rng = np.random.default_rng(1)
     lengths = [3, 9, 14, 5, 1, 12, 7, 2, 15, 8][:batch]   # contexts before the decode steps
     tables = np.arange(len(lengths) * 5).reshape(len(lengths), 5)[:, ::-1].copy()
-    caches = allocate_kv_caches(2, tables.size, BLOCK, model.num_kv_heads, model.head_dim,
-                                cache_dtype, "cpu")
+    caches = allocate_kv_caches(len(model.layers), tables.size, BLOCK, model.num_kv_heads,
+                                model.head_dim, cache_dtype, "cpu")
 
     def slot(seq, position):
         return tables[seq, position // BLOCK] * BLOCK + position % BLOCK
@@ -83,7 +101,7 @@ def test_fused_decode_matches_layer_by_layer(family, batch, cache_dtype, cpp_com
                                        slot(seq, np.arange(n)), AttentionConfig.for_cache(
                                            caches[0], model.config.num_attention_heads,
                                            model.dtype))
-        model(torch.tensor(rng.integers(0, 128, n)), torch.arange(n), caches, meta)
+        model(torch.tensor(rng.integers(0, vocab, n)), torch.arange(n), caches, meta)
     fused_steps.clear()                        # (a one-token prefill is a decode step too)
     for step in range(3):
         positions = np.array(lengths) + step
@@ -94,7 +112,7 @@ def test_fused_decode_matches_layer_by_layer(family, batch, cache_dtype, cpp_com
                                        AttentionConfig.for_cache(
                                            caches[0], model.config.num_attention_heads,
                                            model.dtype))
-        ids = torch.tensor(rng.integers(0, 128, batch))
+        ids = torch.tensor(rng.integers(0, vocab, batch))
         before = [c.clone() for c in caches]
         fused = model(ids, torch.from_numpy(positions), caches, meta)
         assert fused_steps == [batch] * (step + 1)    # the fused path ran
@@ -105,9 +123,13 @@ def test_fused_decode_matches_layer_by_layer(family, batch, cache_dtype, cpp_com
         reference = model(ids, torch.from_numpy(positions), caches, meta)
         model.fused_decode.enabled = True
         assert len(fused_steps) == step + 1           # and the reference layer by layer
-        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
-        for ours, theirs in zip(fused_caches, caches):
-            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=atol)
+        logits = model.compute_logits(reference)
+        torch.testing.assert_close(model.compute_logits(fused), logits, rtol=1e-5,
+                                   atol=atol * logits.abs().max().item())
+        for ours, theirs in zip(fused_caches, caches):   # float16: one rounding may flip
+            torch.testing.assert_close(ours, theirs, rtol=1e-3 if ours.dtype == torch.float16
+                                       else 1e-5, atol=atol)
             assert ours.dtype == cache_dtype
 
 

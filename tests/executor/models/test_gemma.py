@@ -149,8 +149,9 @@ GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
               "post_feedforward_layernorm": "post_ffw_norm"}
 
 
-def write_gemma_gguf(hf_model, path, arch: str) -> str:
-    """What llama.cpp's converter writes for a Gemma 2 / Gemma 3 text model, in float32."""
+def write_gemma_gguf(hf_model, path, arch: str, quant=gguf.GGMLQuantizationType.F32) -> str:
+    """What llama.cpp's converter writes for a Gemma 2 / Gemma 3 text model, its matrices
+    stored as `quant`."""
     config = hf_model.config
 
     def convert(name: str, array: np.ndarray) -> np.ndarray | None:
@@ -166,7 +167,8 @@ def write_gemma_gguf(hf_model, path, arch: str) -> str:
         writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
         writer.add_sliding_window(config.sliding_window)
 
-    return write_gguf(path, arch, hf_model, GGUF_LAYER, convert=convert, metadata=metadata)
+    return write_gguf(path, arch, hf_model, GGUF_LAYER, quant, convert=convert,
+                      metadata=metadata)
 
 
 # What a GGUF's config holds; transformers' defaults for the rest (query_pre_attn_scalar 256;

@@ -3,8 +3,9 @@ batched prefill, paged decode steps with shuffled blocks and a chunked prefill (
 PagedDriver, atol = rtol = 1e-4), with head_dim apart from hidden / heads, tied and untied
 embeddings and q/k/v biases; bfloat16 near transformers' bfloat16; tensor parallel against one
 rank; a GGUF file (llama.cpp's names, Q/K rows not permuted) against the same weights from
-safetensors; a quantised GGUF model, whose decode steps never take the fused C++ step (it has no
-QK-norm); greedy tokens through the whole engine against transformers' generate."""
+safetensors; a quantised GGUF model, whose decode steps take the fused C++ step (QK-norm
+included), against transformers on the same file; greedy tokens through the whole engine
+against transformers' generate."""
 
 import gguf
 import pytest
@@ -142,8 +143,10 @@ def fused_steps(monkeypatch) -> list[int]:
 
 
 @torch.inference_mode()
-def test_quantised_gguf_never_takes_the_fused_decode_step(tmp_path, monkeypatch, cpp_compiler,
-                                                          fused_steps):
+def test_quantised_gguf_takes_the_fused_decode_step(tmp_path, monkeypatch, cpp_compiler,
+                                                    fused_steps):
+    """A Q8_0 GGUF's decode steps run fused (QK-norm in the C++ step) and match transformers'
+    reading of the same file."""
     assert cpu_kernels.library_available()   # built under the usual cache folder, not tmp_path's
     monkeypatch.setenv("APHRODITE_CACHE_DIR", str(tmp_path / "cache"))
     folder = save_random_model(Qwen3Config(**GGUF_CONFIG), tmp_path / "model")
@@ -154,7 +157,7 @@ def test_quantised_gguf_never_takes_the_fused_decode_step(tmp_path, monkeypatch,
     load_model_weights(ours, files, EngineConfig(quantization="int4"), "cpu", progress=False)
     reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny-q8.gguf",
                                                      dtype=torch.float32).eval()
-    # Every matrix holds GGUF blocks: Llama's layers would run these decode steps fused.
+    # Every matrix holds GGUF blocks: the decode steps run fused.
     assert isinstance(ours.layers[1].self_attn.qkv_proj.weight, QuantizedWeight)
     assert fused_decode.layer_weights(ours.layers) is not None
     driver = PagedDriver(ours)
@@ -167,7 +170,7 @@ def test_quantised_gguf_never_takes_the_fused_decode_step(tmp_path, monkeypatch,
         for name, tokens in seqs.items():
             torch.testing.assert_close(out[name][0], hf_logits(reference, tokens)[-1],
                                        atol=ATOL, rtol=RTOL)
-    assert fused_steps == []
+    assert fused_steps == [len(PROMPTS)] * 3
 
 
 # ---------------------------------------------------------------------------------------------

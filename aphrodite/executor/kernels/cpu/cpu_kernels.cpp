@@ -158,3 +158,9 @@ extern "C" void rotate_and_cache(float* qkv, const float* cos, const float* sin,
 extern "C" void silu_and_mul(const float* gate_up, int64_t rows, int64_t inter, float* out) {
     layer_ops::silu_and_mul(gate_up, rows, inter, out);
 }
+
+// gate_up [rows, 2 * inter] float32 -> out [rows, inter]: tanh-GELU(gate) * up.
+extern "C" void gelu_tanh_and_mul(const float* gate_up, int64_t rows, int64_t inter,
+                                  float* out) {
+    layer_ops::gelu_tanh_and_mul(gate_up, rows, inter, out);
+}

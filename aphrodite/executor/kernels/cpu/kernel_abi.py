@@ -28,18 +28,28 @@ PREFILL_TILE_ROWS = 48
 
 # Structures passed by pointer, each field "C type name"; a structure's members come first.
 STRUCTS = {
-    # One quantised matrix: GGUF blocks of one type, row by row (see quantized_linear.h).
+    # Rows of a quantised matrix held as GGUF blocks of one type, row by row (see
+    # quantized_linear.h).
+    "MatrixSegment": ["const uint8_t* blocks", "int64_t rows", "int64_t ggml_type"],
+    # One quantised matrix: up to three segments in row order (a stacked projection whose
+    # parts have different types), the unused ones with 0 rows.
     "QuantizedMatrix": [
-        "const uint8_t* blocks",
+        "MatrixSegment part0", "MatrixSegment part1", "MatrixSegment part2",
         "const float* bias",             # [rows] or null
-        "int64_t rows", "int64_t cols", "int64_t ggml_type"],
-    # One decoder layer's weights and KV cache (decode_layers.h).
+        "int64_t rows", "int64_t cols"],
+    # One decoder layer's weights and KV cache (decode_layers.h). Null norms are left out.
     "DecodeLayerWeights": [
         "const float* input_norm",       # [hidden]
-        "const float* post_norm",        # [hidden]
+        "const float* post_norm",        # [hidden], before the MLP (Gemma: pre-feedforward)
+        "const float* q_norm",           # [head_dim], on each q head before rotary, or null
+        "const float* k_norm",           # [head_dim], on each k head before rotary, or null
+        "const float* attn_out_norm",    # [hidden], on o_proj's output, or null
+        "const float* mlp_out_norm",     # [hidden], on down_proj's output, or null
         "QuantizedMatrix qkv", "QuantizedMatrix o", "QuantizedMatrix gate_up",
         "QuantizedMatrix down",
-        "void* kv_cache"],               # [2, blocks, block_size, kv_heads, head_dim]
+        "void* kv_cache",                # [2, blocks, block_size, kv_heads, head_dim]
+        "int64_t window",                # sliding window, 0: none
+        "int64_t local_rope"],           # rotates by DecodeStep's local tables
     # What a decode step shares across layers. One new token per sequence: token t is
     # sequence t.
     "DecodeStep": [
@@ -53,7 +63,11 @@ STRUCTS = {
         "int64_t head_dim", "int64_t block_size", "int64_t max_blocks",
         "int64_t cache_half",            # elements in one of a cache's key and value halves
         "int64_t kv_f16",                # the caches hold float16 (vec8.h's f16), not float32
-        "float eps", "float scale"],
+        "float eps", "float scale",
+        "const float* local_cos",        # [tokens, head_dim]: the tables of the layers with
+        "const float* local_sin",        #   local_rope (Gemma 3's local base)
+        "int64_t gelu",                  # the MLP's activation: tanh-GELU, else SiLU
+        "float softcap"],                # attention scores' soft cap, 0: none
 }
 
 # The library's entry points (what each does: cpu_kernels.cpp, above its definition).
@@ -85,6 +99,7 @@ FUNCTIONS = [
     "const int64_t* slots, int64_t tokens, int64_t heads, int64_t kv_heads, "
     "int64_t head_dim, void* k_cache, void* v_cache, int kv_f16)",
     "void silu_and_mul(const float* gate_up, int64_t rows, int64_t inter, float* out)",
+    "void gelu_tanh_and_mul(const float* gate_up, int64_t rows, int64_t inter, float* out)",
 ]
 
 # How ctypes passes each C type that is not a pointer or a structure (pointers: c_void_p).

@@ -1,6 +1,6 @@
 // The elementwise steps between a decoder layer's matrix products, float32: residual add and
 // RMS norm, rotary embedding and the KV-cache write (float32 or float16 caches), the
-// SiLU-gated product.
+// SiLU- and tanh-GELU-gated products.
 //
 // Part of cpu_kernels.cpp (one translation unit), built at run time by build.py.
 //
@@ -130,6 +130,30 @@ inline void silu_and_mul(const float* gate_up, int64_t rows, int64_t inter, floa
             store8(o + i, g / (1.f + exp8(-g)) * load8(up + i));
         }
         for (; i < inter; ++i) o[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    }
+}
+
+// gate_up [rows, 2 * inter] (gate, then up) -> out [rows, inter]: gelu(gate) * up with
+// torch's tanh approximation, gelu(g) = g / 2 * (1 + tanh(u)), u = sqrt(2 / pi) * (g +
+// 0.044715 g^3), computed as g / (1 + e^(-2u)) (the same function: 1 + tanh(u) =
+// 2 / (1 + e^(-2u))).
+inline void gelu_tanh_and_mul(const float* gate_up, int64_t rows, int64_t inter, float* out) {
+    constexpr float kTwoC = 2.f * 0.7978845608028654f, kCube = 0.044715f;
+#pragma omp parallel for schedule(static) if (rows * inter >= kParallelFloats)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* gate = gate_up + r * 2 * inter;
+        const float* up = gate + inter;
+        float* o = out + r * inter;
+        int64_t i = 0;
+        for (; i + 8 <= inter; i += 8) {
+            const v8 g = load8(gate + i);
+            const v8 two_u = kTwoC * (g + kCube * g * g * g);
+            store8(o + i, g / (1.f + exp8(-two_u)) * load8(up + i));
+        }
+        for (; i < inter; ++i) {
+            const float g = gate[i], two_u = kTwoC * (g + kCube * g * g * g);
+            o[i] = g / (1.f + std::exp(-two_u)) * up[i];
+        }
     }
 }
 

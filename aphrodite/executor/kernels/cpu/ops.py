@@ -13,8 +13,8 @@ and sizes to its kernel.
   bfloat16 tiles, with every float32 bit kept (weights and activations split into exact
   bfloat16 parts); only where amx_available().
 - layer_ops.h: the elementwise steps between a layer's matrix products (residual add and RMS
-  norm, rotary and the KV-cache write, the SiLU-gated product), one call each (the layers of
-  executor/layers/ call them).
+  norm, rotary and the KV-cache write, the SiLU- and tanh-GELU-gated products), one call
+  each (the layers of executor/layers/ call them).
 - decode_layers.h: a whole decode step's layers for a model whose matrices are all
   quantised, in one call (see executor/models/).
 
@@ -229,9 +229,19 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [rows, 2 * inter] -> gelu(gate, tanh approximation) * up [rows, inter]."""
+    assert gate_up.is_contiguous()
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, inter, dtype=gate_up.dtype)
+    _library().gelu_tanh_and_mul(gate_up.data_ptr(), rows, inter, out.data_ptr())
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Decode layers (decode_layers.h): the structures' fields are kernel_abi.py's STRUCTS.
 
+MatrixSegment = kernel_abi.STRUCTURES["MatrixSegment"]
 QuantizedMatrix = kernel_abi.STRUCTURES["QuantizedMatrix"]
 DecodeLayerWeights = kernel_abi.STRUCTURES["DecodeLayerWeights"]
 DecodeStep = kernel_abi.STRUCTURES["DecodeStep"]
