@@ -11,6 +11,7 @@ data. The format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -38,7 +39,9 @@ class GGUFTensors:
     def __init__(self, path: str):
         from gguf import GGMLQuantizationType   # the gguf package: only for GGUF models
 
-        self.data = np.memmap(path, mode="r")
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.data = np.frombuffer(self._map, dtype=np.uint8)
         self._buf = memoryview(self.data)
         self.metadata: dict[str, object] = {}   # scalar and string fields only
         self._pos = 0
@@ -64,6 +67,15 @@ class GGUFTensors:
         alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
         start = -(-self._pos // alignment) * alignment
         self.tensors = [self._tensor(start, *info) for info in infos]
+
+    def release(self, tensor: GGUFTensor) -> None:
+        """Drop the tensor's whole pages from this process's memory (clean file pages: a later
+        read faults them in from the file again), once its bytes have been copied."""
+        begin = tensor.data.__array_interface__["data"][0] - self.data.__array_interface__["data"][0]
+        first = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (begin + tensor.data.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def _unpack(self, fmt: str) -> tuple:
         values = struct.unpack_from(fmt, self._buf, self._pos)

@@ -254,7 +254,7 @@ def main() -> None:
     ap.add_argument("--rope-theta", type=float, default=500000.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"),
-                    help="llama-server binary (default: $LLAMA_SERVER); none: ours only")
+                    help="llama-server binary (default: $LLAMA_SERVER); unset or '': ours only")
     ap.add_argument("--threads", type=int, default=2, help="llama-server's -t")
     ap.add_argument("--ctx", type=int, default=2048,
                     help="KV tokens each server holds: llama-server -c, our --max-model-len "

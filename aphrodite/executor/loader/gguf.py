@@ -128,14 +128,12 @@ def expert_tensors(name: str, tensor: GGUFTensor) -> Iterator[tuple[str, torch.T
 def iter_gguf(path: str, progress: bool, quantize: tuple[int, ...] = ()
               ) -> Iterator[tuple[str, torch.Tensor | QuantizedParts]]:
     """HF-named tensors of a GGUF file; matrices stored in one of the `quantize` types come out
-    as QuantizedParts instead of dequantised float32."""
-    from gguf.quants import dequantize
-
+    as QuantizedParts instead of dequantised float32. Each tensor's pages of the mapped file
+    are released once the consumer has taken it, so the file does not stay resident beside the
+    model it loads (a view still held refaults its pages from the file)."""
     gguf_file = GGUFTensors(path)
     meta = gguf_file.metadata
     arch = meta["general.architecture"]
-    # Only llama.cpp's Llama converter (Llama, Mistral, SmolLM, ...) permutes Q/K.
-    permuted = arch == "llama"
     n_heads = meta[f"{arch}.attention.head_count"]
     n_kv_heads = meta.get(f"{arch}.attention.head_count_kv", n_heads)
     for tensor in tqdm(gguf_file.tensors, desc="Loading GGUF weights", unit="tensor",
@@ -143,25 +141,35 @@ def iter_gguf(path: str, progress: bool, quantize: tuple[int, ...] = ()
         name = gguf_to_hf_name(tensor.name, arch)
         if name is None:
             continue
-        if len(tensor.shape) == 3:
-            yield from expert_tensors(name, tensor)
-            continue
-        heads = None
-        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+        yield from _hf_tensors(tensor, name, arch, n_heads, n_kv_heads, quantize)
+        gguf_file.release(tensor)
+
+
+def _hf_tensors(tensor: GGUFTensor, name: str, arch: str, n_heads: int, n_kv_heads: int,
+                quantize: tuple[int, ...]) -> Iterator[tuple[str, torch.Tensor | QuantizedParts]]:
+    """One GGUF tensor as the HF-named tensors it holds."""
+    from gguf.quants import dequantize
+
+    if len(tensor.shape) == 3:
+        yield from expert_tensors(name, tensor)
+        return
+    heads = None
+    if arch == "llama":   # only llama.cpp's Llama converter (Llama, Mistral, ...) permutes Q/K
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
             heads = n_heads
-        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
             heads = n_kv_heads
-        if tensor.tensor_type in quantize and _QUANTIZABLE_NAME.match(name):
-            parts = parts_from_gguf(tensor.data, tensor.tensor_type, tensor.shape)
-            if heads is not None:   # the permutation moves whole rows: codes and scales alike
-                parts = parts.take_rows(unpermute_qk(np.arange(tensor.shape[0]), heads))
-            yield name, parts
-            continue
-        array = dequantize(tensor.data, tensor.tensor_type).reshape(tensor.shape)
-        if heads is not None:
-            array = unpermute_qk(array, heads)
-        if arch in _GGUF_NORM_PLUS_ONE and name.endswith("norm.weight"):
-            array = array - 1   # back to HF's w, as transformers' GGUF loading does
-        if not (array.flags.writeable and array.flags.c_contiguous):
-            array = np.array(array)  # F32 tensors are views into the read-only memory map
-        yield name, torch.from_numpy(array)
+    if tensor.tensor_type in quantize and _QUANTIZABLE_NAME.match(name):
+        parts = parts_from_gguf(tensor.data, tensor.tensor_type, tensor.shape)
+        if heads is not None:   # the permutation moves whole rows of blocks
+            parts = parts.take_rows(unpermute_qk(np.arange(tensor.shape[0]), heads))
+        yield name, parts
+        return
+    array = dequantize(tensor.data, tensor.tensor_type).reshape(tensor.shape)
+    if heads is not None:
+        array = unpermute_qk(array, heads)
+    if arch in _GGUF_NORM_PLUS_ONE and name.endswith("norm.weight"):
+        array = array - 1   # back to HF's w, as transformers' GGUF loading does
+    if not (array.flags.writeable and array.flags.c_contiguous):
+        array = np.array(array)  # F32 tensors are views into the read-only memory map
+    yield name, torch.from_numpy(array)

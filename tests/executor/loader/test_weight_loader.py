@@ -201,11 +201,29 @@ def test_tensor_table_reader_agrees_with_gguf_reader(tmp_path):
     writer.add_tensor("b.weight", np.ones((4, 64), dtype=np.float16))
     q = gguf.GGMLQuantizationType.Q4_1
     writer.add_tensor("c.weight", gguf.quants.quantize(np.random.rand(3, 64).astype(np.float32), q), raw_dtype=q)
+    writer.add_tensor("d.weight", np.random.rand(3, 4096).astype(np.float32))   # 12 pages
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     assert_same_as_gguf_reader(str(path))
+
+
+def test_released_tensor_pages_read_back_the_same(tmp_path):
+    """iter_gguf drops each tensor's pages once taken; a view still held reads the same bytes."""
+    path = str(tmp_path / "pages.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    for name in ("a.weight", "b.weight"):
+        writer.add_tensor(name, np.random.rand(5, 4096).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tensors = GGUFTensors(path)
+    before = [t.data.tobytes() for t in tensors.tensors]
+    for tensor in tensors.tensors:
+        tensors.release(tensor)
+    assert [t.data.tobytes() for t in tensors.tensors] == before
 
 
 @pytest.mark.slow
