@@ -14,8 +14,8 @@ from random_gguf_blocks import TYPES, random_blocks
 
 from aphrodite.executor.kernels.cpu import ops as cpu_kernels
 from aphrodite.executor.layers import linear
-from aphrodite.executor.layers.quantized import (Q4_K, Q5_0, Q6_K, Q8_0, QuantizedParts,
-                                                 QuantizedWeight)
+from aphrodite.executor.layers.quantized import (BLOCKS, Q4_K, Q5_0, Q6_K, Q8_0,
+                                                 QuantizedParts, QuantizedWeight)
 
 pytestmark = pytest.mark.usefixtures("cpp_compiler")
 # 512 columns: two blocks of 256 values, sixteen of 32. 100 rows leave a partial panel.
@@ -66,6 +66,20 @@ def test_quantized_linear_matches_float64_product(name, tokens):
     out = cpu_kernels.quantized_linear(x, blocks, ggml_type)
     assert out.shape == (tokens, ROWS)
     assert_product(out, x, gguf_matrix(blocks, ggml_type, COLS))
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5])
+def test_row_products_of_an_odd_number_of_blocks(name, tokens):
+    """Rows of 17 blocks of 32 values (3 of 256): the row-by-row products alternate between
+    two accumulators by group, so an odd count leaves a last group over; 2, 3 and 5 tokens
+    give every token tile (5: a tile of 4 and one of 1)."""
+    ggml_type = TYPES[name]
+    cols = 17 * 32 if BLOCKS[ggml_type][0] == 32 else 3 * 256
+    blocks = random_blocks(ggml_type, 9, cols, seed=tokens)
+    x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
+    assert_product(cpu_kernels.quantized_linear(x, blocks, ggml_type), x,
+                   gguf_matrix(blocks, ggml_type, cols))
 
 
 @pytest.mark.parametrize("name", ["q5_0", "q4_k", "q6_k"])

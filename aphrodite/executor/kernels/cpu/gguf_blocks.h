@@ -15,7 +15,9 @@
 //   code(block, i)           value i's code q (portable branches);
 //   code_bytes(block, g, a, b)  (AVX2) group g's codes as bytes, values 0-15 in a, 16-31 in b,
 //                            each 16 bytes repeated in both 128-bit lanes (signed bytes where
-//                            kSigned), which widen() spreads into floats with in-lane shuffles.
+//                            kSigned), which widen() spreads into floats with in-lane shuffles;
+//                            the AVX-512 branches (APHRODITE_AVX512) widen each one's low lane
+//                            into sixteen floats, one __m512.
 //
 //   Q4_1  fp16 d, fp16 m, 16 bytes: byte j holds value j (low nibble) and j + 16; w = d*q + m.
 //   Q5_0  fp16 d, uint32 of fifth bits (bit j: value j), nibbles as Q4_1; w = d * (q - 16).
@@ -36,6 +38,9 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define APHRODITE_AVX2 1
 #include <immintrin.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define APHRODITE_AVX512 1
+#endif
 #endif
 
 namespace quantized {
