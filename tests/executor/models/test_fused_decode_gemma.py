@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from test_fused_decode import check_fused_steps, fused_steps, quantised_model  # noqa: F401
 from test_gemma import GGUF_CONFIGS, PROMPTS, write_gemma_gguf
-from test_models import ATOL, RTOL, PagedDriver, hf_logits, save_random_model
+from test_models import PagedDriver, check_decode_steps, save_random_model
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Qwen3Config
 
 from aphrodite.config import EngineConfig
@@ -110,16 +110,7 @@ def test_q8_0_gguf_decodes_fused_like_transformers(arch, tmp_path, monkeypatch, 
     reference = AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file="tiny-q8.gguf", dtype=torch.float32,
         attn_implementation="eager").eval()
-    driver = PagedDriver(ours)
-    seqs = {name: list(p) for name, p in PROMPTS.items()}
-    driver.step(seqs)
-    for _ in range(3):
-        for name in seqs:
-            seqs[name].append(int(hf_logits(reference, seqs[name])[-1].argmax()))
-        out = driver.step({name: tokens[-1:] for name, tokens in seqs.items()})
-        for name, tokens in seqs.items():
-            torch.testing.assert_close(out[name][0], hf_logits(reference, tokens)[-1],
-                                       atol=ATOL, rtol=RTOL)
+    check_decode_steps(reference, PagedDriver(ours), PROMPTS, steps=3)
     assert fused_steps == [len(PROMPTS)] * 3
 
 

@@ -170,6 +170,21 @@ def check_chunked_prefill(hf, driver: PagedDriver, long_prompt: list[int], short
 LONG_PROMPT = [(i * 37) % 256 for i in range(23)]
 
 
+def check_decode_steps(reference, driver: PagedDriver, prompts: dict[str, list[int]],
+                       steps: int) -> None:
+    """The prompts prefilled, then `steps` decode steps of every sequence together, each
+    extended by the reference's greedy token; each step's logits equal the reference's."""
+    seqs = {name: list(p) for name, p in prompts.items()}
+    driver.step(seqs)
+    for _ in range(steps):
+        for name in seqs:
+            seqs[name].append(int(hf_logits(reference, seqs[name])[-1].argmax()))
+        out = driver.step({name: tokens[-1:] for name, tokens in seqs.items()})
+        for name, tokens in seqs.items():
+            torch.testing.assert_close(out[name][0], hf_logits(reference, tokens)[-1],
+                                       atol=ATOL, rtol=RTOL)
+
+
 def save_word_tokenizer(folder, vocab_size: int) -> None:
     """A word-level tokenizer over the model's vocabulary, with no EOS token: the engine needs
     one in the model folder."""

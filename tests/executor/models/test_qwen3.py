@@ -12,7 +12,8 @@ import pytest
 import torch
 from gguf_files import write_gguf
 from test_models import (ATOL, LONG_PROMPT, PROMPTS, RTOL, SMALL, PagedDriver, _tp_worker,
-                         check_chunked_prefill, check_engine_greedy, check_prefill_then_decode,
+                         check_chunked_prefill, check_decode_steps, check_engine_greedy,
+                         check_prefill_then_decode,
                          hf_logits, load_ours, save_random_model, save_word_tokenizer)
 from transformers import AutoModelForCausalLM, Qwen3Config
 
@@ -160,16 +161,7 @@ def test_quantised_gguf_takes_the_fused_decode_step(tmp_path, monkeypatch, cpp_c
     # Every matrix holds GGUF blocks: the decode steps run fused.
     assert isinstance(ours.layers[1].self_attn.qkv_proj.weight, QuantizedWeight)
     assert fused_decode.layer_weights(ours.layers) is not None
-    driver = PagedDriver(ours)
-    seqs = {name: list(p) for name, p in PROMPTS.items()}
-    driver.step(seqs)
-    for _ in range(3):
-        for name in seqs:
-            seqs[name].append(int(hf_logits(reference, seqs[name])[-1].argmax()))
-        out = driver.step({name: tokens[-1:] for name, tokens in seqs.items()})
-        for name, tokens in seqs.items():
-            torch.testing.assert_close(out[name][0], hf_logits(reference, tokens)[-1],
-                                       atol=ATOL, rtol=RTOL)
+    check_decode_steps(reference, PagedDriver(ours), PROMPTS, steps=3)
     assert fused_steps == [len(PROMPTS)] * 3
 
 
