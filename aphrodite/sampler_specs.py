@@ -184,4 +184,12 @@ SAMPLER_SPECS: list[ParamSpec] = [
       "stages, by name or Kobold id (top_p_top_k 0, top_a 1, min_p 2, tfs 3, typical_p 4, "
       "temperature 5, penalties 6, dry 7, no_repeat_ngram 8, top_nsigma 9, eta_cutoff 10, "
       "epsilon_cutoff 11, quadratic 12, xtc 13).", range_text="all 14 stages, each once"),
+    P("structured_outputs", "dict|null", None, "Constrain the output to a JSON schema "
+      "({\"json\": schema}), any JSON object ({\"json_object\": true}), a regular expression "
+      "({\"regex\": ...}), one of several strings ({\"choice\": [...]}) or a Lark / GBNF "
+      "grammar ({\"grammar\": ...}); optional whitespace_pattern or disable_any_whitespace "
+      "for JSON. Disallowed tokens are masked before every other sampler; the request stops "
+      "when the grammar is complete. The OpenAI fields response_format and guided_json, "
+      "guided_regex, guided_choice, guided_grammar, guided_whitespace_pattern set it too.",
+      range_text="exactly one of json, json_object, regex, choice, grammar"),
 ]

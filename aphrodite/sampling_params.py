@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aphrodite.sampler_specs import SAMPLER_SPECS, SamplingParamError
+from aphrodite.structured_outputs import StructuredOutputsParams
 
 GREEDY_TEMPERATURE = 1e-5        # temperature below this means greedy
 CUTOFF_UNIT = 1e-4               # eta_cutoff / epsilon_cutoff are given in these units
@@ -137,6 +138,8 @@ class SamplingParams:
     banned_token_ids: list[int] = field(default_factory=list)
     bad_words: list[str] = field(default_factory=list)
     sampler_priority: list[str | int] | None = None
+    # ---- constrained decoding (a dict is accepted; aphrodite/structured_outputs.py) ----
+    structured_outputs: StructuredOutputsParams | None = None
     # ---- resolved from the strings above by the frontend (resolve_token_strings) ----
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     dry_sequence_breaker_ids: list[int] = field(default_factory=list)
@@ -171,6 +174,8 @@ class SamplingParams:
             if data[name] is not None:
                 data[name] = list(data[name])
         data["bad_words_token_ids"] = [list(ids) for ids in self.bad_words_token_ids]
+        if self.structured_outputs is not None:
+            data["structured_outputs"] = self.structured_outputs.to_dict()
         return data
 
     @classmethod
@@ -234,6 +239,8 @@ class SamplingParams:
         self.logit_bias = _normalise_logit_bias(self.logit_bias)
         if self.sampler_priority is not None:
             self.sampler_priority = _normalise_priority(self.sampler_priority)
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
 
     def validate(self, vocab_size: int | None = None, max_logprobs: int | None = None) -> None:
         """Check every parameter's type and range; raise SamplingParamError naming the first bad
