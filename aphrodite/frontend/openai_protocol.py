@@ -40,10 +40,23 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: Optional[str] = None     # a JSON object as text, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None     # an assistant's earlier calls
+    tool_call_id: Optional[str] = None              # which call a tool message answers
 
     def text(self) -> str:
         if self.content is None:
@@ -58,6 +71,52 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool = False
 
 
+class FunctionDefinition(_Body):
+    name: str = Field(min_length=1)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None     # a JSON schema of the arguments object
+    strict: Optional[bool] = None
+
+
+class Tool(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Body):
+    name: str = "response"
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format: text, any JSON object, or a JSON schema."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class GuidedFields(_Body):
+    """Constrained decoding, as Aphrodite 0.6 and vLLM before 0.12 name it (the newer
+    `structured_outputs` object is a sampler field; `response_format` is OpenAI's)."""
+    response_format: Optional[ResponseFormat] = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_whitespace_pattern: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None   # accepted and ignored: one engine here
+
+
 # Request fields that mean something different (or are typed differently) in the OpenAI
 # API than in SamplingParams; the serving code maps them explicitly.
 _OPENAI_OWNED = {"n", "temperature", "top_p", "seed", "stop", "max_tokens", "logprobs",
@@ -65,7 +124,8 @@ _OPENAI_OWNED = {"n", "temperature", "top_p", "seed", "stop", "max_tokens", "log
 # Filled in by the frontend from other fields, never sent by clients.
 _DERIVED = {"bad_words_token_ids", "dry_sequence_breaker_ids"}
 # Lenient input forms that SamplingParams normalises (a JSON-array string, a single word).
-_WIDER_TYPES = {"dry_sequence_breakers": Union[list[str], str], "bad_words": Union[list[str], str]}
+_WIDER_TYPES = {"dry_sequence_breakers": Union[list[str], str], "bad_words": Union[list[str], str],
+                "structured_outputs": dict[str, Any]}
 # Names Aphrodite 0.6 / Kobold clients use for the same settings.
 _ALIASES = {"banned_token_ids": "custom_token_bans", "dry_range": "dry_penalty_last_n",
             "sampler_priority": "sampler_order"}
@@ -96,7 +156,7 @@ def _sampler_fields() -> dict[str, tuple[Any, Any]]:
 SamplerFields = create_model("SamplerFields", __base__=_Body, **_sampler_fields())
 
 
-class _CommonRequest(SamplerFields):
+class _CommonRequest(SamplerFields, GuidedFields):
     model: Optional[str] = None
     n: Int = 1
     temperature: Optional[float] = None
@@ -128,9 +188,9 @@ class ChatCompletionRequest(_CommonRequest):
     add_special_tokens: bool = False
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
-    tools: Optional[list[Any]] = None
-    tool_choice: Any = None
-    response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[Tool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 class CompletionRequest(_CommonRequest):
