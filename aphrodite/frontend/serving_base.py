@@ -4,6 +4,7 @@ loop, turning a request into SamplingParams, length checks, SSE and logprob form
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import time
@@ -79,13 +80,15 @@ class OpenAIServing:
 
     async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
                           continue_final_message: bool = False, chat_template: str | None = None,
-                          template_kwargs: dict | None = None) -> str:
+                          template_kwargs: dict | None = None,
+                          tools: list[dict] | None = None) -> str:
+        """The prompt text. ``tools`` (OpenAI tool definitions) go to the template, which
+        renders them its own way; a template that ignores them gets no tools."""
         template = chat_template or self.ctx.chat_template
         if template is None and not getattr(self.ctx.tokenizer, "chat_template", None):
             raise bad_request("This model has no chat template; start the server with "
                               "--chat-template or use /v1/completions.")
-        conversation = [{"role": m.role, "content": m.text(),
-                         **({"name": m.name} if m.name else {})} for m in messages]
+        conversation = [_template_message(m) for m in messages]
         if continue_final_message and add_generation_prompt:
             raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
                               param="continue_final_message")
@@ -93,7 +96,8 @@ class OpenAIServing:
             return await self.in_tokenizer_thread(
                 self.ctx.tokenizer.apply_chat_template, conversation, chat_template=template,
                 tokenize=False, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, **(template_kwargs or {}))
+                continue_final_message=continue_final_message, tools=tools,
+                **(template_kwargs or {}))
         except APIError:
             raise
         except Exception as exc:  # a template's raise_exception(), bad roles, Jinja errors
@@ -228,6 +232,28 @@ class OpenAIServing:
 # queued for it; bounded, the writer blocks early and the request's pending tokens are merged
 # into one event when the client reads again.
 STREAM_SEND_BUFFER_BYTES = 128 * 1024
+
+
+def _template_message(m: ChatMessage) -> dict:
+    """A message as chat templates expect it. An assistant's tool-call arguments arrive as
+    JSON text (OpenAI's wire form); templates index into them, so they become objects."""
+    message: dict = {"role": m.role, "content": m.text()}
+    if m.name:
+        message["name"] = m.name
+    if m.tool_call_id is not None:
+        message["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        calls = []
+        for call in m.tool_calls:
+            try:
+                arguments = json.loads(call.function.arguments or "{}")
+            except ValueError:
+                raise bad_request(f"tool call {call.id or call.function.name!r} has arguments "
+                                  "that are not JSON", param="messages") from None
+            calls.append({"id": call.id, "type": "function",
+                          "function": {"name": call.function.name, "arguments": arguments}})
+        message["tool_calls"] = calls
+    return message
 
 
 async def start_sse(request: web.Request) -> web.StreamResponse:
