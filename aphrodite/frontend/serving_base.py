@@ -22,7 +22,10 @@ from aphrodite.frontend.async_engine import AsyncEngineClient
 from aphrodite.frontend.errors import (APIError, bad_request, limit_exceeded, model_not_found,
                                        server_overloaded)
 from aphrodite.frontend.openai_protocol import ChatMessage
+from aphrodite.frontend.structured_request import (check_structured_outputs,
+                                                   structured_outputs_from_request)
 from aphrodite.sampling_params import SamplingParamError, SamplingParams
+from aphrodite.structured_outputs import StructuredOutputsParams
 
 logger = logging.getLogger("aphrodite.server")
 
@@ -173,9 +176,23 @@ class OpenAIServing:
         logger.info("%s", line)
 
     # ---- sampling parameters -----------------------------------------------------------------
+    async def check_structured_outputs(self, request, extra: dict | None = None) -> None:
+        """400 unless the request's constraint compiles; run in the tokenizer thread, since a
+        large schema takes milliseconds. sampling_params() then finds it checked (cached)."""
+        try:
+            constraint, param = _structured_outputs(request, extra)
+            if constraint is not None:
+                await self.in_tokenizer_thread(check_structured_outputs, constraint, param)
+        except SamplingParamError as exc:
+            raise bad_request(str(exc), param=exc.param) from exc
+        except (TypeError, ValueError) as exc:
+            raise bad_request(str(exc)) from exc
+
     def sampling_params(self, request, *, max_tokens: int | None, logprobs: int | None,
                         extra: dict | None = None) -> SamplingParams:
-        """One place where a request becomes validated SamplingParams (400 on bad values)."""
+        """One place where a request becomes validated SamplingParams (400 on bad values).
+        ``extra["structured_outputs"]`` (a forced tool call's schema) replaces the request's
+        own constraint fields."""
         fields = request.sent_sampler_fields()
         stop = request.stop
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
@@ -188,6 +205,10 @@ class OpenAIServing:
             fields["logit_bias"] = request.logit_bias
         fields.update(extra or {})
         try:
+            constraint, param = _structured_outputs(request, extra)
+            if constraint is not None:
+                check_structured_outputs(constraint, param)   # a cache hit once checked
+            fields["structured_outputs"] = constraint
             params = SamplingParams(**fields)
             params.validate(self.ctx.client.vocab_size, self.ctx.max_logprobs)
             params.resolve_token_strings(self.ctx.tokenizer)
@@ -286,6 +307,16 @@ def parse_logprobs(entry: dict) -> tuple[int, float, list[tuple[int, float]]]:
     """One engine logprobs entry -> (sampled token id, its logprob, [(top id, logprob)])."""
     top = [(int(t), float(lp)) for t, lp in zip(entry["top_token_ids"], entry["top_logprobs"])]
     return int(entry["token_id"]), float(entry["logprob"]), top
+
+
+def _structured_outputs(request, extra: dict | None
+                        ) -> tuple[StructuredOutputsParams | None, str | None]:
+    override = (extra or {}).get("structured_outputs")
+    if override is None:
+        return structured_outputs_from_request(request)
+    if isinstance(override, dict):
+        override = StructuredOutputsParams.from_dict(override)
+    return override, "tools"   # only a forced tool call overrides: its schema is the tools'
 
 
 def _params_summary(params: SamplingParams) -> str:

@@ -33,6 +33,7 @@ class CompletionServing(OpenAIServing):
         model = self.check_model(body.model)
         self._reject_unsupported(body)
         self.check_caps(body)
+        await self.check_structured_outputs(body)
         prompts = await self._prompt_ids(body)
         max_tokens = body.max_tokens
         if max_tokens is not None and max_tokens < 1:
