@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from aphrodite.config import EngineConfig
 from aphrodite.frontend.engine_process import EngineDeadError, EngineProcess
 from aphrodite.frontend.output_processor import OutputProcessor, RequestState
+from aphrodite.frontend.structured_request import check_structured_outputs
 from aphrodite.model_files import load_tokenizer, resolve_model
 from aphrodite.outputs import CompletionOutput, RequestOutput
 from aphrodite.protocol import AbortRequests, EngineStats, Frame, StepOutputs, decode
@@ -106,6 +107,8 @@ class LLM:
                              f"context length is {self.max_model_len} tokens")
         params = copy.deepcopy(params)
         params.validate(self.vocab_size)
+        if params.structured_outputs is not None:   # a ValueError here, before the engine
+            check_structured_outputs(params.structured_outputs, "structured_outputs")
         params.resolve_token_strings(self.tokenizer)
         return text, list(token_ids), params
 

@@ -22,6 +22,7 @@ from aphrodite.frontend.openai_protocol import (ChatCompletionRequest, Completio
 from aphrodite.frontend.serving_base import OpenAIServing, ServingContext, json_response
 from aphrodite.frontend.serving_chat import ChatServing
 from aphrodite.frontend.serving_completions import CompletionServing
+from aphrodite.frontend.structured_request import REQUEST_FIELDS
 from aphrodite.sampler_specs import SAMPLER_SPECS
 
 logger = logging.getLogger("aphrodite.server")
@@ -191,7 +192,8 @@ class ApiServer:
 
     async def samplers(self, request: web.Request) -> web.Response:
         """Every sampler parameter with its type, default, range and effect."""
-        return json_response({"object": "list", "data": [spec.to_dict() for spec in SAMPLER_SPECS]})
+        specs = [*SAMPLER_SPECS, *REQUEST_FIELDS]   # and the fields that set structured_outputs
+        return json_response({"object": "list", "data": [spec.to_dict() for spec in specs]})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """Chat completion (JSON, or server-sent events with stream=true)."""

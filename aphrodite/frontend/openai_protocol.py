@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
+from aphrodite.frontend.structured_request import REQUEST_FIELD_EFFECTS
+from aphrodite.sampler_specs import SAMPLER_SPECS
 from aphrodite.sampling_params import SamplingParams
 
 
@@ -105,16 +107,20 @@ class ResponseFormat(_Body):
     json_schema: Optional[JsonSchemaFormat] = None
 
 
+def _about(name: str) -> Any:
+    return Field(None, description=REQUEST_FIELD_EFFECTS[name])
+
+
 class GuidedFields(_Body):
     """Constrained decoding, as Aphrodite 0.6 and vLLM before 0.12 name it (the newer
     `structured_outputs` object is a sampler field; `response_format` is OpenAI's)."""
-    response_format: Optional[ResponseFormat] = None
-    guided_json: Union[dict[str, Any], str, None] = None
-    guided_regex: Optional[str] = None
-    guided_choice: Optional[list[str]] = None
-    guided_grammar: Optional[str] = None
-    guided_whitespace_pattern: Optional[str] = None
-    guided_decoding_backend: Optional[str] = None   # accepted and ignored: one engine here
+    response_format: Optional[ResponseFormat] = _about("response_format")
+    guided_json: Union[dict[str, Any], str, None] = _about("guided_json")
+    guided_regex: Optional[str] = _about("guided_regex")
+    guided_choice: Optional[list[str]] = _about("guided_choice")
+    guided_grammar: Optional[str] = _about("guided_grammar")
+    guided_whitespace_pattern: Optional[str] = _about("guided_whitespace_pattern")
+    guided_decoding_backend: Optional[str] = _about("guided_decoding_backend")
 
 
 # Request fields that mean something different (or are typed differently) in the OpenAI
@@ -141,14 +147,16 @@ def _request_type(tp: Any) -> Any:
 
 def _sampler_fields() -> dict[str, tuple[Any, Any]]:
     hints = typing.get_type_hints(SamplingParams)
+    effects = {spec.name: spec.effect for spec in SAMPLER_SPECS}   # described in /openapi.json
     fields = {}
     for f in dataclasses.fields(SamplingParams):
         if f.name in _OPENAI_OWNED or f.name in _DERIVED or not f.init:
             continue
         tp = Optional[_WIDER_TYPES.get(f.name, _request_type(hints[f.name]))]
         alias = _ALIASES.get(f.name)
-        fields[f.name] = (tp, Field(None, validation_alias=AliasChoices(f.name, alias))
-                          if alias else None)
+        fields[f.name] = (tp, Field(None, description=effects.get(f.name),
+                                    validation_alias=AliasChoices(f.name, alias) if alias
+                                    else None))
     return fields
 
 

@@ -248,3 +248,29 @@ def test_check_structured_outputs_raises_sampling_param_errors():
 def test_request_field_table_covers_the_guided_fields():
     from aphrodite.frontend.openai_protocol import GuidedFields
     assert [spec.name for spec in REQUEST_FIELDS] == list(GuidedFields.model_fields)
+
+
+# ---- the offline API --------------------------------------------------------------------------
+
+def offline_llm():
+    """An LLM whose request preparation runs without an engine (it never reaches one here)."""
+    from aphrodite.llm import LLM
+    llm = LLM.__new__(LLM)
+    llm.tokenizer = SimpleNamespace(encode=lambda text, **kw: [1, 2, 3])
+    llm.max_model_len, llm.vocab_size, llm.engine = 64, 49152, None
+    return llm
+
+
+def test_offline_api_checks_the_constraint_before_the_engine():
+    import aphrodite
+    from aphrodite import SamplingParams
+    assert aphrodite.StructuredOutputsParams is StructuredOutputsParams
+    llm = offline_llm()
+    good = SamplingParams(structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    _, ids, prepared = llm._prepare("hi", good)
+    assert ids == [1, 2, 3] and prepared.structured_outputs == good.structured_outputs
+    as_dict = SamplingParams(structured_outputs={"regex": "[0-9]+"})
+    assert llm._prepare("hi", as_dict)[2].structured_outputs.regex == "[0-9]+"
+    bad = SamplingParams(structured_outputs=StructuredOutputsParams(grammar='root ::= "a" b'))
+    with pytest.raises(ValueError, match="structured_outputs: is not a valid grammar"):
+        llm._prepare("hi", bad)

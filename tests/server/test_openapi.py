@@ -17,6 +17,8 @@ from aphrodite.frontend.api_server import BODY_MODELS, OPEN_PATHS, ApiServer
 from aphrodite.frontend.args import ServerOptions
 from aphrodite.frontend.openai_protocol import ErrorResponse
 from aphrodite.frontend.openapi import build_openapi
+from aphrodite.frontend.structured_request import REQUEST_FIELDS
+from aphrodite.sampler_specs import SAMPLER_SPECS
 from server_utils import RemoteServer
 
 FUZZ_MAX_MODEL_LEN = 64     # bounds generation when a fuzzed request sets no max_tokens
@@ -89,6 +91,45 @@ def test_request_schemas_are_the_pydantic_models_schemas():
         assert in_document == own_schema(model), path
     assert inline_refs(components["ErrorResponse"], components, "#/components/schemas/") == \
         own_schema(ErrorResponse)
+
+
+def test_structured_output_fields_are_documented_on_both_generation_routes():
+    _, app = app_routes()
+    document = document_for(app)
+    components = document["components"]["schemas"]
+    effects = {spec.name: spec.effect for spec in (*SAMPLER_SPECS, *REQUEST_FIELDS)}
+    names = ["structured_outputs", "response_format", "guided_json", "guided_regex",
+             "guided_choice", "guided_grammar", "guided_whitespace_pattern",
+             "guided_decoding_backend"]
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        properties = inline_refs(body["schema"], components, "#/components/schemas/")["properties"]
+        for name in names:
+            assert properties[name]["description"] == effects[name], (path, name)
+        response_format = next(option for option in properties["response_format"]["anyOf"]
+                               if option.get("type") == "object")
+        assert response_format["properties"]["type"]["enum"] == ["text", "json_object",
+                                                                 "json_schema"]
+        assert "schema" in response_format["properties"]["json_schema"]["anyOf"][0]["properties"]
+    assert "JSON schema" in effects["structured_outputs"]
+    assert "json_schema" in effects["response_format"]
+
+
+def test_samplers_list_structured_outputs_and_the_fields_that_set_it():
+    _, app = app_routes()
+
+    async def fetch() -> list[dict]:
+        async with TestClient(TestServer(app)) as client:
+            r = await client.get("/v1/samplers")
+            assert r.status == 200
+            return (await r.json())["data"]
+
+    data = {entry["name"]: entry for entry in asyncio.run(fetch())}
+    for spec in (*SAMPLER_SPECS, *REQUEST_FIELDS):
+        assert data[spec.name] == spec.to_dict()
+    assert {"structured_outputs", "response_format", "guided_json", "guided_regex",
+            "guided_choice", "guided_grammar", "guided_whitespace_pattern"} <= set(data)
+    assert all(entry["effect"] for entry in data.values())
 
 
 def test_a_post_route_without_a_body_model_is_refused():
