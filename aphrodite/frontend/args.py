@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from aphrodite.config import EngineConfig
+from aphrodite.frontend.tool_parsers import TOOL_PARSERS
 
 DEFAULT_PORT = 2242
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -49,6 +50,9 @@ class ServerOptions:
     max_stop_sequences: int = DEFAULT_MAX_STOP_SEQUENCES
     max_stop_length: int = DEFAULT_MAX_STOP_LENGTH
     max_log_len: int = DEFAULT_MAX_LOG_LEN     # characters of a request's log line
+    # Tool calling: the parser that finds calls in free text (tool_choice "auto").
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
 
 
 def parse_size(text: str) -> int:
@@ -145,6 +149,16 @@ def build_parser(prog: str, positional_model: bool = False) -> argparse.Argument
                      help="on SIGTERM/SIGINT, how long in-flight requests may run before they "
                           "are aborted")
 
+    tools = p.add_argument_group("tool calling")
+    tools.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                       help="how the model writes tool calls (hermes: Qwen2.5/Hermes "
+                            "<tool_call> tags; llama3_json: Llama 3.1+ JSON; mistral: "
+                            "[TOOL_CALLS]); needed for tool_choice \"auto\"")
+    tools.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="let the model decide whether to call a tool (tool_choice "
+                            "\"auto\", the default when a request has tools); requires "
+                            "--tool-call-parser")
+
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-queue-len", type=_non_negative, default=DEFAULT_MAX_QUEUE_LEN,
                      metavar="N", help="most sequences that may wait for a batch slot (in flight "
@@ -233,6 +247,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m aphrodite.s
         parser.error("--gpu-memory-utilization must be in (0, 1]")
     if (a.ssl_keyfile is None) != (a.ssl_certfile is None):
         parser.error("--ssl-keyfile and --ssl-certfile go together")
+    if a.enable_auto_tool_choice and a.tool_call_parser is None:
+        parser.error("--enable-auto-tool-choice requires --tool-call-parser")
     api_keys = list(a.api_keys or [])
     env_keys = os.environ.get("APHRODITE_API_KEY", "")
     api_keys += [k.strip() for k in env_keys.split(",") if k.strip()]
@@ -245,5 +261,6 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m aphrodite.s
         max_request_body_bytes=a.max_request_body, shutdown_timeout_s=a.shutdown_timeout,
         max_num_seqs=a.max_num_seqs, max_queue_len=a.max_queue_len, max_n=a.max_n,
         max_stop_sequences=a.max_stop_sequences, max_stop_length=a.max_stop_length,
-        max_log_len=a.max_log_len)
+        max_log_len=a.max_log_len, tool_call_parser=a.tool_call_parser,
+        enable_auto_tool_choice=a.enable_auto_tool_choice)
     return config, options
