@@ -11,6 +11,8 @@ from aphrodite.frontend.errors import bad_request, engine_unavailable
 from aphrodite.frontend.openai_protocol import ChatCompletionRequest
 from aphrodite.frontend.serving_base import (OpenAIServing, json_response, parse_logprobs,
                                              send_done, send_event, start_sse)
+from aphrodite.frontend.tool_call_output import StreamedToolCalls, message_fields
+from aphrodite.frontend.tool_calls import ToolPlan, plan_tool_calls
 
 
 class ChatServing(OpenAIServing):
@@ -18,9 +20,11 @@ class ChatServing(OpenAIServing):
         model = self.check_model(body.model)
         self._reject_unsupported(body)
         self.check_caps(body)
+        plan = plan_tool_calls(body, self.options)
         prompt = await self.render_chat(body.messages, body.add_generation_prompt,
                                         body.continue_final_message, body.chat_template,
-                                        body.chat_template_kwargs)
+                                        body.chat_template_kwargs,
+                                        tools=plan.tools if plan else None)
         prompt_ids = await self.encode(prompt, add_special_tokens=body.add_special_tokens)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -29,10 +33,12 @@ class ChatServing(OpenAIServing):
         self.check_length(len(prompt_ids), "messages")
         if max_tokens is None:  # chat default: as long as the context allows
             max_tokens = self.ctx.max_model_len - len(prompt_ids)
+        extra = {"prompt_logprobs": body.prompt_logprobs, **self._tool_extra(body, plan)}
+        await self.check_structured_outputs(body, extra)
         params = self.sampling_params(
             body, max_tokens=max_tokens,
-            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-            extra={"prompt_logprobs": body.prompt_logprobs})
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None, extra=extra)
+        tools = plan if plan is not None and plan.reads_calls else None
         request_id = self.new_id("chatcmpl")
         self.admit(body.n)
         self.log_received(request_id, len(prompt_ids), params)
@@ -40,17 +46,35 @@ class ChatServing(OpenAIServing):
         try:
             if body.stream:
                 return await self._stream(http_request, body, model, request_id, prompt_ids,
-                                          outputs)
-            return await self._complete(body, model, request_id, prompt_ids, outputs)
+                                          outputs, tools)
+            return await self._complete(body, model, request_id, prompt_ids, outputs, tools)
         finally:
             await outputs.aclose()   # aborts the request unless it finished
 
+    def _tool_extra(self, body: ChatCompletionRequest, plan: ToolPlan | None) -> dict:
+        """Sampling fields a tool plan sets: the forced call's schema, and special tokens
+        kept in the text where the parser's markers are special tokens."""
+        extra: dict = {}
+        if plan is None:
+            return extra
+        if plan.structured_outputs is not None:
+            extra["structured_outputs"] = plan.structured_outputs
+        if plan.parser is not None and body.skip_special_tokens is None \
+                and self._markers_are_special(plan.parser.markers):
+            extra["skip_special_tokens"] = False
+        return extra
+
+    def _markers_are_special(self, markers: tuple[str, ...]) -> bool:
+        special = getattr(self, "_special_tokens", None)
+        if special is None:
+            tokenizer = self.ctx.tokenizer
+            added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+            special = {t.content for t in added.values() if getattr(t, "special", False)}
+            special.update(getattr(tokenizer, "all_special_tokens", None) or [])
+            self._special_tokens = special
+        return any(marker in special for marker in markers)
+
     def _reject_unsupported(self, body: ChatCompletionRequest) -> None:
-        if body.tools:
-            raise bad_request("Tool calling is not supported by this server.", param="tools")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise bad_request("Only response_format {\"type\": \"text\"} is supported.",
-                              param="response_format")
         if body.stream_options is not None and not body.stream:
             raise bad_request("stream_options is only allowed with stream=true.",
                               param="stream_options")
@@ -72,7 +96,8 @@ class ChatServing(OpenAIServing):
                                  for t, lp in top]})
         return content
 
-    async def _complete(self, body, model, request_id, prompt_ids, outputs) -> web.Response:
+    async def _complete(self, body, model, request_id, prompt_ids, outputs,
+                        tools: ToolPlan | None) -> web.Response:
         n = body.n
         texts, logprobs = [""] * n, [[] for _ in range(n)]
         finish, stop_reason, tokens = [None] * n, [None] * n, [0] * n
@@ -90,11 +115,17 @@ class ChatServing(OpenAIServing):
                     if d.finish_reason is not None:
                         finish[d.index], stop_reason[d.index] = d.finish_reason, d.stop_reason
                         cached = max(cached, d.num_cached_tokens)
-        choices = [{
-            "index": i,
-            "message": {"role": self.ctx.response_role, "content": texts[i]},
-            "logprobs": {"content": self._logprobs_content(logprobs[i])} if body.logprobs else None,
-            "finish_reason": finish[i], "stop_reason": stop_reason[i]} for i in range(n)]
+        choices = []
+        for i in range(n):
+            message = {"role": self.ctx.response_role, "content": texts[i]}
+            if tools is not None:
+                fields, finish[i] = message_fields(tools, texts[i], finish[i])
+                message.update(fields)
+            choices.append({
+                "index": i, "message": message,
+                "logprobs": {"content": self._logprobs_content(logprobs[i])}
+                if body.logprobs else None,
+                "finish_reason": finish[i], "stop_reason": stop_reason[i]})
         payload = {
             "id": request_id, "object": "chat.completion", "created": self.now(), "model": model,
             "choices": choices,
@@ -104,14 +135,15 @@ class ChatServing(OpenAIServing):
                 prompt_logprobs or [], body.prompt_logprobs)
         return json_response(payload)
 
-    async def _stream(self, http_request, body, model, request_id, prompt_ids, outputs
-                      ) -> web.StreamResponse:
+    async def _stream(self, http_request, body, model, request_id, prompt_ids, outputs,
+                      tools: ToolPlan | None) -> web.StreamResponse:
         response = await start_sse(http_request)
         created = self.now()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         continuous = include_usage and body.stream_options.continuous_usage_stats
         completion_tokens = 0
         prompt_logprobs_sent = False
+        streams = [StreamedToolCalls(tools) for _ in range(body.n)] if tools else None
 
         def chunk(choice: dict) -> dict:
             payload = {"id": request_id, "object": "chat.completion.chunk", "created": created,
@@ -136,18 +168,31 @@ class ChatServing(OpenAIServing):
                         if not (d.text or d.finish_reason is not None or d.logprobs
                                 or send_prompt_logprobs):
                             continue  # held back (possible stop string) or mid-character
-                        choice = {"index": d.index, "delta": {"content": d.text} if d.text else {},
-                                  "logprobs": {"content": self._logprobs_content(d.logprobs)}
-                                  if d.logprobs else None,
-                                  "finish_reason": d.finish_reason}
-                        if d.finish_reason is not None:
-                            choice["stop_reason"] = d.stop_reason
-                        payload = chunk(choice)
-                        if send_prompt_logprobs:   # once, in the first chunk that has them
-                            payload["prompt_logprobs"] = self.prompt_logprobs_field(
-                                d.prompt_logprobs, body.prompt_logprobs)
-                            prompt_logprobs_sent = True
-                        await send_event(response, payload)
+                        finish = d.finish_reason
+                        if streams is None:
+                            deltas = [{"content": d.text} if d.text else {}]
+                        else:
+                            stream_calls = streams[d.index]
+                            deltas = stream_calls.deltas(d.text, final=finish is not None)
+                            if finish is not None:
+                                finish = stream_calls.finish_reason(finish)
+                            if not deltas and (finish is not None or d.logprobs
+                                               or send_prompt_logprobs):
+                                deltas = [{}]
+                        for k, delta in enumerate(deltas):
+                            first, last = k == 0, k == len(deltas) - 1
+                            choice = {"index": d.index, "delta": delta,
+                                      "logprobs": {"content": self._logprobs_content(d.logprobs)}
+                                      if d.logprobs and first else None,
+                                      "finish_reason": finish if last else None}
+                            if finish is not None and last:
+                                choice["stop_reason"] = d.stop_reason
+                            payload = chunk(choice)
+                            if send_prompt_logprobs and first:   # once, in the first chunk
+                                payload["prompt_logprobs"] = self.prompt_logprobs_field(
+                                    d.prompt_logprobs, body.prompt_logprobs)
+                                prompt_logprobs_sent = True
+                            await send_event(response, payload)
             except EngineDeadError as exc:
                 await send_event(response, engine_unavailable(str(exc)).body())
                 await send_done(response)

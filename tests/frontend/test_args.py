@@ -103,3 +103,20 @@ def test_help_documents_every_option(command):
                  "--disable-log-requests", "--disable-log-stats", "--ssl-keyfile",
                  "--ssl-certfile", "--allowed-origins"]:
         assert flag in text, flag
+
+
+def test_tool_call_options():
+    _, options = parse_args(["--tool-call-parser", "mistral", "--enable-auto-tool-choice"])
+    assert (options.tool_call_parser, options.enable_auto_tool_choice) == ("mistral", True)
+    _, plain = parse_args([])
+    assert (plain.tool_call_parser, plain.enable_auto_tool_choice) == (None, False)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--enable-auto-tool-choice"], "--enable-auto-tool-choice requires --tool-call-parser"),
+    (["--tool-call-parser", "nope"], "invalid choice: 'nope'"),
+])
+def test_tool_call_options_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
