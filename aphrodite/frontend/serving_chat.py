@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import aclosing
+from functools import cached_property
 
 from aiohttp import web
 
@@ -12,7 +13,7 @@ from aphrodite.frontend.openai_protocol import ChatCompletionRequest
 from aphrodite.frontend.serving_base import (OpenAIServing, json_response, parse_logprobs,
                                              send_done, send_event, start_sse)
 from aphrodite.frontend.tool_call_output import StreamedToolCalls, message_fields
-from aphrodite.frontend.tool_calls import ToolPlan, plan_tool_calls
+from aphrodite.frontend.tool_calls import ToolPlan, plan_tool_calls, special_token_texts
 
 
 class ChatServing(OpenAIServing):
@@ -60,19 +61,13 @@ class ChatServing(OpenAIServing):
         if plan.structured_outputs is not None:
             extra["structured_outputs"] = plan.structured_outputs
         if plan.parser is not None and body.skip_special_tokens is None \
-                and self._markers_are_special(plan.parser.markers):
+                and any(marker in self._special_tokens for marker in plan.parser.markers):
             extra["skip_special_tokens"] = False
         return extra
 
-    def _markers_are_special(self, markers: tuple[str, ...]) -> bool:
-        special = getattr(self, "_special_tokens", None)
-        if special is None:
-            tokenizer = self.ctx.tokenizer
-            added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-            special = {t.content for t in added.values() if getattr(t, "special", False)}
-            special.update(getattr(tokenizer, "all_special_tokens", None) or [])
-            self._special_tokens = special
-        return any(marker in special for marker in markers)
+    @cached_property
+    def _special_tokens(self) -> set[str]:
+        return special_token_texts(self.ctx.tokenizer)
 
     def _reject_unsupported(self, body: ChatCompletionRequest) -> None:
         if body.stream_options is not None and not body.stream:

@@ -87,6 +87,15 @@ def plan_tool_calls(body: Any, options: ServerOptions) -> ToolPlan | None:
                     structured_outputs={"json": named_schema(tool)})
 
 
+def special_token_texts(tokenizer: Any) -> set[str]:
+    """The tokenizer's special tokens, which detokenising drops unless a request keeps them:
+    a parser whose markers are among them needs skip_special_tokens off."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special = {token.content for token in added.values() if getattr(token, "special", False)}
+    special.update(getattr(tokenizer, "all_special_tokens", None) or [])
+    return special
+
+
 def named_schema(tool: Any) -> dict:
     """The arguments object of one function: its parameters schema."""
     return tool.function.parameters or {"type": "object"}

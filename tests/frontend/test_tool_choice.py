@@ -2,16 +2,20 @@
 (checked with jsonschema against example outputs), $defs hoisting, the 400s, and the
 response shapes built from a plan."""
 
+import copy
 import json
+from types import SimpleNamespace
 
 import jsonschema
 import pytest
 
 from aphrodite.frontend.args import ServerOptions
+from aphrodite.frontend.detokenizer import RequestDetokenizer
 from aphrodite.frontend.errors import APIError
 from aphrodite.frontend.openai_protocol import ChatCompletionRequest
 from aphrodite.frontend.tool_call_output import StreamedToolCalls, message_fields
-from aphrodite.frontend.tool_calls import plan_tool_calls
+from aphrodite.frontend.tool_calls import plan_tool_calls, special_token_texts
+from aphrodite.frontend.tool_parsers import TOOL_PARSERS
 from aphrodite.structured_outputs import StructuredOutputsParams
 
 WEATHER = {"type": "function", "function": {
@@ -164,3 +168,20 @@ def test_parameterless_named_call_streams_empty_object():
     assert calls.finish_reason("stop") == "stop"
     deltas, _ = stream_deltas(named, [""])
     assert "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas) == "{}"
+
+
+def test_special_token_markers_survive_detokenising_only_when_kept(tokenizer):
+    """Where a parser's marker is a special token (Mistral's [TOOL_CALLS]), the default
+    skip_special_tokens would drop it before the parser sees it."""
+    mistral_like = copy.deepcopy(tokenizer)
+    mistral_like.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    assert "[TOOL_CALLS]" in special_token_texts(mistral_like)
+    assert "[TOOL_CALLS]" not in special_token_texts(tokenizer)
+    output = '[TOOL_CALLS][{"name": "now", "arguments": {}}]'
+    ids = mistral_like.encode(output, add_special_tokens=False)
+    for skip, calls in ((True, []), (False, ["now"])):
+        params = SimpleNamespace(stop=None, include_stop_str_in_output=False,
+                                 skip_special_tokens=skip, min_tokens=0)
+        detokenizer = RequestDetokenizer(mistral_like, [1], params)
+        text = detokenizer.add_tokens(ids)[0] + detokenizer.finish()
+        assert [c.name for c in TOOL_PARSERS["mistral"].parse(text).calls] == calls
