@@ -126,11 +126,24 @@ def test_malformed_call_is_returned_as_text(name, text):
     ("hermes", "Hi <tool_call>not json</tool_call>"),
     ("llama3_json", '{"answer": 42}'),
     ("mistral", "[TOOL_CALLS]not a name![ARGS]{}"),
+    ("mistral", "[TOOL_CALLS]f[ARGS] nope"),
 ])
 def test_call_that_breaks_before_its_name_streams_as_text(name, text, tokenizer):
     for pieces in splits(text, tokenizer):
         content, calls = collect(stream(TOOL_PARSERS[name], pieces))
         assert calls == [] and content == text.strip()
+
+
+@pytest.mark.parametrize("name,text", [
+    ("hermes", 'A <tool_call>oops</tool_call> B <tool_call>{"name": "now"}</tool_call>'),
+    ("mistral", "[TOOL_CALLS]bad name![ARGS]{} [TOOL_CALLS]now[ARGS]{}"),
+])
+def test_a_broken_call_before_a_good_one_reads_the_same_in_every_split(name, text, tokenizer):
+    whole = TOOL_PARSERS[name].parse(text)
+    assert [c.name for c in whole.calls] == ["now"]
+    for pieces in splits(text, tokenizer):
+        content, calls = collect(stream(TOOL_PARSERS[name], pieces))
+        assert (content or None, calls) == (whole.content, whole.calls)
 
 
 def test_required_array_output():

@@ -11,7 +11,7 @@ from aphrodite.frontend.tool_parsers.calls import CallRegions
 from aphrodite.frontend.tool_parsers.json_call import CallArrayScanner, JsonValueScanner
 
 TOOL_CALLS, ARGS = "[TOOL_CALLS]", "[ARGS]"
-_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+_NAME_CHARS = re.compile(r"[A-Za-z0-9_.\-]*")
 _LONGEST_NAME = 128
 
 
@@ -55,22 +55,23 @@ class MistralToolParser(CallRegions):
         return self._consume_arguments(text)
 
     def _consume_name(self, text: str, final: bool) -> int | None:
-        marker = text.find(ARGS)
-        if marker < 0:
-            undecided = not final and len(text) <= _LONGEST_NAME + len(ARGS)
-            keep = partial_marker_length(text, (ARGS,))
-            if undecided and (_NAME.fullmatch(text[:len(text) - keep]) or keep == len(text)):
-                return 0
-            return self._to_content(TOOL_CALLS + text)
-        name, rest = text[:marker].strip(), text[marker + len(ARGS):]
-        body = rest.lstrip()
-        if not body and not final:
-            return 0                # the arguments' first character decides
-        if not _NAME.fullmatch(name) or not body.startswith("{"):
-            return self._to_content(TOOL_CALLS + text)
-        self._call_index = self._call_start(name)
-        self._args, self._state = JsonValueScanner(), "args"
-        return len(text) - len(body)
+        """``name[ARGS]{``; text that breaks the form becomes content up to where it broke,
+        so every split of the output reads the same."""
+        run = _NAME_CHARS.match(text).end()
+        rest = text[run:]
+        if rest.startswith(ARGS):
+            after = rest[len(ARGS):]
+            body = after.lstrip()
+            if not body and not final:
+                return 0            # the arguments' first character decides
+            if 0 < run <= _LONGEST_NAME and body.startswith("{"):
+                self._call_index = self._call_start(text[:run])
+                self._args, self._state = JsonValueScanner(), "args"
+                return run + len(ARGS) + len(after) - len(body)
+            return self._to_content(TOOL_CALLS + text[:run + len(ARGS)])
+        if not final and run <= _LONGEST_NAME and ARGS.startswith(rest):
+            return 0                # still the name, or a partial [ARGS]
+        return self._to_content(TOOL_CALLS + text[:run])
 
     def _consume_arguments(self, text: str) -> int:
         used = 0
@@ -82,10 +83,11 @@ class MistralToolParser(CallRegions):
             self._args, self._state = None, "content"
         return used
 
-    def _to_content(self, text: str) -> int:
+    def _to_content(self, text: str) -> int | None:
+        """The marker (already consumed) and ``text`` after it are content."""
         self._content(text)
         self._state = "content"
-        return len(text) - len(TOOL_CALLS)
+        return len(text) - len(TOOL_CALLS) or None
 
     def _end(self) -> None:
         if self._state == "args":
