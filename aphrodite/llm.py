@@ -120,6 +120,8 @@ class LLM:
         unfinished: set[str] = set()
         bar = tqdm(total=len(requests), desc="Generating", disable=not use_tqdm)
         try:
+            if any(params.structured_outputs is not None for _, _, params in requests):
+                self.engine.share_tokenizer(self.tokenizer)
             for text, token_ids, params in requests:
                 request_id = str(next(self._ids))
                 results[request_id] = RequestOutput(request_id, text, token_ids)
@@ -136,6 +138,9 @@ class LLM:
                     self.engine.send(Frame.ABORT, AbortRequests(news.abort_ids))
                 for update in news.updates:
                     request = update.request
+                    if request.error is not None:
+                        raise ValueError(f"request {request.request_id} failed in the engine: "
+                                         f"{request.error['message']}")
                     if request.finished and request.request_id in unfinished:
                         _fill_output(results[request.request_id], request)
                         unfinished.remove(request.request_id)

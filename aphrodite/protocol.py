@@ -7,8 +7,14 @@ frame type's dataclass back, so every reader works with attributes, never with r
 
 Frontend -> engine core:  ADD (AddRequest), ABORT (AbortRequests), SHUTDOWN
 Engine core -> frontend:  READY (EngineReady), STEP_OUTPUTS (StepOutputs), DEAD (Failure)
-Engine core -> workers:   STEP (SchedulerOutput), SHUTDOWN
+Engine core -> workers:   STEP (SchedulerOutput), BITMASK (to rank 0), SHUTDOWN
 Worker -> engine core:    READY (WorkerReady), RESULT (StepResult), DEAD (Failure)
+
+BITMASK is the one two-part ZeroMQ message: ``[type][orjson GrammarMask]`` then the raw
+int32 token bitmask, C order, ``[len(req_ids), ceil(vocab_size / 32)]`` (bit k of word w
+allows token 32w + k). The core sends it right after a STEP whose ``grammar_req_ids`` is
+not empty, once the masks are filled, so that work overlaps the forward pass; rank 0 reads
+it just before sampling (`encode_bitmask` / `decode_bitmask`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class Frame(enum.IntEnum):
     SHUTDOWN = 8
     STEP = 9
     RESULT = 10
+    BITMASK = 11
 
 
 # ---- frontend <-> engine core ------------------------------------------------------------------
@@ -70,6 +77,11 @@ class EngineOutput:
     num_cached_tokens: int         # prompt tokens served from the prefix cache
     logprobs: list[dict] | None = None          # one entry per new token, when asked for
     prompt_logprobs: list[dict] | None = None   # once, with the first new token, when asked for
+    # With finish_reason "error": {"message", "status" (400: the request's fault, 500: ours),
+    # "param" (the request field to blame, or None)}.
+    error: dict | None = None
+    # finish_reason "stop" because the grammar is complete: the last token is text, not EOS.
+    grammar_complete: bool = False
 
 
 @dataclass
@@ -143,6 +155,8 @@ class SchedulerOutput:
     # Requests preempted by recompute: the workers drop their tokens and blocks but keep
     # their sampler state (mirostat's mu) for when they come back as new requests.
     preempted_req_ids: list[str] = field(default_factory=list)
+    # Scheduled requests that sample this step under a grammar: a BITMASK frame follows.
+    grammar_req_ids: list[str] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -153,7 +167,14 @@ class SchedulerOutput:
         return cls(body["step_id"], [NewRequestData(**r) for r in body["new_requests"]],
                    [CachedRequestData(**r) for r in body["cached_requests"]],
                    body["num_scheduled_tokens"], body["finished_req_ids"],
-                   body["preempted_req_ids"])
+                   body["preempted_req_ids"], body.get("grammar_req_ids", []))
+
+
+@dataclass
+class GrammarMask:
+    """BITMASK's header: which step and which rows (in order) the bitmask covers."""
+    step_id: int
+    req_ids: list[str]
 
 
 @dataclass
@@ -188,6 +209,21 @@ _BODIES: dict[Frame, Any] = {
 
 def encode(frame: Frame, body: Any = None) -> bytes:
     return bytes((frame,)) + orjson.dumps(body if body is not None else {})
+
+
+def encode_bitmask(header: GrammarMask, bitmask) -> list:
+    """BITMASK's two parts; ``bitmask`` is a C-contiguous int32 numpy array."""
+    return [encode(Frame.BITMASK, header), memoryview(bitmask).cast("B")]
+
+
+def decode_bitmask(parts: list) -> tuple[GrammarMask, memoryview]:
+    """The header and the raw bitmask bytes (numpy.frombuffer(..., numpy.int32) reads them);
+    parts may be bytes or zmq.Frame objects."""
+    head = memoryview(parts[0])
+    frame = Frame(head[0])
+    if frame is not Frame.BITMASK or len(parts) != 2:
+        raise ValueError(f"expected a BITMASK frame, got {frame.name} in {len(parts)} parts")
+    return GrammarMask(**orjson.loads(head[1:])), memoryview(parts[1])
 
 
 def decode(message: bytes, ready: type | None = None) -> tuple[Frame, Any]:

@@ -19,12 +19,14 @@ import zmq
 
 from aphrodite import processes
 from aphrodite.config import EngineConfig
+from aphrodite.core.grammars import GrammarManager, resolve_grammar
 from aphrodite.core.kv_cache_manager import KVCacheManager
 from aphrodite.core.request import Request
 from aphrodite.core.scheduler import Scheduler
 from aphrodite.core.workers import WorkerFailure, WorkerGroup
 from aphrodite.protocol import (AbortRequests, AddRequest, EngineOutput, EngineStats, Failure,
-                                Frame, SchedulerOutput, StepOutputs, decode, encode)
+                                Frame, GrammarMask, SchedulerOutput, StepOutputs, decode,
+                                encode)
 
 logger = logging.getLogger("aphrodite.engine")
 
@@ -33,7 +35,9 @@ SEND_TIMEOUT_MS = 1000    # a frontend that stops reading is checked for life th
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, ctx: zmq.Context, ipc_dir: str, frontend_pid: int):
+    def __init__(self, config: EngineConfig, ctx: zmq.Context, ipc_dir: str, frontend_pid: int,
+                 session_dir: str | None = None):
+        """session_dir: the frontend's socket folder, where it shares the tokenizer."""
         self.config = config
         self.frontend_pid = frontend_pid
         self.workers = WorkerGroup(config, ctx, ipc_dir, frontend_pid)
@@ -45,18 +49,49 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len)
         self.num_worker_requests = 0      # as rank 0 last reported it
+        self.grammars = GrammarManager(session_dir or os.path.dirname(ipc_dir),
+                                       self.ready.vocab_size, self.eos_token_ids)
+        self.compiling: dict[str, object] = {}     # request id -> its grammar's Future
 
     # ---- frontend frames ---------------------------------------------------------------------
     def handle(self, frame: Frame, body: AddRequest | AbortRequests | None) -> bool:
         """Apply one frontend frame; False means shut down."""
         if frame is Frame.ADD:
-            self.scheduler.add_request(
-                Request.from_add_frame(body, self.eos_token_ids, self.max_model_len))
+            req = Request.from_add_frame(body, self.eos_token_ids, self.max_model_len)
+            self.scheduler.add_request(req)
+            if req.structured_outputs is not None and not req.is_finished:
+                req.awaiting_grammar = True
+                self.compiling[req.request_id] = self.grammars.submit(req.structured_outputs)
         elif frame is Frame.ABORT:
             self.scheduler.abort(body.request_ids)
         elif frame is Frame.SHUTDOWN:
             return False
         return True
+
+    def admit_compiled(self) -> bool:
+        """Hand finished compiles to their requests; True if one failed (news to send)."""
+        failed = False
+        for rid, future in list(self.compiling.items()):
+            if not future.done():
+                continue
+            del self.compiling[rid]
+            req = self.scheduler.requests.get(rid)
+            if req is None or req.is_finished:
+                continue              # aborted while compiling
+            resolve_grammar(req, future)
+            if req.is_finished:
+                self.scheduler.release_finished(req)
+                failed = True
+        return failed
+
+    def send_grammar_masks(self, step: SchedulerOutput) -> None:
+        """BITMASK for the step just sent (the workers run its forward pass meanwhile)."""
+        if not step.grammar_req_ids:
+            return
+        requests = self.scheduler.requests
+        bitmask = self.grammars.fill_masks([requests[rid].matcher
+                                            for rid in step.grammar_req_ids])
+        self.workers.send_grammar_mask(GrammarMask(step.step_id, step.grammar_req_ids), bitmask)
 
     # ---- outputs -----------------------------------------------------------------------------
     def stats(self, step: SchedulerOutput | None = None, num_generated: int = 0) -> EngineStats:
@@ -84,7 +119,8 @@ class EngineCore:
         outputs = {}
         for req in updated:
             entry = EngineOutput(req.request_id, req.output_token_ids[-1:], req.finish_reason,
-                                 req.stop_reason, req.num_cached_tokens)
+                                 req.stop_reason, req.num_cached_tokens, error=req.error,
+                                 grammar_complete=req.grammar_complete)
             if req.request_id in logprobs:
                 entry.logprobs = [logprobs[req.request_id]]
             # Prompt logprobs are gathered over the prefill chunks and sent once, with the
@@ -95,7 +131,8 @@ class EngineCore:
         for req in self.scheduler.pop_finished():
             if req.request_id not in outputs:
                 outputs[req.request_id] = EngineOutput(req.request_id, [], req.finish_reason,
-                                                       req.stop_reason, req.num_cached_tokens)
+                                                       req.stop_reason, req.num_cached_tokens,
+                                                       error=req.error)
         return list(outputs.values())
 
     def add_prompt_logprobs(self, step: SchedulerOutput, chunks: dict[str, list[dict]]) -> None:
@@ -142,11 +179,14 @@ class EngineCore:
         dirty = False          # something changed that the frontend has not been told
 
         while True:
+            if self.compiling and self.admit_compiled():
+                dirty = True
             if in_flight is None and self.scheduler.has_unfinished():
                 step = self.scheduler.schedule()
                 if step.num_scheduled_tokens:
                     self.workers.send_step(step)
                     in_flight, step_started = step, time.monotonic()
+                    self.send_grammar_masks(step)
             if in_flight is None and not self.scheduler.has_unfinished():
                 step = self.forget_step()
                 if step is not None:
@@ -224,7 +264,7 @@ def run_engine_core(args: dict) -> None:
     orderly = False        # SHUTDOWN from the frontend: the workers get time to exit
     stopped = False        # SIGTERM, or the frontend gone: it may not clean up after us
     try:
-        engine = EngineCore(config, ctx, ipc_dir, args["parent_pid"])
+        engine = EngineCore(config, ctx, ipc_dir, args["parent_pid"], session_dir)
         engine.emit(outbox, Frame.READY, engine.ready)
         orderly = engine.run(inbox, outbox)
         stopped = not orderly                      # run() returns False: the frontend is gone
@@ -242,6 +282,7 @@ def run_engine_core(args: dict) -> None:
             pass
     finally:
         if engine is not None:
+            engine.grammars.shutdown()
             engine.workers.shutdown(graceful=orderly)
         inbox.close(0)
         outbox.close()

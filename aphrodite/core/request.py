@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from aphrodite.protocol import AddRequest
 
@@ -38,6 +39,12 @@ class Request:
     stop_reason: int | None = None
     # Entries for prompt tokens 1, 2, ... gathered over prefill chunks (when asked for).
     prompt_logprobs: list[dict] = field(default_factory=list)
+    # Structured outputs: the grammar compiles in the background (the scheduler skips the
+    # request meanwhile), then this request's own llguidance matcher follows its tokens.
+    awaiting_grammar: bool = False
+    matcher: Any = None
+    error: dict | None = None      # with finish_reason "error" (see protocol.EngineOutput)
+    grammar_complete: bool = False   # finished "stop" by the grammar on a token of the text
 
     @classmethod
     def from_add_frame(cls, body: AddRequest, eos_token_ids: list[int],
@@ -78,10 +85,33 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    @property
+    def structured_outputs(self) -> dict | None:
+        return self.sampling_params.get("structured_outputs")
+
+    @property
+    def samples_under_grammar(self) -> bool:
+        """A live matcher: its mask applies to this request's next token."""
+        return self.matcher is not None and not self.matcher.is_stopped()
+
     def append_token(self, token_id: int) -> None:
-        """Add a sampled token and decide whether it ends the request (token-level stops only)."""
+        """Add a sampled token and decide whether it ends the request (token-level stops,
+        and the grammar: once it is complete, nothing but EOS could follow)."""
         self.output_token_ids.append(token_id)
         num_out = len(self.output_token_ids)
+        if self.matcher is not None:
+            if not self.matcher.consume_token(token_id):
+                self.fail(f"the grammar rejected sampled token {token_id}: "
+                          f"{self.matcher.get_error()}", status=500)
+                return
+            if self.matcher.is_stopped():
+                if token_id in self.stop_token_ids:
+                    self.finish("stop", stop_reason=token_id)
+                else:
+                    # The text ends with this token unless it is EOS (whose text is dropped).
+                    self.grammar_complete = token_id not in self.eos_token_ids
+                    self.finish("stop")
+                return
         if num_out >= self.min_tokens:
             if token_id in self.eos_token_ids:
                 self.finish("stop")
@@ -96,3 +126,10 @@ class Request:
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason
         self.stop_reason = stop_reason
+        self.matcher = None
+        self.awaiting_grammar = False
+
+    def fail(self, message: str, status: int = 400, param: str | None = None) -> None:
+        """Finish with an error the frontend reports for this request alone."""
+        self.error = {"message": message, "status": status, "param": param}
+        self.finish("error")

@@ -66,6 +66,11 @@ class Scheduler:
             del self.requests[req.request_id]
         return done
 
+    def release_finished(self, req: Request) -> None:
+        """Free a request finished outside a step (its grammar failed, say)."""
+        if req.is_finished:
+            self._release(req)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -104,9 +109,13 @@ class Scheduler:
             budget -= num_new
             i += 1
 
+        skipped: list[Request] = []      # their grammars still compile: admitted later
         while self.waiting and not preempted and budget > 0 \
                 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if req.awaiting_grammar:
+                skipped.append(self.waiting.popleft())
+                continue
             hits, num_hit_tokens = [], 0
             # Prompt logprobs need every prompt position computed, so no prefix-cache hits.
             look_up = req.num_computed_tokens == 0 and not req.wants_prompt_logprobs
@@ -125,6 +134,7 @@ class Scheduler:
             self.running.append(req)
             self._schedule(req, num_new, new_blocks, out)
             budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
 
         if out.num_scheduled_tokens:   # an empty step is not sent: keep the lists for the next
             out.finished_req_ids, out.preempted_req_ids = self.take_forgotten()
@@ -152,6 +162,8 @@ class Scheduler:
         out.num_scheduled_tokens[req.request_id] = num_new
         # Advance now, so the next step can be planned without waiting for this one.
         req.num_computed_tokens += num_new
+        if req.num_computed_tokens == req.num_tokens and req.samples_under_grammar:
+            out.grammar_req_ids.append(req.request_id)
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)

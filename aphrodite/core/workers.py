@@ -13,8 +13,8 @@ import zmq
 
 from aphrodite import processes
 from aphrodite.config import EngineConfig
-from aphrodite.protocol import (EngineReady, Failure, Frame, SchedulerOutput, StepResult,
-                                WorkerReady, decode, encode)
+from aphrodite.protocol import (EngineReady, Failure, Frame, GrammarMask, SchedulerOutput,
+                                StepResult, WorkerReady, decode, encode, encode_bitmask)
 
 
 class WorkerFailure(RuntimeError):
@@ -71,14 +71,21 @@ class WorkerGroup:
     def send_step(self, step: SchedulerOutput) -> None:
         self._send(encode(Frame.STEP, step))
 
+    def send_grammar_mask(self, header: GrammarMask, bitmask) -> None:
+        """To rank 0 only: the other ranks' samples are discarded."""
+        self._send_parts(self.step_sockets[0], encode_bitmask(header, bitmask))
+
     def _send(self, message: bytes) -> None:
         for sock in self.step_sockets:
-            try:
-                # Never block: a PUSH socket whose worker is gone would wait forever.
-                sock.send(message, zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                self.check_alive()
-                raise WorkerFailure("a worker stopped taking steps") from None
+            self._send_parts(sock, [message])
+
+    def _send_parts(self, sock: zmq.Socket, parts: list) -> None:
+        try:
+            # Never block: a PUSH socket whose worker is gone would wait forever.
+            sock.send_multipart(parts, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.check_alive()
+            raise WorkerFailure("a worker stopped taking steps") from None
 
     def recv_result(self) -> StepResult:
         """Read one frame from rank 0 (call when result_socket is readable)."""

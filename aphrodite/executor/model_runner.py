@@ -229,10 +229,13 @@ class ModelRunner:
             state.num_computed_tokens = cached.num_computed_tokens
 
     @torch.inference_mode()
-    def execute(self, step: SchedulerOutput,
-                mark: Callable[[str], None] | None = None) -> StepResult:
+    def execute(self, step: SchedulerOutput, mark: Callable[[str], None] | None = None,
+                grammar_mask: Callable[[], tuple[list[str], np.ndarray]] | None = None
+                ) -> StepResult:
         """Run one step. mark(phase), when given, is called as each phase ends ("inputs",
-        "forward", "logits", "sampling"), so benchmarks/step_profile.py can time them."""
+        "forward", "logits", "sampling"), so benchmarks/step_profile.py can time them.
+        grammar_mask(), when given, returns the grammar rows' request ids and int32 bitmask;
+        it is called after the forward pass, so the engine core fills it meanwhile."""
         self._apply_diff(step)
         result = StepResult()
         scheduled = step.num_scheduled_tokens
@@ -286,6 +289,11 @@ class ModelRunner:
                                                            seq_lens, cu)
         # Only requests whose known tokens are all computed produce a next token.
         sampling = [i for i, s in enumerate(states) if seq_lens[i] == len(s.token_ids)]
+        masks = None
+        if grammar_mask is not None:
+            mask_ids, bitmask = grammar_mask()
+            row_of = {req_ids[i]: j for j, i in enumerate(sampling)}
+            masks = ([row_of[rid] for rid in mask_ids], bitmask)
         if not sampling:
             if mark is not None:
                 mark("sampling")
@@ -294,7 +302,7 @@ class ModelRunner:
                                                   .to(self.device)])
         if mark is not None:
             mark("logits")
-        out = self.sampler(logits, [states[i].row for i in sampling])
+        out = self.sampler(logits, [states[i].row for i in sampling], masks)
         result.sampled = {req_ids[i]: int(t) for i, t in zip(sampling, out.token_ids)}
         result.logprobs = {req_ids[i]: lp.to_dict() for i, lp in zip(sampling, out.logprobs)
                            if lp is not None}

@@ -2,7 +2,8 @@
 
 Per step (details and formulas in aphrodite/executor/sampling/):
   1. raw logprobs are taken first, for the rows that asked for them;
-  2. constraints: logit_bias, allowed_token_ids, banned tokens / bad words, min_tokens ban;
+  2. the grammar masks of structured-output rows (sampling/grammar_mask.py); then the
+     constraints: logit_bias, allowed_token_ids, banned tokens / bad words, min_tokens ban;
   3. rows are grouped by (stage order, greedy); each group runs the 14 reorderable stages in
      its own order (default: DRY, penalties, no-repeat-ngram, temperature, top-n-sigma,
      top-p/top-k, top-a, min-p, TFS, eta, epsilon, typical, quadratic, XTC). A stage runs
@@ -26,6 +27,7 @@ from aphrodite.executor.sampling.constraints import apply_constraints
 from aphrodite.executor.sampling.context import (SamplingRow, StepContext, put_rows,
                                                 run_on_rows, take_rows)
 from aphrodite.executor.sampling.draw import SLOT_SAMPLE, RowRandom, inverse_cdf
+from aphrodite.executor.sampling.grammar_mask import apply_grammar_mask
 from aphrodite.executor.sampling.logprobs import RowLogprobs, summarise
 from aphrodite.executor.sampling.mirostat import (mirostat_truncate, mirostat_update,
                                                   uses_mirostat)
@@ -49,7 +51,11 @@ class Sampler:
         self.random = RowRandom(seed)
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
+                 grammar_masks: tuple[list[int], "np.ndarray"] | None = None) -> SamplerOutput:
+        """grammar_masks: (batch rows, their int32 token bitmasks) for structured outputs.
+        A constraint that would leave such a row no token gives way to the grammar (see
+        sampling/constraints.py), so a row never samples a token its grammar forbids."""
         if logits.dtype != torch.float32:
             logits = logits.float()
         batch, vocab = logits.shape
@@ -59,6 +65,8 @@ class Sampler:
                     if row.params.logprobs is not None and row.params.logprobs_mode == "raw"]
         pieces = [(raw_rows, take_rows(logits, raw_rows)[0].log_softmax(-1))] if raw_rows else []
 
+        if grammar_masks is not None:
+            apply_grammar_mask(logits, *grammar_masks)
         apply_constraints(logits, rows, self.eos_token_ids)
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):

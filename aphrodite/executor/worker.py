@@ -15,7 +15,7 @@ import zmq
 
 from aphrodite import processes
 from aphrodite.config import EngineConfig
-from aphrodite.protocol import Failure, Frame, WorkerReady, decode, encode
+from aphrodite.protocol import Failure, Frame, WorkerReady, decode, decode_bitmask, encode
 
 logger = logging.getLogger("aphrodite.worker")
 
@@ -67,7 +67,10 @@ def run_worker(args: dict) -> None:
             if frame is Frame.SHUTDOWN:
                 return
             if frame is Frame.STEP:
-                result = runner.execute(step)
+                # Only rank 0 samples for real, so only it gets the grammar masks.
+                fetch = (lambda s=step: _receive_mask(steps, s.step_id, args)) \
+                    if rank == 0 and step.grammar_req_ids else None
+                result = runner.execute(step, grammar_mask=fetch)
                 if rank == 0:
                     results.send(encode(Frame.RESULT, result))
     except Exception:
@@ -79,6 +82,19 @@ def run_worker(args: dict) -> None:
         steps.close(0)
         results.close()
         ctx.term()
+
+
+def _receive_mask(steps: zmq.Socket, step_id: int, args: dict):
+    """The BITMASK frame that follows this step's STEP: (request ids, int32 [rows, words])."""
+    import numpy as np
+    while not steps.poll(1000):
+        if not processes.parent_alive(args):
+            raise processes.ParentGone("the engine core exited before sending the masks")
+    header, raw = decode_bitmask(steps.recv_multipart(copy=False))
+    if header.step_id != step_id:
+        raise RuntimeError(f"masks of step {header.step_id} arrived for step {step_id}")
+    words = np.frombuffer(raw, dtype=np.int32)
+    return header.req_ids, words.reshape(len(header.req_ids), -1)
 
 
 if __name__ == "__main__":

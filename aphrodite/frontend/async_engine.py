@@ -18,6 +18,7 @@ import zmq
 import zmq.asyncio
 
 from aphrodite.frontend.engine_process import EngineDeadError, EngineProcess
+from aphrodite.frontend.errors import APIError, bad_request, internal_error
 from aphrodite.frontend.output_processor import OutputProcessor, RequestState, SequenceDelta
 from aphrodite.protocol import AbortRequests, EngineStats, Frame, StepOutputs, decode, encode
 
@@ -40,6 +41,9 @@ class RequestStream:
     async def __anext__(self) -> list[SequenceDelta]:
         state = self.state
         while not self._closed:
+            if state.error is not None:      # e.g. its grammar did not compile
+                await self.aclose()
+                raise request_error(state.error)
             deltas = [d for d in (s.take() for s in state.sequences) if d is not None]
             if deltas:
                 return deltas
@@ -132,6 +136,12 @@ class AsyncEngineClient:
         """
         if self.dead_reason is not None or self._closed:
             raise EngineDeadError(self.dead_reason or "the engine is shut down")
+        if params.structured_outputs is not None:
+            # Once per engine, a few MB in tens of ms: not worth a thread.
+            try:
+                self.engine.share_tokenizer(self.tokenizer)
+            except ValueError as exc:
+                raise bad_request(str(exc), param="structured_outputs") from exc
         state, adds = self._processor.add_request(request_id, prompt_token_ids, params)
         stream = self._streams[request_id] = RequestStream(self, state)
         for add in adds:
@@ -233,6 +243,13 @@ class AsyncEngineClient:
         logger.info("Finished request %s: prompt_tokens=%d, output_tokens=%d, finish=%s, "
                     "latency=%.3f s", state.request_id, len(state.prompt_token_ids),
                     state.num_output_tokens(), reasons, time.time() - state.arrival_time)
+
+
+def request_error(error: dict) -> APIError:
+    """An engine error that ended one request (protocol.EngineOutput.error) as its response."""
+    if error.get("status", 500) == 400:
+        return bad_request(error["message"], param=error.get("param"))
+    return internal_error(error["message"])
 
 
 def _ignore_result(future: asyncio.Future) -> None:

@@ -7,9 +7,11 @@ is loaded and the KV pool is sized.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
+from copy import copy
 
 import zmq
 
@@ -41,6 +43,7 @@ class EngineProcess:
             {"config": config.to_dict(), "input_addr": input_addr, "output_addr": output_addr},
             name="aphrodite-engine-core")
         self.ready: EngineReady | None = None
+        self.tokenizer_shared = False
 
     @classmethod
     def start(cls, config: EngineConfig, ctx: zmq.Context | None = None,
@@ -81,6 +84,26 @@ class EngineProcess:
                     raise EngineDeadError(
                         f"engine core exited (exit code {self.proc.exitcode})") from None
                 self.input_socket.poll(200, zmq.POLLOUT)
+
+    def share_tokenizer(self, tokenizer) -> None:
+        """Write the fast tokenizer's JSON where the engine core compiles grammars from it
+        (<ipc_dir>/tokenizer.json), once; call before the first structured-outputs ADD.
+        Raises ValueError for a tokenizer without a fast (Rust) backend."""
+        if self.tokenizer_shared:
+            return
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError("structured outputs need a fast tokenizer (tokenizer.json); "
+                             "this model's tokenizer has none")
+        backend = copy(backend)             # as llguidance.hf does: no padding, no truncation
+        backend.no_padding()
+        backend.no_truncation()
+        path = os.path.join(self.ipc_dir, "tokenizer.json")
+        fd, temp = tempfile.mkstemp(dir=self.ipc_dir, prefix=".tokenizer-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(backend.to_str())
+        os.replace(temp, path)              # the core never reads half a file
+        self.tokenizer_shared = True
 
     def shutdown(self, timeout_s: float = 10) -> None:
         if self.input_socket.closed:

@@ -47,9 +47,10 @@ class SequenceState:
     index: int
     detokenizer: RequestDetokenizer
     want_logprobs: bool
-    finish_reason: str | None = None     # "stop" | "length" | "abort"
+    finish_reason: str | None = None     # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_cached_tokens: int = 0
+    error: dict | None = None            # with "error": protocol.EngineOutput.error
     first_token_time: float | None = None   # when its first / latest tokens arrived here
     last_token_time: float | None = None
     # Not yet taken by the consumer:
@@ -86,6 +87,11 @@ class RequestState:
     @property
     def finished(self) -> bool:
         return all(s.finish_reason is not None for s in self.sequences)
+
+    @property
+    def error(self) -> dict | None:
+        """The first engine error of its sequences (one fails the whole request)."""
+        return next((s.error for s in self.sequences if s.error is not None), None)
 
     def num_output_tokens(self) -> int:
         return sum(len(s.detokenizer.token_ids) for s in self.sequences)
@@ -202,7 +208,9 @@ def _apply_output(seq: SequenceState, out: EngineOutput, now: float) -> bool:
     detokenizer = seq.detokenizer
     before = len(detokenizer.token_ids)
     # A sequence the engine ends on EOS or a stop token id does not output that token's text.
-    text, stop_string = detokenizer.add_tokens(new_ids, ends_with_stop_token=finish == "stop")
+    # A grammar that completes ends on a token of the text.
+    text, stop_string = detokenizer.add_tokens(
+        new_ids, ends_with_stop_token=finish == "stop" and not out.grammar_complete)
     kept = len(detokenizer.token_ids) - before   # tokens after a stop string are dropped
     seq.pending_ids.extend(new_ids[:kept])
     if seq.want_logprobs and out.logprobs:
@@ -218,4 +226,5 @@ def _apply_output(seq: SequenceState, out: EngineOutput, now: float) -> bool:
     if finish is not None:
         seq.pending_text += detokenizer.finish()
         seq.finish_reason = finish
+        seq.error = out.error
     return stopped_here
