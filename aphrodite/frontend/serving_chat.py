@@ -8,7 +8,7 @@ from functools import cached_property
 from aiohttp import web
 
 from aphrodite.frontend.engine_process import EngineDeadError
-from aphrodite.frontend.errors import bad_request, engine_unavailable
+from aphrodite.frontend.errors import APIError, bad_request, engine_unavailable
 from aphrodite.frontend.openai_protocol import ChatCompletionRequest
 from aphrodite.frontend.serving_base import (OpenAIServing, json_response, parse_logprobs,
                                              send_done, send_event, start_sse)
@@ -188,8 +188,9 @@ class ChatServing(OpenAIServing):
                                     d.prompt_logprobs, body.prompt_logprobs)
                                 prompt_logprobs_sent = True
                             await send_event(response, payload)
-            except EngineDeadError as exc:
-                await send_event(response, engine_unavailable(str(exc)).body())
+            except (EngineDeadError, APIError) as exc:   # APIError: one request's engine error
+                error = exc if isinstance(exc, APIError) else engine_unavailable(str(exc))
+                await send_event(response, error.body())
                 await send_done(response)
                 return response
         if include_usage:

@@ -7,7 +7,7 @@ from contextlib import aclosing
 from aiohttp import web
 
 from aphrodite.frontend.engine_process import EngineDeadError
-from aphrodite.frontend.errors import bad_request, engine_unavailable
+from aphrodite.frontend.errors import APIError, bad_request, engine_unavailable
 from aphrodite.frontend.openai_protocol import CompletionRequest
 from aphrodite.frontend.serving_base import (OpenAIServing, json_response, merge_streams,
                                              parse_logprobs, send_done, send_event, start_sse)
@@ -189,8 +189,9 @@ class CompletionServing(OpenAIServing):
                         if include_usage:
                             payload["usage"] = usage() if continuous else None
                         await send_event(response, payload)
-            except EngineDeadError as exc:
-                await send_event(response, engine_unavailable(str(exc)).body())
+            except (EngineDeadError, APIError) as exc:   # APIError: one request's engine error
+                error = exc if isinstance(exc, APIError) else engine_unavailable(str(exc))
+                await send_event(response, error.body())
                 await send_done(response)
                 return response
         if include_usage:

@@ -17,7 +17,8 @@ import pytest
 import zmq
 
 from aphrodite.frontend.async_engine import AsyncEngineClient
-from aphrodite.frontend.engine_process import EngineDeadError
+from aphrodite.frontend.engine_process import EngineDeadError, EngineProcess
+from aphrodite.frontend.errors import APIError
 from aphrodite.frontend.metrics import ServerMetrics
 from aphrodite.model_files import load_tokenizer, resolve_model
 from aphrodite.protocol import AbortRequests, EngineReady, Failure, Frame, decode, encode
@@ -50,6 +51,10 @@ class ScriptedEngine:
         self.proc.start()
         self.ready = READY
         self.shutdown_called = False
+        self.ipc_dir = str(tmp_path)
+        self.tokenizer_shared = False
+
+    share_tokenizer = EngineProcess.share_tokenizer
 
     def frames(self, timeout_ms: int = 2000) -> list[tuple[Frame, dict]]:
         """Frames the client sent, waiting up to timeout_ms for the first."""
@@ -283,4 +288,30 @@ def test_merged_streams_interleave_and_closing_aborts_all(engine, tokenizer):
     assert seen == {0: [40], 1: [50]}
     aborted = sorted(rid for frame, body in frames for rid in body.request_ids)
     assert [f for f, _ in frames] == [Frame.ABORT] * len(frames) and aborted == ["m0-0", "m1-0"]
+    assert in_flight == 0
+
+
+def test_an_engine_error_fails_only_its_request_as_an_api_error(engine, tokenizer, tmp_path):
+    """A grammar the engine could not compile: that request's stream raises the 400 the
+    engine described; the tokenizer was shared before its ADD; the other request goes on."""
+    async def main():
+        client = AsyncEngineClient(engine, tokenizer, log_requests=False)
+        client.start()
+        constrained = SamplingParams(max_tokens=4, structured_outputs={"regex": "[0-9]+"})
+        failing = client.generate("bad", [1, 2], constrained)
+        assert (tmp_path / "tokenizer.json").stat().st_size > 0
+        fine = client.generate("good", [1, 2], SamplingParams(max_tokens=1))
+        await _frames(engine)
+        error = {"message": "The grammar does not compile", "status": 400,
+                 "param": "structured_outputs"}
+        engine.step([out("bad-0", [], "error", error=error), out("good-0", [42], "length")])
+        with pytest.raises(APIError) as caught:
+            await failing.__anext__()
+        deltas = [d async for batch in fine for d in batch]
+        return caught.value, deltas, client.num_in_flight
+
+    exc, deltas, in_flight = run(main())
+    assert exc.status == 400 and exc.param == "structured_outputs"
+    assert exc.message == "The grammar does not compile"
+    assert deltas[-1].token_ids == [42] and deltas[-1].finish_reason == "length"
     assert in_flight == 0
