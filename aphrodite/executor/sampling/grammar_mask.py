@@ -31,14 +31,30 @@ def allowed_tokens(bitmask: np.ndarray, vocab_size: int) -> np.ndarray:
     return allowed
 
 
+def allowed_tokens_on_device(bitmask: np.ndarray, vocab_size: int,
+                             device: torch.device) -> torch.Tensor:
+    """allowed_tokens, unpacked on ``device`` (a GPU gets the words, 1/32 of the bools)."""
+    words = torch.from_numpy(np.ascontiguousarray(bitmask, dtype=np.int32)).to(device)
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    bits = ((words.unsqueeze(-1) >> shifts) & 1).flatten(1).bool()
+    width = min(bits.shape[1], vocab_size)
+    if width == vocab_size:
+        return bits[:, :vocab_size]
+    allowed = torch.zeros((bits.shape[0], vocab_size), dtype=torch.bool, device=device)
+    allowed[:, :width] = bits[:, :width]
+    return allowed
+
+
 def apply_grammar_mask(logits: torch.Tensor, rows: list[int], bitmask: np.ndarray) -> None:
     """In place: logits[rows[j], t] = -inf where bitmask row j forbids token t."""
     if not rows:
         return
     order = np.argsort(rows, kind="stable")          # take_rows wants batch order
     sorted_rows = [rows[j] for j in order]
-    allowed = allowed_tokens(bitmask[order], logits.shape[1])
     sub, index = take_rows(logits, sorted_rows)
-    keep = torch.from_numpy(allowed).to(logits.device, non_blocking=True)
+    if logits.device.type == "cpu":                  # numpy unpacks bytes fastest on CPUs
+        keep = torch.from_numpy(allowed_tokens(bitmask[order], logits.shape[1]))
+    else:
+        keep = allowed_tokens_on_device(bitmask[order], logits.shape[1], logits.device)
     neg_inf = torch.full((), NEG_INF, dtype=logits.dtype, device=logits.device)
     put_rows(logits, index, torch.where(keep, sub, neg_inf))

@@ -9,13 +9,15 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
                                                     TopKLogitsWarper)
 
 from aphrodite.executor.sampler import Sampler, SamplingRow
-from aphrodite.executor.sampling.grammar_mask import allowed_tokens, apply_grammar_mask
+from aphrodite.executor.sampling.grammar_mask import (allowed_tokens, allowed_tokens_on_device,
+                                                      apply_grammar_mask)
 from aphrodite.sampling_params import SamplingParams
 
 torch.set_num_threads(1)
 V = 80                # not a multiple of 32: the last word is partly padding
 WORDS = (V + 31) // 32
 NEG = float("-inf")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def random_bitmask(rows, words=WORDS, seed=0, density=0.3):
@@ -45,14 +47,21 @@ def logits():
 def test_bit_layout_matches_the_reference(vocab, words):
     bitmask = random_bitmask(4, words, seed=vocab)
     bitmask[1, 0] = -1                         # the sign bit is token 31
-    assert np.array_equal(allowed_tokens(bitmask, vocab), reference_allowed(bitmask, vocab))
+    expected = reference_allowed(bitmask, vocab)
+    assert np.array_equal(allowed_tokens(bitmask, vocab), expected)
+    # The unpacking GPUs use, run here on the CPU (and on CUDA where there is one).
+    for device in DEVICES:
+        on_device = allowed_tokens_on_device(bitmask, vocab, torch.device(device))
+        assert np.array_equal(on_device.cpu().numpy(), expected)
 
 
-def test_only_the_constrained_rows_change(logits):
+@pytest.mark.parametrize("device", DEVICES)
+def test_only_the_constrained_rows_change(logits, device):
     bitmask = random_bitmask(2)
     rows = [4, 1]                              # not in batch order
-    out = logits.clone()
+    out = logits.to(device)
     apply_grammar_mask(out, rows, bitmask)
+    out = out.cpu()
     allowed = reference_allowed(bitmask, V)
     for j, i in enumerate(rows):
         expected = torch.where(torch.from_numpy(allowed[j]), logits[i], torch.tensor(NEG))
