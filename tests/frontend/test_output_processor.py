@@ -99,6 +99,19 @@ def test_stop_token_and_eos_end_without_their_text(tokenizer):
     assert by_eos.logprobs is None                        # not asked for
 
 
+def test_a_completed_grammar_keeps_its_last_token_and_an_error_is_recorded(tokenizer):
+    processor = OutputProcessor(tokenizer)
+    done, _ = processor.add_request("g", PROMPT, SamplingParams())
+    failed, _ = processor.add_request("x", PROMPT, SamplingParams())
+    error = {"message": "no grammar", "status": 400, "param": "structured_outputs"}
+    processor.process(step(output("g-0", WORDS[:3], "stop", grammar_complete=True),
+                           output("x-0", [], "error", error=error)))
+    delta = done.sequences[0].take()
+    assert (delta.text, delta.token_ids, delta.finish_reason) == ("one two three", WORDS[:3],
+                                                                  "stop")
+    assert done.error is None and failed.error == error and failed.finished
+
+
 def test_length_finish_flushes_held_back_text(tokenizer):
     processor = OutputProcessor(tokenizer)
     request, _ = processor.add_request("r", PROMPT, SamplingParams(stop=["a long stop"]))
