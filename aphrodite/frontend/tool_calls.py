@@ -17,7 +17,9 @@ from aphrodite.frontend.tool_parsers import TOOL_PARSERS, JsonArrayCalls, ToolPa
 from aphrodite.frontend.tool_parsers.base import ParseResult, collect
 
 _NAMED_USAGE = 'Correct usage: {"type": "function", "function": {"name": "<one of tools>"}}'
-_NO_PARAMETERS = {"type": "object", "properties": {}}
+# A function without a parameters schema takes no arguments: only {} (an open object would
+# let a small model ramble until max_tokens).
+_NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 @dataclass
@@ -98,7 +100,7 @@ def special_token_texts(tokenizer: Any) -> set[str]:
 
 def named_schema(tool: Any) -> dict:
     """The arguments object of one function: its parameters schema."""
-    return tool.function.parameters or {"type": "object"}
+    return tool.function.parameters or _NO_PARAMETERS
 
 
 def required_schema(tools: list[Any], parallel: bool) -> dict:
@@ -116,7 +118,7 @@ def required_schema(tools: list[Any], parallel: bool) -> dict:
         alternatives.append({
             "properties": {"name": {"type": "string", "enum": [tool.function.name]},
                            "parameters": parameters},
-            "required": ["name", "parameters"]})
+            "required": ["name", "parameters"], "additionalProperties": False})
     schema: dict[str, Any] = {"type": "array", "minItems": 1,
                               "items": {"type": "object", "anyOf": alternatives}}
     if not parallel:

@@ -80,7 +80,11 @@ def test_named_schema_is_the_functions_parameters():
         jsonschema.validate({"unit": "K"}, schema_of(p))
     named_now = plan(tools=[WEATHER, NOW], tool_choice={"type": "function",
                                                         "function": {"name": "now"}})
-    assert schema_of(named_now) == {"type": "object"}
+    assert schema_of(named_now) == {"type": "object", "properties": {},
+                                    "additionalProperties": False}
+    jsonschema.validate({}, schema_of(named_now))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"x": 1}, schema_of(named_now))
 
 
 def test_required_schema_accepts_calls_and_refuses_others():
@@ -91,7 +95,9 @@ def test_required_schema_accepts_calls_and_refuses_others():
             {"name": "now", "parameters": {}}]
     jsonschema.validate(good, schema)
     for bad in ([], [{"name": "get_weather", "parameters": {"unit": "K", "city": "x"}}],
-                [{"name": "other", "parameters": {}}], [{"name": "now"}]):
+                [{"name": "other", "parameters": {}}], [{"name": "now"}],
+                [{"name": "now", "parameters": {"x": 1}}],
+                [{"name": "now", "parameters": {}, "extra": 1}]):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
     StructuredOutputsParams(json=schema).check("tools")       # compiles for llguidance
