@@ -21,8 +21,7 @@ def message_fields(plan: ToolPlan, text: str, engine_reason: str | None
                    ) -> tuple[dict, str | None]:
     """(content and tool_calls of the message, finish_reason) for the whole output."""
     result = plan.parse(text)
-    parser = plan.new_parser()
-    calls = [{"id": parser.new_call_id(), "type": "function",
+    calls = [{"id": plan.new_call_id(), "type": "function",
               "function": {"name": call.name, "arguments": call.arguments}}
              for call in result.calls]
     fields: dict = {"content": result.content}
@@ -56,7 +55,7 @@ class StreamedToolCalls:
             if isinstance(event, CallStart):
                 self.found_calls = True
                 out.append({"tool_calls": [{
-                    "index": event.index, "id": self.parser.new_call_id(), "type": "function",
+                    "index": event.index, "id": self.plan.new_call_id(), "type": "function",
                     "function": {"name": event.name, "arguments": ""}}]})
             elif isinstance(event, ArgumentsDelta):
                 last = out[-1]["tool_calls"][0] if out and "tool_calls" in out[-1] else None

@@ -31,6 +31,11 @@ class ToolPlan:
     parallel: bool = True
     # The JSON schema that forces the call (required and named), as structured_outputs.
     structured_outputs: dict | None = field(default=None)
+    # Whose call ids to make: the server's parser's (Mistral wants 9 characters) in every mode.
+    id_style: type[ToolParser] = ToolParser
+
+    def new_call_id(self) -> str:
+        return self.id_style.new_call_id()
 
     @property
     def reads_calls(self) -> bool:
@@ -66,26 +71,27 @@ def plan_tool_calls(body: Any, options: ServerOptions) -> ToolPlan | None:
                           param="tools")
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
     parallel = body.parallel_tool_calls is not False
+    id_style = TOOL_PARSERS.get(options.tool_call_parser or "", ToolParser)
     if choice is None:
         choice = "auto"
     if choice == "none":
-        return ToolPlan("none", tools, parallel=parallel)
+        return ToolPlan("none", tools, parallel=parallel, id_style=id_style)
     if choice == "auto":
         if not (options.enable_auto_tool_choice and options.tool_call_parser):
             raise bad_request('"auto" tool choice requires --enable-auto-tool-choice and '
                               '--tool-call-parser to be set; send tool_choice "required", a '
                               'named function or "none" instead.', param="tool_choice")
         return ToolPlan("auto", tools, parser=TOOL_PARSERS[options.tool_call_parser],
-                        parallel=parallel)
+                        parallel=parallel, id_style=id_style)
     if choice == "required":
-        return ToolPlan("required", tools, parallel=parallel,
+        return ToolPlan("required", tools, parallel=parallel, id_style=id_style,
                         structured_outputs={"json": required_schema(body.tools, parallel)})
     name = choice.function.name
     tool = next((t for t in body.tools if t.function.name == name), None)
     if tool is None:
         raise bad_request(f"tool_choice names function {name!r}, which is not among tools. "
                           + _NAMED_USAGE, param="tool_choice")
-    return ToolPlan("named", tools, function_name=name, parallel=parallel,
+    return ToolPlan("named", tools, function_name=name, parallel=parallel, id_style=id_style,
                     structured_outputs={"json": named_schema(tool)})
 
 

@@ -139,6 +139,11 @@ def test_messages_and_finish_reasons():
     assert message_fields(named, '{"city": "Os', "length")[1] == "length"
     auto = plan(AUTO, tools=[WEATHER])
     assert message_fields(auto, "Just text.", "stop") == ({"content": "Just text."}, "stop")
+    mistral = ServerOptions(tool_call_parser="mistral")     # its ids in every mode
+    forced = plan(mistral, tools=[WEATHER], tool_choice="required")
+    call_id = message_fields(forced, text.replace("now", "get_weather"), "stop")[0][
+        "tool_calls"][0]["id"]
+    assert len(call_id) == 9 and call_id.isalnum()
 
 
 def stream_deltas(p, pieces):

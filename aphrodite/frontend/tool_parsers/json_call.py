@@ -203,10 +203,6 @@ class CallArrayScanner:
     def finished(self) -> bool:
         return self.state in ("done", "error")
 
-    @property
-    def names_sent(self) -> int:
-        return self.count - (1 if self._call is not None and self._call.name is None else 0)
-
     def feed(self, text: str) -> int:
         used = 0
         while used < len(text) and not self.finished:
