@@ -11,7 +11,6 @@ and the parsed calls, content, finish_reason and streamed deltas are checked aga
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
@@ -26,10 +25,6 @@ from aphrodite.model_files import load_tokenizer, resolve_model
 from server_utils import RemoteServer, shared_server
 
 pytestmark = pytest.mark.slow   # starts real servers
-
-needs_engine = pytest.mark.skipif(
-    importlib.util.find_spec("aphrodite.executor.sampling.grammar_mask") is None,
-    reason="the engine does not apply structured_outputs yet (the engine half of issue 24)")
 
 MODEL = "smollm2"
 WEATHER_PARAMETERS = {"type": "object", "properties": {
@@ -91,7 +86,6 @@ def test_tool_requests_that_cannot_be_served_are_400s(server):
     assert "--enable-auto-tool-choice" in r.json()["error"]["message"]
 
 
-@needs_engine
 @pytest.mark.parametrize("choice", ["required", NAMED])
 def test_forced_calls_validate_and_stream_the_same_arguments(server, choice):
     # One call at most: a 135M model asked for an open-ended array may repeat calls until
@@ -119,7 +113,6 @@ def test_forced_calls_validate_and_stream_the_same_arguments(server, choice):
         (c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]]
 
 
-@needs_engine
 def test_required_without_parallel_calls_makes_one_call(server):
     r = chat(server, {"messages": ASK, "tools": [WEATHER, NOW], "tool_choice": "required",
                       "parallel_tool_calls": False, "max_tokens": 60, "temperature": 0})
@@ -131,7 +124,6 @@ class Weather(BaseModel):
     unit: str = Field(pattern="^[CF]$")
 
 
-@needs_engine
 def test_instructor_tools_mode_returns_a_validated_object(server):
     instructor = pytest.importorskip("instructor")
     client = instructor.from_openai(server.get_client(), mode=instructor.Mode.TOOLS)
@@ -239,7 +231,6 @@ def test_auto_tools_reach_the_prompt(auto_server):
     assert r.json()["usage"]["prompt_tokens"] == expected
 
 
-@needs_engine
 def test_auto_calls_parsed_and_streamed(auto_server):
     parser, server, _ = auto_server
     _, output, content, names = FORMATS[parser]
