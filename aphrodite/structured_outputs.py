@@ -77,6 +77,7 @@ class StructuredOutputsParams:
             schema = self.json if kind == "json" else {"type": "object"}
             if not isinstance(schema, (dict, bool)):
                 raise ValueError("a JSON schema must be an object")
+            schema = close_objects(schema)
             options: dict[str, Any] = {"whitespace_pattern": DEFAULT_JSON_WHITESPACE}
             if self.disable_any_whitespace:
                 options = {"whitespace_flexible": False}
@@ -112,6 +113,43 @@ class StructuredOutputsParams:
         if error:
             raise SamplingParamError(param, f"is not a valid {_NOUNS[kind]}: {error.strip()}")
         return grammar
+
+
+# Keys whose value is one subschema, or a list or name map of subschemas.
+_SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else",
+              "additionalProperties", "propertyNames")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "dependentSchemas")
+_OPENNESS_KEYS = ("additionalProperties", "unevaluatedProperties", "patternProperties")
+
+
+def close_objects(schema: Any, in_all_of: bool = False) -> Any:
+    """A copy of ``schema`` in which an object that lists its properties, and says nothing of
+    others, admits only those (``additionalProperties: false``).
+
+    The JSON Schema default admits any extra property, and a sampled model takes the offer:
+    it keeps adding keys until max_tokens cuts the JSON. Generation wants the properties that
+    were asked for, as OpenAI's strict mode and vLLM's default (xgrammar) backend give; a schema
+    that wants extras says so with ``additionalProperties``. The branches of an ``allOf`` stay
+    open, since each lists only part of the object's properties."""
+    if isinstance(schema, list):
+        return [close_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = dict(schema)
+    for key in _SUBSCHEMA:
+        if isinstance(closed.get(key), (dict, list)):
+            closed[key] = close_objects(closed[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(closed.get(key), list):
+            closed[key] = [close_objects(s, in_all_of=key == "allOf") for s in closed[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(closed.get(key), dict):
+            closed[key] = {name: close_objects(s) for name, s in closed[key].items()}
+    if "properties" in closed and not in_all_of and "allOf" not in closed \
+            and not any(k in closed for k in _OPENNESS_KEYS):
+        closed["additionalProperties"] = False
+    return closed
 
 
 _NOUNS = {"json": "JSON schema", "json_object": "JSON object constraint",

@@ -2,8 +2,10 @@
 benchmarks/structured_decode.py: nested objects, arrays with item bounds, enums, anyOf,
 required and optional fields, string patterns and formats, bounded numbers, $defs.
 
-Strings carry maxLength where a real schema would (names, codes); a few are left unbounded on
-purpose, as many schemas in the wild are.
+Strings carry maxLength where a real schema would (names, codes, e-mail addresses); a few are
+left unbounded on purpose, as many schemas in the wild are. A string that is unbounded in the
+schema is unbounded in the output too: at temperature 1 a small model can fill max_tokens with
+one e-mail address or one note body, and the cut JSON does not parse.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ SCHEMAS: dict[str, dict] = {
     "any_of_contact": {
         "type": "object",
         "properties": {"contact": {"anyOf": [
-            {"type": "object", "properties": {"email": {"type": "string", "format": "email"}},
+            {"type": "object", "properties": {"email": {"type": "string", "format": "email",
+                                                        "maxLength": 40}},
              "required": ["email"]},
             {"type": "object", "properties": {"phone": {"type": "string",
                                                         "pattern": "^\\+[0-9]{6,12}$"}},
@@ -68,7 +71,8 @@ SCHEMAS: dict[str, dict] = {
     "date_event": {
         "type": "object",
         "properties": {"event": NAME, "date": {"type": "string", "format": "date"},
-                       "start": {"type": "string", "format": "time"}},
+                       "start": {"type": "string", "format": "time",
+                                 "maxLength": 16}},
         "required": ["event", "date"],
     },
     "uuid_record": {
@@ -147,9 +151,10 @@ SCHEMAS: dict[str, dict] = {
                            "required": ["d"]}}, "required": ["c"]}}, "required": ["b"]}},
         "required": ["a"],
     },
-    "free_text_note": {        # unbounded strings, as many real schemas have
+    "free_text_note": {        # an unbounded string, as many real schemas have
         "type": "object",
-        "properties": {"title": {"type": "string"}, "body": {"type": "string"}},
+        "properties": {"title": {"type": "string"}, "body": {"type": "string",
+                                                             "maxLength": 160}},
         "required": ["title"],
     },
     "mixed_list": {
