@@ -14,7 +14,7 @@ from typing import Any
 from aphrodite.frontend.args import ServerOptions
 from aphrodite.frontend.errors import bad_request
 from aphrodite.frontend.tool_parsers import TOOL_PARSERS, JsonArrayCalls, ToolParser
-from aphrodite.frontend.tool_parsers.base import ParseResult, collect
+from aphrodite.frontend.tool_parsers.base import ParseResult, collect, is_json_object
 
 _NAMED_USAGE = 'Correct usage: {"type": "function", "function": {"name": "<one of tools>"}}'
 # A function without a parameters schema takes no arguments: only {} (an open object would
@@ -51,7 +51,10 @@ class ToolPlan:
     def parse(self, text: str) -> ParseResult:
         if self.mode == "named":
             return NamedCall(self.function_name).parse_named(text)
-        result = (JsonArrayCalls if self.mode == "required" else self.parser).parse(text)
+        if self.mode == "required":
+            result = complete_array_calls(text)
+        else:
+            result = self.parser.parse(text)
         if not self.parallel:
             result.calls = result.calls[:1]
         return result
@@ -132,6 +135,19 @@ def required_schema(tools: list[Any], parallel: bool) -> dict:
     if defs:
         schema["$defs"] = defs
     return schema
+
+
+def complete_array_calls(text: str) -> ParseResult:
+    """The calls of a forced array whose JSON closed. The grammar keeps the array valid, so
+    only max_tokens can cut it, and then inside its last call (a small model sampled at high
+    temperature may keep adding calls): the finished calls are still the model's calls, the
+    cut one is dropped. With no finished call the text comes back as content."""
+    parser = JsonArrayCalls()
+    _, calls = collect(parser.feed(text) + parser.finish())
+    finished = [call for call in calls if is_json_object(call.arguments)]
+    if not finished:
+        return ParseResult(content=text.strip() or None)
+    return ParseResult(content=None, calls=finished)
 
 
 class NamedCall(ToolParser):

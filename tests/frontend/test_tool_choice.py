@@ -146,6 +146,21 @@ def test_messages_and_finish_reasons():
     assert len(call_id) == 9 and call_id.isalnum()
 
 
+def test_required_cut_by_max_tokens_keeps_the_finished_calls():
+    required = plan(tools=[WEATHER, NOW], tool_choice="required")
+    done = [{"name": "get_weather", "parameters": {"city": "Oslo"}}, {"name": "now",
+                                                                       "parameters": {}}]
+    whole = json.dumps(done + [{"name": "get_weather", "parameters": {"city": "Rome"}}])
+    cut = whole[:whole.rindex("Rome")]
+    fields, finish = message_fields(required, cut, "length")
+    assert finish == "length" and fields["content"] is None
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+            for c in fields["tool_calls"]] == [(d["name"], d["parameters"]) for d in done]
+    first_cut = whole[:whole.index("Oslo")]               # no call finished: the text
+    fields, finish = message_fields(required, first_cut, "length")
+    assert fields == {"content": first_cut} and finish == "length"
+
+
 def stream_deltas(p, pieces):
     calls = StreamedToolCalls(p)
     deltas = []

@@ -96,7 +96,7 @@ class ToolParser:
         parser = cls()
         events = parser.feed(text) + parser.finish()
         content, calls = collect(events)
-        if parser.failed or not all(_is_object(call.arguments) for call in calls):
+        if parser.failed or not all(is_json_object(call.arguments) for call in calls):
             stripped = text.strip()
             return ParseResult(content=stripped or None)
         return ParseResult(content=content or None, calls=calls)
@@ -158,7 +158,7 @@ def collect(events: list[Event]) -> tuple[str, list[ParsedCall]]:
     return content, [calls[i] for i in sorted(calls)]
 
 
-def _is_object(text: str) -> bool:
+def is_json_object(text: str) -> bool:
     try:
         return isinstance(json.loads(text), dict)
     except ValueError:
