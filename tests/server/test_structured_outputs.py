@@ -107,7 +107,7 @@ def test_sdk_parse_returns_a_validated_pydantic_object(client):
 
 
 def test_instructor_json_schema_mode_returns_a_validated_object(server):
-    instructor = pytest.importorskip("instructor")
+    import instructor
     patched = instructor.from_openai(server.get_client(), mode=instructor.Mode.JSON_SCHEMA)
     person = patched.chat.completions.create(model=MODEL, messages=ASK, response_model=Person,
                                              max_tokens=64, temperature=0, max_retries=0)

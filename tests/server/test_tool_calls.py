@@ -125,7 +125,7 @@ class Weather(BaseModel):
 
 
 def test_instructor_tools_mode_returns_a_validated_object(server):
-    instructor = pytest.importorskip("instructor")
+    import instructor
     client = instructor.from_openai(server.get_client(), mode=instructor.Mode.TOOLS)
     weather = client.chat.completions.create(model=MODEL, messages=ASK, response_model=Weather,
                                              max_tokens=48, temperature=0, max_retries=0)
