@@ -51,10 +51,10 @@ def apply_grammar_mask(logits: torch.Tensor, rows: list[int], bitmask: np.ndarra
         return
     order = np.argsort(rows, kind="stable")          # take_rows wants batch order
     sorted_rows = [rows[j] for j in order]
-    sub, index = take_rows(logits, sorted_rows)
+    sub, index = take_rows(logits, sorted_rows)     # logits itself when all rows are masked
     if logits.device.type == "cpu":                  # numpy unpacks bytes fastest on CPUs
-        keep = torch.from_numpy(allowed_tokens(bitmask[order], logits.shape[1]))
+        forbid = torch.from_numpy(~allowed_tokens(bitmask[order], logits.shape[1]))
     else:
-        keep = allowed_tokens_on_device(bitmask[order], logits.shape[1], logits.device)
-    neg_inf = torch.full((), NEG_INF, dtype=logits.dtype, device=logits.device)
-    put_rows(logits, index, torch.where(keep, sub, neg_inf))
+        forbid = ~allowed_tokens_on_device(bitmask[order], logits.shape[1], logits.device)
+    # In place: a masked fill is a third of the time of a select into a new tensor.
+    put_rows(logits, index, sub.masked_fill_(forbid, NEG_INF))
