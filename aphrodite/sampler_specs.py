@@ -149,6 +149,9 @@ SAMPLER_SPECS: list[ParamSpec] = [
       low=-10, high=10),
     P("repetition_penalty", "float", 1.0, "Tokens in the prompt or output: positive logits are "
       "divided by it, negative ones multiplied.", low=0, low_open=True),
+    P("repetition_penalty_range", "int", 0, "Only the last N tokens of prompt + output count "
+      "for the repetition, frequency and presence penalties (frequency and presence still count "
+      "only output tokens); 0 means the whole context.", low=0),
     P("frequency_penalty", "float", 0.0, "Subtract penalty * count of the token in the output.",
       low=-2, high=2),
     P("presence_penalty", "float", 0.0, "Subtract penalty once if the token is in the output.",

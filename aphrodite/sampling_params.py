@@ -122,6 +122,7 @@ class SamplingParams:
     xtc_probability: float = 0.0
     skew: float = 0.0
     repetition_penalty: float = 1.0
+    repetition_penalty_range: int = 0    # only the last N tokens count as seen; 0: all
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     no_repeat_ngram_size: int = 0

@@ -134,7 +134,7 @@ _WIDER_TYPES = {"dry_sequence_breakers": Union[list[str], str], "bad_words": Uni
                 "structured_outputs": dict[str, Any]}
 # Names Aphrodite 0.6 / Kobold clients use for the same settings.
 _ALIASES = {"banned_token_ids": "custom_token_bans", "dry_range": "dry_penalty_last_n",
-            "sampler_priority": "sampler_order"}
+            "sampler_priority": "sampler_order", "repetition_penalty_range": "rep_pen_range"}
 
 
 def _request_type(tp: Any) -> Any:

@@ -4,6 +4,10 @@ Repetition penalty covers the prompt and the output (a seen token's positive log
 by it, a negative one multiplied). Frequency and presence penalties follow OpenAI's formula
 over the output only: logit -= frequency * count + presence * (count > 0).
 
+``repetition_penalty_range`` N > 0 narrows all three to the last N tokens of prompt + output,
+as llama.cpp's penalty window does: a token is seen only if it occurs there, and frequency and
+presence count its output occurrences inside the window.
+
 No-repeat-ngram looks at prompt + output. (Aphrodite 0.6 passed only the padded prompt
 tensor, so n-grams repeated from the generated text were never caught; we use both.)
 """
@@ -27,7 +31,7 @@ def apply_penalties(logits: torch.Tensor, rows, ctx) -> torch.Tensor:
     gathered values, not on [R, V]; output counts come from one scatter_add."""
     num_rows, vocab = logits.shape
     device = logits.device
-    histories = [token_history(row) for row in rows]
+    histories = [penalty_window(row) for row in rows]
     if not all(len(h) for h in histories):       # nothing to penalise in an empty history
         non_empty = [j for j, h in enumerate(histories) if len(h)]
         if non_empty:
@@ -42,7 +46,8 @@ def apply_penalties(logits: torch.Tensor, rows, ctx) -> torch.Tensor:
         values = torch.where(values > 0, values / rep, values * rep)
     if any(row.params.frequency_penalty != 0 or row.params.presence_penalty != 0
            for row in rows):
-        outputs = padded([h[len(row.prompt_token_ids):] for h, row in zip(histories, rows)],
+        outputs = padded([h[max(0, len(h) - len(row.output_token_ids)):]
+                          for h, row in zip(histories, rows)],
                          vocab, device)                 # padding counts into spare column
         counts = torch.zeros(num_rows, vocab + 1, dtype=logits.dtype, device=device)
         counts.scatter_add_(1, outputs, torch.ones_like(outputs, dtype=logits.dtype))
@@ -50,6 +55,14 @@ def apply_penalties(logits: torch.Tensor, rows, ctx) -> torch.Tensor:
         values -= column(rows, "frequency_penalty", logits) * count
         values -= column(rows, "presence_penalty", logits) * (count > 0)
     return logits.scatter_(1, seen, values)
+
+
+def penalty_window(row) -> np.ndarray:
+    """The tokens the penalties look at: the last repetition_penalty_range of prompt +
+    output, or all of them when it is 0."""
+    history = token_history(row)
+    last_n = row.params.repetition_penalty_range
+    return history[-last_n:] if 0 < last_n < len(history) else history
 
 
 def padded_with_own_token(histories: list[np.ndarray], device) -> torch.Tensor:
