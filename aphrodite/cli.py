@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 USAGE = """usage: aphrodite run [MODEL] [options]
+       aphrodite --version
 
 Commands:
   run    start the OpenAI-compatible server (`aphrodite run --help` lists the options)
@@ -16,6 +17,11 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
         sys.exit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        from aphrodite import __version__
+
+        print(f"aphrodite {__version__}")
+        sys.exit(0)
     command, rest = argv[0], argv[1:]
     if command in ("run", "serve"):
         from aphrodite.frontend.args import parse_args

@@ -34,10 +34,16 @@ class Terminated(BaseException):
     """SIGTERM arrived (see raise_on_sigterm)."""
 
 
-def configure_logging(role: str) -> None:
-    """Log lines of a child process name it (`engine`, `worker-0`)."""
+LOG_DATE_FORMAT = "%m-%d %H:%M:%S"
+
+
+def configure_logging(role: str, stream=None) -> None:
+    """One log format for the three kinds of process; each line names its process
+    (`server`, `engine`, `worker-0`). Children log to stderr (their stdout is the parent's)."""
     logging.basicConfig(level=os.environ.get("APHRODITE_LOG_LEVEL", "INFO"),
-                        format=f"%(levelname)s %(asctime)s {role} %(message)s")
+                        stream=stream or sys.stderr,
+                        format=f"%(levelname)s %(asctime)s {role} %(message)s",
+                        datefmt=LOG_DATE_FORMAT)
 
 
 def raise_on_sigterm() -> None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
-import os
 import signal
+import socket
 import ssl
 import sys
 import threading
@@ -24,6 +25,7 @@ from aiohttp import web
 
 from aphrodite.config import EngineConfig
 from aphrodite.frontend.args import ServerOptions, parse_args
+from aphrodite.processes import configure_logging
 
 logger = logging.getLogger("aphrodite.server")
 
@@ -34,9 +36,49 @@ FINAL_WRITES_TIMEOUT_S = 10.0
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("APHRODITE_LOG_LEVEL", "INFO"), stream=sys.stdout,
-                        format="%(levelname)s %(asctime)s %(message)s", datefmt="%m-%d %H:%M:%S")
+    configure_logging("server", sys.stdout)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class PortUnavailable(OSError):
+    """The listening address cannot be bound (in use, not permitted, unknown host)."""
+
+
+def bind_listen_sockets(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address of host:port, not yet listening.
+
+    Bound first thing, so a busy port fails in a second rather than after the model has
+    loaded; until the HTTP server listens on them, connections are refused as before."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise PortUnavailable(f"cannot listen on --host {host!r}: {exc.strerror}") from exc
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        reason = ("is already in use (is another server running? choose another with --port)"
+                  if exc.errno == errno.EADDRINUSE else f"cannot be used: {exc.strerror}")
+        raise PortUnavailable(f"Port {port} on {host} {reason}") from exc
+    return sockets
+
+
+def browser_url(scheme: str, host: str, port: int) -> str:
+    """The address to open in a browser: a wildcard host means this machine."""
+    if host in ("", "0.0.0.0", "::"):
+        host = "localhost"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}/"
 
 
 class Server:
@@ -47,6 +89,8 @@ class Server:
         self.hurry = asyncio.Event()          # a second signal: skip the grace period
         self.engine_dead = asyncio.Event()
         self.stats_task: asyncio.Task | None = None
+        self.stage = "starting"   # starting -> serving -> draining -> stopping
+        self.listen_sockets: list[socket.socket] = []
 
     async def run(self) -> int:
         from aphrodite.frontend.process_tree import ProcessTree
@@ -54,19 +98,36 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            self.listen_sockets = bind_listen_sockets(self.options.host, self.options.port)
+        except PortUnavailable as exc:
+            logger.error("%s", exc)
+            return EXIT_START_FAILED
         tree = ProcessTree()
         try:
             return await self._run(tree)
         finally:
             tree.kill_remaining()
+            for sock in self.listen_sockets:
+                sock.close()
 
     def _on_signal(self, sig: int) -> None:
-        if self.stop_requested.is_set():
-            logger.warning("Second %s: aborting in-flight requests now", signal.Signals(sig).name)
-            self.hurry.set()
+        name = signal.Signals(sig).name
+        if not self.stop_requested.is_set():
+            self.stop_requested.set()
+            if self.stage == "starting":
+                logger.info("Received %s: stopping start-up", name)
+            else:
+                logger.info("Received %s: shutting down; in-flight requests get up to %.0f s "
+                            "to finish (--shutdown-timeout); send it again to abort them now",
+                            name, self.options.shutdown_timeout_s)
             return
-        logger.info("Received %s: shutting down", signal.Signals(sig).name)
-        self.stop_requested.set()
+        if self.stage == "draining" and not self.hurry.is_set():
+            logger.warning("Second %s: aborting in-flight requests now", name)
+        else:
+            logger.warning("Second %s: already shutting down, nothing left to skip; waiting "
+                           "for the processes to exit", name)
+        self.hurry.set()
 
     async def _run(self, tree) -> int:
         from aphrodite.frontend.engine_process import EngineProcess
@@ -76,6 +137,7 @@ class Server:
             return EXIT_OK if self.stop_requested.is_set() else EXIT_START_FAILED
         engine, tokenizer, files = started
         client, api, runner = await self._start_http(engine, tokenizer, files, tree)
+        self.stage = "serving"
         try:
             stop = asyncio.ensure_future(self.stop_requested.wait())
             dead = asyncio.ensure_future(self.engine_dead.wait())
@@ -84,9 +146,12 @@ class Server:
             dead.cancel()
             api.shutting_down = True
             if self.engine_dead.is_set():
+                self.stage = "stopping"
                 await self._finish_writes(api)
                 return EXIT_ENGINE_DEAD
+            self.stage = "draining"
             await self._drain(client)
+            self.stage = "stopping"
             await self._finish_writes(api)
             return EXIT_OK
         finally:
@@ -109,6 +174,8 @@ class Server:
             return None
         tree.track(engine.proc.pid)
         logger.info("Engine core process: pid %d; loading the model", engine.proc.pid)
+        logger.info("Loading the tokenizer (a GGUF file's tokenizer is converted on first use: "
+                    "a few seconds)")
         # The tokenizer loads here while the engine core loads the model.
         tokenizer_load = _in_daemon_thread(load_tokenizer, files, self.config.tokenizer)
         engine_ready = loop.run_in_executor(None, engine.wait_ready,
@@ -153,27 +220,31 @@ class Server:
         ctx = ServingContext(client=client, tokenizer=tokenizer, model_names=names,
                              chat_template=self.options.chat_template,
                              response_role=self.options.response_role,
-                             max_logprobs=self.config.max_logprobs,
+                             max_logprobs=(self.config.max_logprobs
+                                           if self.config.max_logprobs >= 0  # -1: no cap
+                                           else engine.ready.vocab_size),
                              tokenizer_pool=ThreadPoolExecutor(1, thread_name_prefix="tokenizer"))
         api = ApiServer(ctx, self.options, metrics, model_root=files.name)
         runner = web.AppRunner(api.build_app(), handler_cancellation=True, access_log=None,
                                shutdown_timeout=2.0)
         await runner.setup()
-        site = web.TCPSite(runner, self.options.host, self.options.port,
-                           ssl_context=self._ssl_context(), shutdown_timeout=2.0)
-        await site.start()
+        ssl_context = self._ssl_context()
+        for sock in self.listen_sockets:
+            await web.SockSite(runner, sock, ssl_context=ssl_context, shutdown_timeout=2.0).start()
         if not self.options.disable_log_stats:
             on_gpu = engine.ready.device.startswith("cuda")
 
-            def memory() -> int:
+            def memory() -> tuple[str, int]:
                 used = gpu_memory_bytes(tree.pids()) if on_gpu else None
-                return used or tree.rss_bytes()
+                return ("GPU", used) if used else ("CPU", tree.rss_bytes())
 
             stats = StatsLogger(metrics, memory, self.options.log_stats_interval_s)
             self.stats_task = asyncio.ensure_future(stats.run())
         scheme = "https" if self.options.ssl_certfile else "http"
-        logger.info("Serving %s on %s://%s:%d (OpenAI API under /v1)", ", ".join(names), scheme,
-                    self.options.host, self.options.port)
+        url = browser_url(scheme, self.options.host, self.options.port)
+        logger.info("Serving %s on %s:%d: open %s in a browser for the playground; "
+                    "OpenAI API at %sv1", ", ".join(names), self.options.host,
+                    self.options.port, url, url)
         return client, api, runner
 
     def _ssl_context(self) -> ssl.SSLContext | None:

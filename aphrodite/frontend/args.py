@@ -8,6 +8,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from aphrodite import __version__
 from aphrodite.config import EngineConfig
 from aphrodite.frontend.tool_parsers import TOOL_PARSERS
 
@@ -53,6 +54,9 @@ class ServerOptions:
     # Tool calling: the parser that finds calls in free text (tool_choice "auto").
     tool_call_parser: str | None = None
     enable_auto_tool_choice: bool = False
+    # max_tokens of a request that omits it; None: chat runs to the end of the context and
+    # completions generate 16 tokens (OpenAI's defaults).
+    default_max_tokens: int | None = None
 
 
 def parse_size(text: str) -> int:
@@ -61,6 +65,27 @@ def parse_size(text: str) -> int:
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4GiB, 512MiB or bytes)")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def format_size(num_bytes: int) -> str:
+    """Bytes in the largest binary unit that divides them: 33554432 -> '32MiB'."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if num_bytes >= scale and num_bytes % scale == 0:
+            return f"{num_bytes // scale}{unit}"
+    return str(num_bytes)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to an option's help, unless its text names the default already or
+    there is no value to name (None, off, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default is None
+                or default is False or default == [] or default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".strip()
 
 
 def parse_bool(text: str) -> bool:
@@ -76,6 +101,13 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _max_logprobs(text: str) -> int:
+    value = int(text)
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for no limit, got {value}")
     return value
 
 
@@ -112,8 +144,9 @@ def _read_chat_template(value: str | None) -> str | None:
 
 def build_parser(prog: str, positional_model: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, formatter_class=_HelpFormatter,
         description="OpenAI-compatible inference server with Aphrodite's extended samplers.")
+    p.add_argument("--version", action="version", version=f"aphrodite {__version__}")
     model_help = ("HF model folder, a .gguf file or a hub id; default: the bundled "
                   "SmolLM2-135M-Instruct GGUF")
     if positional_model:
@@ -130,6 +163,9 @@ def build_parser(prog: str, positional_model: bool = False) -> argparse.Argument
                      help="accepted API keys (Bearer or x-api-key header); also "
                           "$APHRODITE_API_KEY (comma-separated). /health, /metrics, /version "
                           "and /openapi.json stay open")
+    srv.add_argument("--launch-kobold-api", action="store_true",
+                     help="accepted for Aphrodite's command lines: the KoboldAI API "
+                          "(/api/v1, /api/extra) is always served")
     srv.add_argument("--chat-template", default=None,
                      help="chat template file or inline Jinja text (default: the tokenizer's)")
     srv.add_argument("--response-role", default="assistant",
@@ -142,8 +178,10 @@ def build_parser(prog: str, positional_model: bool = False) -> argparse.Argument
     srv.add_argument("--disable-log-requests", action="store_true",
                      help="do not log a line per request")
     srv.add_argument("--disable-log-stats", action="store_true",
-                     help="do not log the throughput/KV-cache stats line every 5 s")
-    srv.add_argument("--max-request-body", type=parse_size, default=DEFAULT_MAX_BODY_BYTES,
+                     help="do not log the throughput/KV-cache stats line (every 5 seconds "
+                          "while busy)")
+    srv.add_argument("--max-request-body", type=parse_size,
+                     default=format_size(DEFAULT_MAX_BODY_BYTES),
                      metavar="SIZE", help="largest accepted request body; larger ones get 413")
     srv.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
                      help="on SIGTERM/SIGINT, how long in-flight requests may run before they "
@@ -163,6 +201,10 @@ def build_parser(prog: str, positional_model: bool = False) -> argparse.Argument
     lim.add_argument("--max-queue-len", type=_non_negative, default=DEFAULT_MAX_QUEUE_LEN,
                      metavar="N", help="most sequences that may wait for a batch slot (in flight "
                      "beyond --max-num-seqs); more get 503 with Retry-After")
+    lim.add_argument("--default-max-tokens", type=_positive, default=None, metavar="N",
+                     help="max_tokens of requests that omit it (default: chat runs to the end "
+                          "of the context, completions stop after 16 tokens, as in OpenAI's "
+                          "API); a request's own max_tokens is never changed")
     lim.add_argument("--max-n", type=_positive, default=DEFAULT_MAX_N,
                      help="largest `n` (choices per request)")
     lim.add_argument("--max-stop-sequences", type=_non_negative,
@@ -184,7 +226,8 @@ def build_parser(prog: str, positional_model: bool = False) -> argparse.Argument
                           "(least memory); auto also keeps a float32 copy, used for prefill "
                           "and large batches (quantised kernels for small decode steps); "
                           "none: float32 only")
-    eng.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    eng.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="where the model runs (auto: CUDA when a GPU is visible, else CPU)")
     eng.add_argument("--max-model-len", type=int, default=None,
                      help="longest prompt + output in tokens (default: from the model config)")
     eng.add_argument("--max-num-seqs", type=int, default=256,
@@ -209,8 +252,8 @@ def build_parser(prog: str, positional_model: bool = False) -> argparse.Argument
                      help="number of GPUs (or CPU worker processes) to shard the model over")
     eng.add_argument("--enforce-eager", nargs="?", const=True, default=False, type=parse_bool,
                      help="disable CUDA graphs (GPU); takes an optional true/false")
-    eng.add_argument("--max-logprobs", type=int, default=20,
-                     help="largest logprobs / top_logprobs a request may ask for")
+    eng.add_argument("--max-logprobs", type=_max_logprobs, default=20,
+                     help="largest logprobs / top_logprobs a request may ask for; -1: no limit")
     eng.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
     eng.add_argument("--num-threads", type=int, default=None,
                      help="torch threads per CPU worker (default: cores / workers)")
@@ -262,5 +305,6 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m aphrodite.s
         max_num_seqs=a.max_num_seqs, max_queue_len=a.max_queue_len, max_n=a.max_n,
         max_stop_sequences=a.max_stop_sequences, max_stop_length=a.max_stop_length,
         max_log_len=a.max_log_len, tool_call_parser=a.tool_call_parser,
-        enable_auto_tool_choice=a.enable_auto_tool_choice)
+        enable_auto_tool_choice=a.enable_auto_tool_choice,
+        default_max_tokens=a.default_max_tokens)
     return config, options

@@ -137,10 +137,11 @@ class ServerMetrics:
 class StatsLogger:
     """Logs the throughput / queue / KV line every `interval_s` while the engine is busy."""
 
-    def __init__(self, metrics: ServerMetrics, memory_bytes: Callable[[], int],
+    def __init__(self, metrics: ServerMetrics, memory_usage: Callable[[], tuple[str, int]],
                  interval_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        """memory_usage() -> ("GPU" or "CPU", bytes the server's processes use there)."""
         self.metrics = metrics
-        self.memory_bytes = memory_bytes
+        self.memory_usage = memory_usage
         self.interval_s = interval_s
         self.clock = clock
         self._last_time = clock()
@@ -164,12 +165,13 @@ class StatsLogger:
         if not (prompt or generated or running or waiting):
             return None
         hit_rate = 100.0 * d_hits / d_queries if d_queries > 0 else 0.0
+        device, used = self.memory_usage()
         return (f"Avg prompt throughput: {prompt / elapsed:.1f} tokens/s, "
                 f"Avg generation throughput: {generated / elapsed:.1f} tokens/s, "
                 f"Running: {running} reqs, Waiting: {waiting} reqs, "
                 f"KV cache usage: {100.0 * stats.kv_cache_usage:.1f}%, "
                 f"Prefix cache hit rate: {hit_rate:.1f}%, "
-                f"Memory usage: {self.memory_bytes() / 1e9:.2f} GB")
+                f"{device} memory usage: {used / 1e9:.2f} GB")
 
     async def run(self) -> None:
         while True:

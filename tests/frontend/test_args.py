@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 
@@ -120,3 +121,44 @@ def test_tool_call_options_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "-m", "aphrodite.server", "--version"],
+                                     [sys.executable, "-m", "aphrodite.cli", "--version"],
+                                     [sys.executable, "-m", "aphrodite.cli", "run", "--version"]])
+def test_version(command):
+    import aphrodite
+
+    out = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    assert out == f"aphrodite {aphrodite.__version__}\n"
+
+
+def test_help_names_each_default_once_and_sizes_in_units():
+    from aphrodite.frontend.args import build_parser
+
+    text = build_parser("aphrodite").format_help()
+    flat = re.sub(r"\s+", " ", text)
+    for option in re.split(r"\n  (?=-)", text)[1:]:
+        assert option.count("default:") <= 1, option
+    assert "largest accepted request body; larger ones get 413 (default: 32MiB)" in flat
+    assert "(default: None)" not in flat and "(default: False)" not in flat
+    assert "engine seed for unseeded requests (default: 0)" in flat
+    assert parse_args([])[1].max_request_body_bytes == 32 << 20
+
+
+@pytest.mark.parametrize("num_bytes,text", [(32 << 20, "32MiB"), (1536, "1536"),
+                                            (3 << 30, "3GiB"), (256 << 10, "256KiB")])
+def test_format_size_round_trips(num_bytes, text):
+    from aphrodite.frontend.args import format_size
+
+    assert format_size(num_bytes) == text and parse_size(text) == num_bytes
+
+
+def test_default_max_tokens_and_uncapped_logprobs():
+    assert parse_args([])[1].default_max_tokens is None
+    assert parse_args(["--default-max-tokens", "256"])[1].default_max_tokens == 256
+    assert parse_args(["--max-logprobs", "-1"])[0].max_logprobs == -1
+    for bad in (["--default-max-tokens", "0"], ["--max-logprobs", "-2"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)

@@ -54,7 +54,7 @@ def test_latency_histograms():
 def test_stats_line_rates_and_idle_silence():
     now = [100.0]
     m = ServerMetrics("m", 512)
-    logger = StatsLogger(m, memory_bytes=lambda: 1_500_000_000, interval_s=5, clock=lambda: now[0])
+    logger = StatsLogger(m, memory_usage=lambda: ("CPU", 1_500_000_000), interval_s=5, clock=lambda: now[0])
     assert logger.line() is None                       # idle: nothing to log
     m.on_step(stats(num_running=2, num_waiting=1, kv_cache_usage=0.123, num_prompt_tokens=50,
                     num_generation_tokens=2, prefix_cache_queries=40, prefix_cache_hits=10))
@@ -64,7 +64,7 @@ def test_stats_line_rates_and_idle_silence():
     assert logger.line() == (
         "Avg prompt throughput: 10.0 tokens/s, Avg generation throughput: 2.0 tokens/s, "
         "Running: 2 reqs, Waiting: 1 reqs, KV cache usage: 12.3%, Prefix cache hit rate: 25.0%, "
-        "Memory usage: 1.50 GB")
+        "CPU memory usage: 1.50 GB")
     # Next interval: the counters are differences since the last line.
     m.on_step(stats(num_generation_tokens=4, prefix_cache_queries=60, prefix_cache_hits=30))
     now[0] += 2.0
