@@ -15,6 +15,8 @@ from aphrodite.frontend.engine_process import EngineDeadError
 from aphrodite.frontend.errors import (APIError, bad_request, engine_unavailable,
                                        from_validation_error, internal_error, model_not_found,
                                        too_large, unauthorized)
+from aphrodite.frontend.kobold.routes import KOBOLD_BODY_MODELS, add_kobold_routes
+from aphrodite.frontend.kobold.serving import KoboldServing
 from aphrodite.frontend.metrics import CONTENT_TYPE, ServerMetrics
 from aphrodite.frontend.openapi import build_openapi
 from aphrodite.frontend.openai_protocol import (ChatCompletionRequest, CompletionRequest,
@@ -34,7 +36,8 @@ OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json"})
 BODY_MODELS = {"/v1/chat/completions": ChatCompletionRequest,
                "/v1/completions": CompletionRequest,
                "/v1/tokenize": TokenizeRequest,
-               "/v1/detokenize": DetokenizeRequest}
+               "/v1/detokenize": DetokenizeRequest,
+               **KOBOLD_BODY_MODELS}
 
 
 class ApiServer:
@@ -50,6 +53,7 @@ class ApiServer:
         self.chat = ChatServing(ctx, options)
         self.completions = CompletionServing(ctx, options)
         self.tokens = OpenAIServing(ctx, options)
+        self.kobold = KoboldServing(ctx, options)
         self._api_keys = [key.encode() for key in options.api_keys]
         self._openapi: bytes | None = None     # built on first request, once routes are fixed
 
@@ -67,6 +71,7 @@ class ApiServer:
         app.router.add_post("/v1/completions", self.text_completions)
         app.router.add_post("/v1/tokenize", self.tokenize)
         app.router.add_post("/v1/detokenize", self.detokenize)
+        add_kobold_routes(app, self.kobold)
         return app
 
     # ---- middlewares ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from aphrodite.frontend.kobold.protocol import KoboldErrorResponse
 from aphrodite.frontend.openai_protocol import ErrorResponse
 
 REF_TEMPLATE = "#/components/schemas/{model}"
@@ -28,7 +29,7 @@ def build_openapi(app: web.Application, body_models: dict[str, type[BaseModel]],
 
     Raises KeyError for a POST route without a body model, so a new route cannot be left out.
     """
-    models = [*dict.fromkeys(body_models.values()), ErrorResponse]
+    models = [*dict.fromkeys(body_models.values()), ErrorResponse, KoboldErrorResponse]
     refs, defs = models_json_schema([(m, "validation") for m in models],
                                     ref_template=REF_TEMPLATE)
     paths: dict[str, dict] = {}
@@ -55,7 +56,8 @@ def build_openapi(app: web.Application, body_models: dict[str, type[BaseModel]],
         if keys_required and path not in open_paths:
             codes.append(401)
             operation["security"] = [{name: []} for name in _SECURITY_SCHEMES]
-        error_schema = refs[(ErrorResponse, "validation")]
+        error_model = KoboldErrorResponse if path.startswith("/api/") else ErrorResponse
+        error_schema = refs[(error_model, "validation")]
         for code in sorted(codes):
             operation["responses"][str(code)] = {
                 "description": _ERROR_TEXT[code],

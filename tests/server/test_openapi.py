@@ -15,6 +15,7 @@ from openapi_spec_validator import validate
 from aphrodite import __version__
 from aphrodite.frontend.api_server import BODY_MODELS, OPEN_PATHS, ApiServer
 from aphrodite.frontend.args import ServerOptions
+from aphrodite.frontend.kobold.protocol import KoboldErrorResponse
 from aphrodite.frontend.openai_protocol import ErrorResponse
 from aphrodite.frontend.openapi import build_openapi
 from aphrodite.frontend.structured_request import REQUEST_FIELDS
@@ -74,9 +75,10 @@ def test_document_is_valid_openapi_and_covers_every_route():
             assert errors <= {"400", "401", "404", "413", "503"}
             if method == "post":
                 assert {"400", "404", "413", "503"} <= errors
+            error_model = "KoboldErrorResponse" if path.startswith("/api/") else "ErrorResponse"
             for code in errors:
                 schema = op["responses"][code]["content"]["application/json"]["schema"]
-                assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+                assert schema == {"$ref": f"#/components/schemas/{error_model}"}
 
 
 def test_request_schemas_are_the_pydantic_models_schemas():
@@ -173,7 +175,7 @@ def bound_generation(case) -> None:
     body = case.body
     if not isinstance(body, dict):
         return
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in ("max_tokens", "max_completion_tokens", "max_length"):   # max_length: Kobold's
         value = body.get(name)
         if value is None or (type(value) is int and value > 2):
             body[name] = 2
@@ -214,7 +216,9 @@ def test_schemathesis_fuzz_finds_no_server_error(capsys):
                 assert response.status_code < 500, (case.method, case.path, case.body,
                                                     response.text)
                 if response.status_code >= 400 and case.method != "HEAD":
-                    ErrorResponse.model_validate_json(response.content)   # OpenAI-shaped
+                    error_model = KoboldErrorResponse if case.path.startswith("/api/") \
+                        else ErrorResponse
+                    error_model.model_validate_json(response.content)   # OpenAI-shaped
                 case.validate_response(response, checks=[
                     not_a_server_error, status_code_conformance, content_type_conformance,
                     response_schema_conformance])
