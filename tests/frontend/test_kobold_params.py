@@ -152,6 +152,7 @@ def test_context_and_length_rules():
     assert mapping.context_size(1024, 2048) == 1024
     assert mapping.generation_length(None, 2048) == mapping.DEFAULT_MAX_LENGTH
     assert mapping.generation_length(None, 100) == 99
+    assert mapping.generation_length(None, 2048, server_default=64) == 64   # --default-max-tokens
     assert mapping.generation_length(200, 1024) == 200
     with pytest.raises(SamplingParamError, match="max_length"):
         mapping.generation_length(300, 200)

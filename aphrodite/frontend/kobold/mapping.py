@@ -168,9 +168,12 @@ def context_size(max_context_length: int | None, max_model_len: int) -> int:
     return max_context_length
 
 
-def generation_length(max_length: int | None, context: int) -> int:
+def generation_length(max_length: int | None, context: int,
+                      server_default: int | None = None) -> int:
+    """max_length, or when it is left out the server's --default-max-tokens (else
+    KoboldCpp's 180), leaving at least one token of the context for the prompt."""
     if max_length is None:
-        return max(1, min(DEFAULT_MAX_LENGTH, context - 1))
+        return max(1, min(server_default or DEFAULT_MAX_LENGTH, context - 1))
     if max_length < 1:
         raise SamplingParamError("max_length", "must be at least 1")
     if max_length > context:

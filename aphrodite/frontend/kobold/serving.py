@@ -94,7 +94,8 @@ class KoboldServing(OpenAIServing):
                               param="genkey")
         try:
             context = mapping.context_size(body.max_context_length, self.ctx.max_model_len)
-            max_length = mapping.generation_length(body.max_length, context)
+            max_length = mapping.generation_length(body.max_length, context,
+                                                   self.options.default_max_tokens)
             fields = mapping.sampling_fields(body, max_length,
                                              list(self.ctx.client.ready.eos_token_ids))
             if stream and fields.get("n", 1) != 1:
@@ -201,7 +202,8 @@ class KoboldServing(OpenAIServing):
         return json_response({"value": self.ctx.max_model_len})
 
     async def max_length(self, request: web.Request) -> web.Response:
-        return json_response({"value": mapping.generation_length(None, self.ctx.max_model_len)})
+        return json_response({"value": mapping.generation_length(
+            None, self.ctx.max_model_len, self.options.default_max_tokens)})
 
 
 async def _send_token(response: web.StreamResponse, token: str, finish_reason: str,
