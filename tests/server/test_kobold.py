@@ -87,14 +87,20 @@ def test_tokencount_matches_the_tokenizer(server, tokenizer):
     assert r.json() == {"value": len(expected), "ids": expected}
 
 
-def test_greedy_generate_equals_the_completions_route(server):
-    """temperature 0 is greedy: the same text as /v1/completions for the same prompt."""
+@pytest.mark.parametrize("penalty", [{}, {"rep_pen": 1.5, "rep_pen_range": 6}])
+def test_greedy_generate_equals_the_completions_route(server, penalty):
+    """temperature 0 is greedy: the same text as /v1/completions for the same prompt, and
+    rep_pen_range means the same on both routes."""
     r = requests.post(api(server, "v1", "generate"), timeout=60, json={
-        "prompt": PROMPT, "max_length": 10, "max_context_length": 100, "temperature": 0})
+        "prompt": PROMPT, "max_length": 10, "max_context_length": 100, "temperature": 0,
+        **penalty})
     assert r.status_code == 200, r.text
     result = r.json()["results"][0]
+    openai_penalty = {"repetition_penalty": penalty["rep_pen"],
+                      "rep_pen_range": penalty["rep_pen_range"]} if penalty else {}
     reference = requests.post(server.url_for("v1", "completions"), timeout=60, json={
-        "prompt": PROMPT, "max_tokens": 10, "temperature": 0}).json()["choices"][0]
+        "prompt": PROMPT, "max_tokens": 10, "temperature": 0, **openai_penalty}
+                              ).json()["choices"][0]
     assert result["text"] == reference["text"]
     assert result["finish_reason"] == ("length" if reference["finish_reason"] == "length"
                                        else "stop")
