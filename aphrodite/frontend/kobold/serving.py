@@ -19,7 +19,8 @@ from pydantic import ValidationError
 
 from aphrodite import __version__
 from aphrodite.frontend.engine_process import EngineDeadError
-from aphrodite.frontend.errors import APIError, bad_request, from_validation_error
+from aphrodite.frontend.errors import (APIError, bad_request, engine_unavailable,
+                                       from_validation_error)
 from aphrodite.frontend.kobold import mapping
 from aphrodite.frontend.kobold.protocol import (KoboldGenerateRequest, KoboldGenkeyRequest,
                                                 KoboldTokenCountRequest)
@@ -82,6 +83,10 @@ class KoboldServing(OpenAIServing):
             if stream:
                 return await self._stream(request, source, generation)
             return await self._complete(source, generation, params.n)
+        except APIError as exc:          # one request's engine error (its grammar, say)
+            return self.error_response(exc)
+        except EngineDeadError as exc:
+            return self.error_response(engine_unavailable(str(exc)))
         finally:
             await source.aclose()        # aborts whatever did not finish
             self._generations.pop(genkey, None)
@@ -151,7 +156,7 @@ class KoboldServing(OpenAIServing):
                         generation.text += d.text
                         await _send_token(response, d.text, _kobold_reason(d.finish_reason))
             except (EngineDeadError, APIError) as exc:
-                error = exc if isinstance(exc, APIError) else APIError(503, str(exc))
+                error = exc if isinstance(exc, APIError) else engine_unavailable(str(exc))
                 await _send_token(response, "", "error", error.body()["error"])
         return response
 
