@@ -21,6 +21,7 @@ from aphrodite.frontend.metrics import CONTENT_TYPE, ServerMetrics
 from aphrodite.frontend.openapi import build_openapi
 from aphrodite.frontend.openai_protocol import (ChatCompletionRequest, CompletionRequest,
                                                 DetokenizeRequest, TokenizeRequest)
+from aphrodite.frontend.playground import PlaygroundFiles
 from aphrodite.frontend.serving_base import OpenAIServing, ServingContext, json_response
 from aphrodite.frontend.serving_chat import ChatServing
 from aphrodite.frontend.serving_completions import CompletionServing
@@ -30,8 +31,10 @@ from aphrodite.sampler_specs import SAMPLER_SPECS
 logger = logging.getLogger("aphrodite.server")
 
 # Reachable without an API key: load balancers and Prometheus do not send one, and API
-# tools read the document before they are configured.
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json"})
+# tools read the document before they are configured. The playground page and its files
+# carry no data: the page's own API calls send the key the user types.
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json", "/",
+                        "/static/{name}"})
 # The model that validates each POST route's body (and describes it in /openapi.json).
 BODY_MODELS = {"/v1/chat/completions": ChatCompletionRequest,
                "/v1/completions": CompletionRequest,
@@ -56,10 +59,13 @@ class ApiServer:
         self.kobold = KoboldServing(ctx, options)
         self._api_keys = [key.encode() for key in options.api_keys]
         self._openapi: bytes | None = None     # built on first request, once routes are fixed
+        self.playground = PlaygroundFiles()
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=self.options.max_request_body_bytes,
                               middlewares=[self._errors, self._cors, self._auth, self._gate])
+        app.router.add_get("/", self.playground.playground)
+        app.router.add_get("/static/{name}", self.playground.static_file)
         app.router.add_get("/health", self.health)
         app.router.add_get("/version", self.version)
         app.router.add_get("/metrics", self.prometheus)
@@ -121,7 +127,10 @@ class ApiServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        if self._api_keys and request.method != "OPTIONS" and request.path not in OPEN_PATHS:
+        # the matched route's pattern, so /static/{name} covers every file under it
+        route = request.match_info.route.resource
+        path = route.canonical if route is not None else request.path
+        if self._api_keys and request.method != "OPTIONS" and path not in OPEN_PATHS:
             if not self._key_ok(request):
                 raise unauthorized()
         return await handler(request)
