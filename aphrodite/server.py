@@ -213,6 +213,10 @@ class Server:
 
         names = self.options.served_model_names or [files.name]
         metrics = ServerMetrics(names[0], engine.ready.max_model_len)
+        kv_dtype = self.config.kv_cache_dtype
+        metrics.set_cache_config(engine.ready.block_size, engine.ready.num_kv_blocks,
+                                 engine.ready.dtype if kv_dtype == "auto" else kv_dtype,
+                                 self.config.enable_prefix_caching)
         client = AsyncEngineClient(engine, tokenizer, metrics,
                                    log_requests=not self.options.disable_log_requests)
         metrics.frontend_requests.set_function(lambda: client.num_in_flight)

@@ -40,6 +40,8 @@ BODY_MODELS = {"/v1/chat/completions": ChatCompletionRequest,
                "/v1/completions": CompletionRequest,
                "/v1/tokenize": TokenizeRequest,
                "/v1/detokenize": DetokenizeRequest,
+               "/tokenize": TokenizeRequest,      # vLLM serves these at the root too
+               "/detokenize": DetokenizeRequest,
                **KOBOLD_BODY_MODELS}
 
 
@@ -77,6 +79,8 @@ class ApiServer:
         app.router.add_post("/v1/completions", self.text_completions)
         app.router.add_post("/v1/tokenize", self.tokenize)
         app.router.add_post("/v1/detokenize", self.detokenize)
+        app.router.add_post("/tokenize", self.tokenize_at_root)
+        app.router.add_post("/detokenize", self.detokenize_at_root)
         add_kobold_routes(app, self.kobold)
         return app
 
@@ -156,6 +160,15 @@ class ApiServer:
     # ---- helpers -------------------------------------------------------------------------------
     @staticmethod
     async def _parse(request: web.Request, model):
+        # 415 for a body declared as something else (a form, text): serving it as JSON
+        # would hide the client's mistake. A body without a Content-Type is read as JSON.
+        declared = request.headers.get("Content-Type")
+        media_type = (declared or "").split(";")[0].strip().lower()
+        if declared is not None and media_type != "application/json" \
+                and not media_type.endswith("+json"):
+            raise APIError(415, f"Unsupported Content-Type {media_type or declared!r}: send "
+                           "the body as JSON with Content-Type: application/json.",
+                           code="unsupported_media_type")
         raw = await request.read()
         try:
             return model.model_validate_json(raw or b"")
@@ -232,8 +245,20 @@ class ApiServer:
             text = body.prompt
             add_special = True if body.add_special_tokens is None else body.add_special_tokens
         ids = await self.tokens.encode(text, add_special_tokens=add_special)
+        token_strs = None   # vLLM's field: each token's vocabulary string, when asked
+        if (body.model_extra or {}).get("return_token_strs") is True:
+            token_strs = self.ctx.tokenizer.convert_ids_to_tokens(ids)
         return json_response({"tokens": ids, "count": len(ids),
-                              "max_model_len": self.ctx.max_model_len})
+                              "max_model_len": self.ctx.max_model_len,
+                              "token_strs": token_strs})
+
+    async def tokenize_at_root(self, request: web.Request) -> web.Response:
+        """/v1/tokenize at vLLM's path."""
+        return await self.tokenize(request)
+
+    async def detokenize_at_root(self, request: web.Request) -> web.Response:
+        """/v1/detokenize at vLLM's path."""
+        return await self.detokenize(request)
 
     async def detokenize(self, request: web.Request) -> web.Response:
         """Text of a list of token ids."""

@@ -1,5 +1,8 @@
 """Prometheus metrics (`aphrodite:*`, labelled with model_name) and the periodic stats line.
 
+The families and buckets follow vLLM's (`vllm:*`), so dashboards built for vLLM work after
+a change of prefix.
+
 Engine-level numbers come from the stats dict of each STEP_OUTPUTS frame; latencies are
 measured here, in the frontend, where the client sees them. Each server owns its own
 registry, so two servers in one process (tests) never share counters.
@@ -25,6 +28,8 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
                          0.75, 1.0, 2.5, 5.0, 10.0)
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                120.0, 240.0, 480.0)
 
@@ -75,21 +80,45 @@ class ServerMetrics:
         self._model_name = model_name
         self.ttft = histogram("time_to_first_token_seconds", "Time to the first token.", TTFT_BUCKETS)
         self.tpot = histogram("time_per_output_token_seconds",
-                              "Mean time per output token after the first, per sequence.",
+                              "Time per output token after the first (one observation each).",
                               TOKEN_LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between two tokens.",
                              TOKEN_LATENCY_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", E2E_BUCKETS)
+        self.decode_time = histogram("request_decode_time_seconds",
+                                     "First to last token, per sequence.", E2E_BUCKETS)
+        self.iteration_tokens = histogram("iteration_tokens_total",
+                                          "Tokens computed per engine step (prefill + decode).",
+                                          ITERATION_TOKEN_BUCKETS)
+        self.params_n = histogram("request_params_n", "The n of each request.", PARAMS_N_BUCKETS)
+        self._cache_info_labels = ["model_name", "block_size", "num_gpu_blocks", "cache_dtype",
+                                   "enable_prefix_caching"]
         lengths = _length_buckets(max_model_len)
         self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt length per request.", lengths)
         self.request_generation_tokens = histogram("request_generation_tokens",
                                                    "Generated tokens per sequence.", lengths)
+        self.params_max_tokens = histogram("request_params_max_tokens",
+                                           "The max_tokens of each request.", lengths)
         # Cumulative engine counters, to turn them into increments.
         self._last_cumulative = {"prefix_cache_queries": 0, "prefix_cache_hits": 0, "num_preemptions": 0}
         # Totals for the stats line.
         self.total_prompt_tokens = 0
         self.total_generation_tokens = 0
         self.latest = EngineStats()
+
+    def set_cache_config(self, block_size: int, num_blocks: int, cache_dtype: str,
+                         enable_prefix_caching: bool) -> None:
+        """vLLM's cache_config_info: a gauge of 1 whose labels describe the KV cache."""
+        Gauge("aphrodite:cache_config_info", "The KV cache's configuration.",
+              self._cache_info_labels, registry=self.registry).labels(
+            self._model_name, str(block_size), str(num_blocks), cache_dtype,
+            str(enable_prefix_caching)).set(1)
+
+    def on_request(self, n: int, max_tokens: int | None) -> None:
+        """A request admitted to the engine, with its parameters."""
+        self.params_n.observe(n)
+        if max_tokens is not None:
+            self.params_max_tokens.observe(max_tokens)
 
     def on_step(self, stats: EngineStats) -> None:
         self.latest = stats
@@ -99,6 +128,8 @@ class ServerMetrics:
         self.engine_requests.set(stats.num_engine_requests)
         self.worker_requests.set(stats.num_worker_requests)
         prompt, generated = stats.num_prompt_tokens, stats.num_generation_tokens
+        if prompt or generated:
+            self.iteration_tokens.observe(prompt + generated)
         self.prompt_tokens.inc(prompt)
         self.generation_tokens.inc(generated)
         self.total_prompt_tokens += prompt
@@ -118,6 +149,7 @@ class ServerMetrics:
         per_token = seconds / max(num_tokens, 1)
         for _ in range(num_tokens):
             self.itl.observe(per_token)
+            self.tpot.observe(per_token)
 
     def on_sequence_finished(self, state, seq, now: float) -> None:
         """`state`/`seq`: the client's RequestState and sequence (arrival, token times)."""
@@ -127,8 +159,8 @@ class ServerMetrics:
         self.request_generation_tokens.observe(num_out)
         if seq.index == 0:
             self.request_prompt_tokens.observe(len(state.prompt_token_ids))
-        if num_out > 1 and seq.first_token_time is not None:
-            self.tpot.observe((seq.last_token_time - seq.first_token_time) / (num_out - 1))
+        if seq.first_token_time is not None:
+            self.decode_time.observe(seq.last_token_time - seq.first_token_time)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -32,8 +32,9 @@ class ChatServing(OpenAIServing):
         if max_tokens is not None and max_tokens < 1:
             raise bad_request(f"{param} must be at least 1, got {max_tokens}", param=param)
         self.check_length(len(prompt_ids), "messages")
-        if max_tokens is None:  # chat default: as long as the context allows
-            max_tokens = self.ctx.max_model_len - len(prompt_ids)
+        if max_tokens is None:  # --default-max-tokens, else as long as the context allows
+            max_tokens = min(self.options.default_max_tokens or self.ctx.max_model_len,
+                             self.ctx.max_model_len - len(prompt_ids))
         extra = {"prompt_logprobs": body.prompt_logprobs, **self._tool_extra(body, plan)}
         await self.check_structured_outputs(body, extra)
         params = self.sampling_params(
@@ -43,6 +44,8 @@ class ChatServing(OpenAIServing):
         request_id = self.new_id("chatcmpl")
         self.admit(body.n)
         self.log_received(request_id, len(prompt_ids), params)
+        if getattr(self.ctx.client, "metrics", None) is not None:
+            self.ctx.client.metrics.on_request(body.n, params.max_tokens)
         outputs = self.ctx.client.generate(request_id, prompt_ids, params)
         try:
             if body.stream:
@@ -64,6 +67,14 @@ class ChatServing(OpenAIServing):
                 and any(marker in self._special_tokens for marker in plan.parser.markers):
             extra["skip_special_tokens"] = False
         return extra
+
+    def _echo_text(self, body: ChatCompletionRequest) -> str:
+        """vLLM's chat `echo`: the last message's content, when it has the response's role
+        (a message being continued), comes before the generated text."""
+        last = body.messages[-1]
+        if (body.model_extra or {}).get("echo") is True and last.role == self.ctx.response_role:
+            return last.text()
+        return ""
 
     @cached_property
     def _special_tokens(self) -> set[str]:
@@ -96,6 +107,7 @@ class ChatServing(OpenAIServing):
         n = body.n
         texts, logprobs = [""] * n, [[] for _ in range(n)]
         finish, stop_reason, tokens = [None] * n, [None] * n, [0] * n
+        token_ids: list[list[int]] = [[] for _ in range(n)]
         cached = 0
         prompt_logprobs = None
         async with aclosing(outputs) as stream:
@@ -105,26 +117,34 @@ class ChatServing(OpenAIServing):
                         prompt_logprobs = d.prompt_logprobs
                     texts[d.index] += d.text
                     tokens[d.index] += len(d.token_ids)
+                    token_ids[d.index].extend(d.token_ids)
                     if d.logprobs:
                         logprobs[d.index].extend(d.logprobs)
                     if d.finish_reason is not None:
                         finish[d.index], stop_reason[d.index] = d.finish_reason, d.stop_reason
                         cached = max(cached, d.num_cached_tokens)
         choices = []
+        echo = self._echo_text(body)
+        # vLLM's fields, null unless asked, so clients that read them find them.
+        return_ids = (body.model_extra or {}).get("return_token_ids") is True
         for i in range(n):
             message = {"role": self.ctx.response_role, "content": texts[i]}
             if tools is not None:
                 fields, finish[i] = message_fields(tools, texts[i], finish[i])
                 message.update(fields)
+            if echo and message.get("content") is not None:
+                message["content"] = echo + message["content"]
             choices.append({
                 "index": i, "message": message,
                 "logprobs": {"content": self._logprobs_content(logprobs[i])}
                 if body.logprobs else None,
-                "finish_reason": finish[i], "stop_reason": stop_reason[i]})
+                "finish_reason": finish[i], "stop_reason": stop_reason[i],
+                "token_ids": token_ids[i] if return_ids else None})
         payload = {
             "id": request_id, "object": "chat.completion", "created": self.now(), "model": model,
             "choices": choices,
-            "usage": self.usage(len(prompt_ids), sum(tokens), cached)}
+            "usage": self.usage(len(prompt_ids), sum(tokens), cached),
+            "prompt_logprobs": None, "prompt_token_ids": prompt_ids if return_ids else None}
         if body.prompt_logprobs is not None:   # vLLM's place for it: the response, not a choice
             payload["prompt_logprobs"] = self.prompt_logprobs_field(
                 prompt_logprobs or [], body.prompt_logprobs)
@@ -150,9 +170,10 @@ class ChatServing(OpenAIServing):
 
         async with aclosing(outputs) as stream:
             try:
+                echo = self._echo_text(body)
                 for i in range(body.n):
                     await send_event(response, chunk({
-                        "index": i, "delta": {"role": self.ctx.response_role, "content": ""},
+                        "index": i, "delta": {"role": self.ctx.response_role, "content": echo},
                         "logprobs": None, "finish_reason": None}))
                 async for deltas in stream:
                     for d in deltas:

@@ -22,6 +22,7 @@ class _Choice:
         self.prompt_logprobs = None   # the extended prompt_logprobs field, once it arrives
         self.text = ""
         self.num_tokens = 0
+        self.token_ids: list[int] = []
         self.offset = 0               # text_offset of the next token
         self.finish_reason = None
         self.stop_reason = None
@@ -36,6 +37,8 @@ class CompletionServing(OpenAIServing):
         await self.check_structured_outputs(body)
         prompts = await self._prompt_ids(body)
         max_tokens = body.max_tokens
+        if "max_tokens" not in body.model_fields_set and self.options.default_max_tokens:
+            max_tokens = self.options.default_max_tokens
         if max_tokens is not None and max_tokens < 1:
             raise bad_request(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         for ids, _ in prompts:
@@ -52,8 +55,11 @@ class CompletionServing(OpenAIServing):
         self.admit(len(prompts) * body.n, param="n" if len(prompts) == 1 else "prompt")
         self.log_received(request_id, num_prompt_tokens, params)
         try:
+            metrics = getattr(self.ctx.client, "metrics", None)
             for j, (ids, _) in enumerate(prompts):
                 streams.append(self.ctx.client.generate(f"{request_id}-{j}", ids, params))
+                if metrics is not None:
+                    metrics.on_request(body.n, params.max_tokens)
             if body.stream:
                 return await self._stream(http_request, body, model, request_id, streams,
                                           choices, num_prompt_tokens)
@@ -72,13 +78,15 @@ class CompletionServing(OpenAIServing):
                 for d in deltas:
                     index = j * n + d.index
                     self._apply(body, choices[index], d, logprobs[index] if logprobs else None)
+        # vLLM's fields, null unless asked, so clients that read them find them.
+        return_ids = (body.model_extra or {}).get("return_token_ids") is True
         payload_choices = [{"index": i, "text": c.echo_text + c.text,
                             "logprobs": logprobs[i] if logprobs else None,
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                            "prompt_logprobs": c.prompt_logprobs,
+                            "prompt_token_ids": c.prompt_ids if return_ids else None,
+                            "token_ids": c.token_ids if return_ids else None}
                            for i, c in enumerate(choices)]
-        if body.prompt_logprobs is not None:
-            for payload, c in zip(payload_choices, choices):
-                payload["prompt_logprobs"] = c.prompt_logprobs
         return json_response({
             "id": request_id, "object": "text_completion", "created": self.now(), "model": model,
             "choices": payload_choices,
@@ -127,6 +135,7 @@ class CompletionServing(OpenAIServing):
         """Folds a delta into the choice; returns the delta's own logprobs block."""
         choice.text += delta.text
         choice.num_tokens += len(delta.token_ids)
+        choice.token_ids.extend(delta.token_ids)
         if delta.finish_reason is not None:
             choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
             choice.cached = delta.num_cached_tokens
@@ -145,7 +154,7 @@ class CompletionServing(OpenAIServing):
         for token_id, logprob, top in rows:
             text = self.token_text(token_id)
             top_texts = None if top is None else \
-                {self.token_text(t): lp for t, lp in top[:body.logprobs]}
+                self._top_logprobs(token_id, logprob, top[:body.logprobs])
             for block in (logprobs, own):
                 block["tokens"].append(text)
                 block["token_logprobs"].append(logprob)
@@ -153,6 +162,14 @@ class CompletionServing(OpenAIServing):
                 block["text_offset"].append(choice.offset)
             choice.offset += len(text)
         return own
+
+    def _top_logprobs(self, token_id: int, logprob: float, top: list) -> dict[str, float]:
+        """The legacy API's top_logprobs (OpenAI's and vLLM's): the chosen token and the
+        top alternatives, up to logprobs + 1 entries, so logprobs=0 still names the token."""
+        entries = {self.token_text(token_id): logprob}
+        for t, lp in top:
+            entries.setdefault(self.token_text(t), lp)
+        return entries
 
     async def _stream(self, http_request, body, model, request_id, streams, choices,
                       num_prompt_tokens) -> web.StreamResponse:

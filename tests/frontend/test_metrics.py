@@ -77,3 +77,28 @@ def test_stats_line_rates_and_idle_silence():
 
 def test_length_buckets():
     assert _length_buckets(2048) == [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]
+
+
+def test_vllm_families_per_step_request_and_token():
+    m = ServerMetrics("m", 512)
+    m.set_cache_config(16, 364, "float32", True)
+    m.on_step(stats(num_prompt_tokens=40, num_generation_tokens=2))
+    m.on_step(stats(num_generation_tokens=3))
+    m.on_step(stats())                                  # an empty step is not an iteration
+    m.on_request(2, 100)
+    m.on_request(1, None)
+    m.on_inter_token(0.3, 3)                            # three tokens after the first
+    got = samples(m)
+    label = (("model_name", "m"),)
+    assert got[("aphrodite:iteration_tokens_total_count", label)] == 2
+    assert got[("aphrodite:iteration_tokens_total_sum", label)] == 45
+    assert got[("aphrodite:request_params_n_count", label)] == 2
+    assert got[("aphrodite:request_params_n_sum", label)] == 3
+    assert got[("aphrodite:request_params_max_tokens_count", label)] == 1
+    assert got[("aphrodite:request_params_max_tokens_sum", label)] == 100
+    # One observation per output token after the first, as vLLM counts them.
+    assert got[("aphrodite:time_per_output_token_seconds_count", label)] == 3
+    assert abs(got[("aphrodite:time_per_output_token_seconds_sum", label)] - 0.3) < 1e-9
+    info = (("block_size", "16"), ("cache_dtype", "float32"), ("enable_prefix_caching", "True"),
+            ("model_name", "m"), ("num_gpu_blocks", "364"))
+    assert got[("aphrodite:cache_config_info", info)] == 1

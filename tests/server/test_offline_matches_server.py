@@ -65,8 +65,9 @@ def test_offline_and_server_agree(offline, served, tokenizer):
         assert logprobs["token_logprobs"] == pytest.approx(
             [e["logprob"] for e in completion.logprobs], abs=TOL)
         for top, entry in zip(logprobs["top_logprobs"], completion.logprobs):
-            expected = {tokenizer.decode([t]): lp for t, lp in
-                        zip(entry["top_token_ids"][:LOGPROBS], entry["top_logprobs"])}
+            expected = {tokenizer.decode([entry["token_id"]]): entry["logprob"]}
+            expected.update({tokenizer.decode([t]): lp for t, lp in
+                             zip(entry["top_token_ids"][:LOGPROBS], entry["top_logprobs"])})
             assert top == pytest.approx(expected, abs=TOL)
     usage = served["usage"]
     assert usage["prompt_tokens"] == sum(len(r.prompt_token_ids) for r in offline)
