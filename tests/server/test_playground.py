@@ -249,12 +249,20 @@ def test_completion_mode_continues_the_prompt(browser, server):
     fill(driver, "prompt", "The capital of France is")
     fill(driver, "s-temperature", 0)
     fill(driver, "s-max_tokens", 6)
+    # a stop string that never matches: the server holds back the text's last 3 characters,
+    # so tokens arrive before their text and the page still gives each its own span
+    fill(driver, "s-stop", '["zzzz"]')
     generate(driver)
     model = by_id(driver, "model").get_attribute("value")
     reference = api(server, "completions", {"model": model, "prompt": "The capital of France is",
-                                            "temperature": 0, "max_tokens": 6})
-    shown = text_of(driver, "#output")
-    assert shown == reference["choices"][0]["text"]
+                                            "temperature": 0, "max_tokens": 6,
+                                            "stop": ["zzzz"], "logprobs": 5})
+    choice = reference["choices"][0]
+    assert text_of(driver, "#output") == choice["text"]
+    expected = choice["logprobs"]["tokens"]
+    if choice["finish_reason"] == "stop":
+        expected = expected[:-1]   # the EOS token: not part of the text
+    assert token_texts(driver, "output") == expected
     prompt, completion, _ = STATS.fullmatch(by_id(driver, "stats").text).groups()
     assert (int(prompt), int(completion)) == (reference["usage"]["prompt_tokens"],
                                               reference["usage"]["completion_tokens"])

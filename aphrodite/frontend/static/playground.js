@@ -16,7 +16,7 @@ const ui = {
   popup: $("token-popup"),
 };
 const state = {mode: "chat", messages: [], controller: null, samplersLoaded: false};
-const form = new SamplerForm($("samplers"), $("preset"), () => {});
+const form = new SamplerForm($("samplers"), $("preset"));
 
 function showError(message) {
   ui.error.textContent = message;
@@ -44,10 +44,12 @@ async function loadServerInfo() {
       state.samplersLoaded = true;
     }
     showError("");
-    setBusy(false, "ready");
+    if (!state.controller) setBusy(false, "ready");
   } catch (error) {
     showError(error.message);
-    setBusy(false, error.status === 401 ? "needs an API key" : "server unavailable");
+    if (!state.controller) {
+      setBusy(false, error.status === 401 ? "needs an API key" : "server unavailable");
+    }
   }
 }
 

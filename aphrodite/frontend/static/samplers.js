@@ -62,10 +62,9 @@ function show(value) {
 }
 
 export class SamplerForm {
-  constructor(container, presetSelect, onChange) {
+  constructor(container, presetSelect) {
     this.container = container;
     this.presetSelect = presetSelect;
-    this.onChange = onChange;
     this.specs = new Map();     // name -> spec from /v1/samplers
     this.inputs = new Map();    // name -> the element holding the value
   }
@@ -107,7 +106,6 @@ export class SamplerForm {
     row.append(hint);
     this.inputs.set(spec.name, input);
     this.set(spec.name, spec.name in PAGE_VALUES ? PAGE_VALUES[spec.name] : spec.default);
-    input.addEventListener("input", () => this.onChange());
     return row;
   }
 
@@ -148,10 +146,7 @@ export class SamplerForm {
     slider.tabIndex = -1;
     slider.setAttribute("aria-hidden", "true");
     slider.value = number.value;
-    slider.addEventListener("input", () => {
-      number.value = slider.value;
-      this.onChange();
-    });
+    slider.addEventListener("input", () => { number.value = slider.value; });
     number.addEventListener("input", () => { slider.value = number.value; });
     number.slider = slider;
     return slider;
@@ -180,7 +175,6 @@ export class SamplerForm {
       if (groupOf(field)[2]) this.set(field, spec.default);
     }
     for (const [field, value] of Object.entries(PRESETS[name] || {})) this.set(field, value);
-    this.onChange();
   }
 
   // {name: value} for every input that differs from the server's default; throws an Error
