@@ -264,13 +264,16 @@ class Server:
         The listener stays open meanwhile: new requests get an explicit 503 (the API's
         shutting_down gate) rather than a refused connection.
         """
-        deadline = asyncio.get_running_loop().time() + self.options.shutdown_timeout_s
-        while (client.num_in_flight and not self.hurry.is_set()
-               and asyncio.get_running_loop().time() < deadline):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        grace = self.options.shutdown_timeout_s
+        while client.num_in_flight and not self.hurry.is_set() and loop.time() < started + grace:
             await asyncio.sleep(0.05)
         if client.num_in_flight:
-            logger.info("Aborting %d requests still running after %.0f s", client.num_in_flight,
-                        self.options.shutdown_timeout_s)
+            waited = min(loop.time() - started, grace)
+            logger.info("Aborting %d request(s) still running after %.1f s of the %.0f s grace "
+                        "period%s", client.num_in_flight, waited, grace,
+                        " (a second signal)" if self.hurry.is_set() else "")
             client.abort_all()
 
     @staticmethod

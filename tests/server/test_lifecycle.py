@@ -90,7 +90,8 @@ class TestApiKeysTlsCorsAndSigterm:
         children = server.children()
         assert children, "the engine core and its worker should be children of the server"
         server.send_signal(signal.SIGTERM)
-        server.wait_for_log("Received SIGTERM", timeout_s=10)
+        line = server.wait_for_log("Received SIGTERM", timeout_s=10)
+        assert "in-flight requests get up to 120 s to finish" in line   # --shutdown-timeout
         # Draining: a new request gets an explicit 503, in-flight ones run to their end.
         refused = requests.post(url, json={**STREAM, "stream": False, "max_tokens": 1},
                                 headers=server.headers(), timeout=30, verify=server.verify)
@@ -111,6 +112,9 @@ class TestApiKeysTlsCorsAndSigterm:
         assert data[-1] == "[DONE]"
         finish = [d["choices"][0]["finish_reason"] for d in data[:-1] if d["choices"]]
         assert finish[-1] == "abort"
+        assert "aborting in-flight requests now" in server.wait_for_log("Second SIGTERM", 5)
+        aborted = server.wait_for_log("Aborting 1 request(s)", timeout_s=5)
+        assert aborted.endswith("of the 120 s grace period (a second signal)"), aborted
         assert no_process_left(children) == []
 
 
