@@ -184,9 +184,9 @@ SAMPLER_SPECS: list[ParamSpec] = [
       "the tokens before it match (with and without a leading space).",
       range_text="non-empty strings"),
     P("sampler_priority", "list[str|int]|null", None, "Custom order of the 14 reorderable "
-      "stages, by name or Kobold id (top_p_top_k 0, top_a 1, min_p 2, tfs 3, typical_p 4, "
-      "temperature 5, penalties 6, dry 7, no_repeat_ngram 8, top_nsigma 9, eta_cutoff 10, "
-      "epsilon_cutoff 11, quadratic 12, xtc 13).", range_text="all 14 stages, each once"),
+      "stages, by name or Aphrodite SamplerID (top_p_top_k 0, top_a 1, min_p 2, tfs 3, "
+      "typical_p 4, temperature 5, penalties 6, dry 7, no_repeat_ngram 8, top_nsigma 9, "
+      "eta_cutoff 10, epsilon_cutoff 11, quadratic 12, xtc 13).", range_text="all 14 stages, each once"),
     P("structured_outputs", "dict|null", None, "Constrain the output to a JSON schema "
       "({\"json\": schema}), any JSON object ({\"json_object\": true}), a regular expression "
       "({\"regex\": ...}), one of several strings ({\"choice\": [...]}) or a Lark / GBNF "

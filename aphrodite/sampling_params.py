@@ -35,7 +35,8 @@ LOGIT_BIAS_LIMIT = 100.0         # logit_bias values are clamped to +-this
 
 
 class SamplerStage(enum.IntEnum):
-    """Reorderable sampler stages; the values are Kobold's sampler_order ids."""
+    """Reorderable sampler stages; the values are Aphrodite's SamplerID numbers. Kobold's
+    sampler_order ids differ (its 2 is top-p): the Kobold routes map theirs by name."""
     TOP_P_TOP_K = 0
     TOP_A = 1
     MIN_P = 2
@@ -70,7 +71,8 @@ _STAGE_ALIASES = {
 
 
 def parse_sampler_stage(value: Any) -> SamplerStage:
-    """A stage from its Kobold id (int or digit string) or a name (any case, some aliases)."""
+    """A stage from its SamplerID number (int or digit string) or a name (any case, some
+    aliases)."""
     if isinstance(value, bool):
         raise ValueError(f"not a sampler stage: {value!r}")
     if isinstance(value, str) and value.strip().isdigit():
