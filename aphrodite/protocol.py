@@ -82,6 +82,9 @@ class EngineOutput:
     error: dict | None = None
     # finish_reason "stop" because the grammar is complete: the last token is text, not EOS.
     grammar_complete: bool = False
+    # Wall clock (time.time()) of the request's first admission to a batch; sent once, with
+    # its first token, for the queue / prefill / inference time metrics.
+    scheduled_time: float | None = None
 
 
 @dataclass

@@ -127,6 +127,8 @@ class EngineCore:
             # first generated token.
             if req.wants_prompt_logprobs and len(req.output_token_ids) == 1:
                 entry.prompt_logprobs = req.prompt_logprobs
+            if len(req.output_token_ids) == 1:
+                entry.scheduled_time = req.scheduled_time
             outputs[req.request_id] = entry
         for req in self.scheduler.pop_finished():
             if req.request_id not in outputs:

@@ -31,6 +31,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0     # prompt tokens served from the prefix cache on first admission
     num_preemptions: int = 0
+    scheduled_time: float | None = None   # wall clock of its first admission to a batch
     # Chained prefix-cache keys, one per full block of known tokens, extended lazily.
     block_hashes: list[int] = field(default_factory=list)
     # How many of this request's tokens the workers hold (tokens are sent once).

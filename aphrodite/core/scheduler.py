@@ -13,6 +13,7 @@ tokens), then only new tokens and new block ids.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from aphrodite.core.kv_cache_manager import KVCacheManager
@@ -130,6 +131,8 @@ class Scheduler:
                 req.num_cached_tokens = num_hit_tokens
                 self.kv.record_prefix_lookup(len(req.prompt_token_ids), num_hit_tokens)
             req.num_computed_tokens += num_hit_tokens
+            if req.scheduled_time is None:
+                req.scheduled_time = time.time()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             self._schedule(req, num_new, new_blocks, out)

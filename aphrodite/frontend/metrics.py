@@ -87,6 +87,15 @@ class ServerMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", E2E_BUCKETS)
         self.decode_time = histogram("request_decode_time_seconds",
                                      "First to last token, per sequence.", E2E_BUCKETS)
+        self.queue_time = histogram("request_queue_time_seconds",
+                                    "Arrival to the engine's first batch, per sequence.",
+                                    E2E_BUCKETS)
+        self.prefill_time = histogram("request_prefill_time_seconds",
+                                      "The engine's first batch to the first token.",
+                                      E2E_BUCKETS)
+        self.inference_time = histogram("request_inference_time_seconds",
+                                        "The engine's first batch to the last token.",
+                                        E2E_BUCKETS)
         self.iteration_tokens = histogram("iteration_tokens_total",
                                           "Tokens computed per engine step (prefill + decode).",
                                           ITERATION_TOKEN_BUCKETS)
@@ -161,6 +170,10 @@ class ServerMetrics:
             self.request_prompt_tokens.observe(len(state.prompt_token_ids))
         if seq.first_token_time is not None:
             self.decode_time.observe(seq.last_token_time - seq.first_token_time)
+        if seq.scheduled_time is not None:       # both wall clocks of this machine
+            self.queue_time.observe(max(0.0, seq.scheduled_time - state.arrival_time))
+            self.prefill_time.observe(max(0.0, seq.first_token_time - seq.scheduled_time))
+            self.inference_time.observe(max(0.0, seq.last_token_time - seq.scheduled_time))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -51,6 +51,7 @@ class SequenceState:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_cached_tokens: int = 0
     error: dict | None = None            # with "error": protocol.EngineOutput.error
+    scheduled_time: float | None = None     # when the engine first put it in a batch
     first_token_time: float | None = None   # when its first / latest tokens arrived here
     last_token_time: float | None = None
     # Not yet taken by the consumer:
@@ -204,6 +205,7 @@ def _apply_output(seq: SequenceState, out: EngineOutput, now: float) -> bool:
         if seq.first_token_time is None:
             seq.first_token_time = now
             seq.num_cached_tokens = out.num_cached_tokens
+            seq.scheduled_time = out.scheduled_time
         seq.last_token_time = now
     detokenizer = seq.detokenizer
     before = len(detokenizer.token_ids)

@@ -102,3 +102,25 @@ def test_vllm_families_per_step_request_and_token():
     info = (("block_size", "16"), ("cache_dtype", "float32"), ("enable_prefix_caching", "True"),
             ("model_name", "m"), ("num_gpu_blocks", "364"))
     assert got[("aphrodite:cache_config_info", info)] == 1
+
+
+def test_queue_prefill_inference_and_decode_times_from_the_engines_first_batch():
+    """Arrival 10.0 (frontend), first batch 10.5 (engine core), first token 11.0, last 13.0."""
+    from types import SimpleNamespace
+    m = ServerMetrics("m", 512)
+    state = SimpleNamespace(arrival_time=10.0, prompt_token_ids=[1, 2, 3])
+    seq = SimpleNamespace(index=0, finish_reason="stop", scheduled_time=10.5,
+                          first_token_time=11.0, last_token_time=13.0,
+                          detokenizer=SimpleNamespace(token_ids=[5, 6, 7]))
+    m.on_sequence_finished(state, seq, now=13.0)
+    got = samples(m)
+    label = (("model_name", "m"),)
+    for name, seconds in (("queue", 0.5), ("prefill", 0.5), ("inference", 2.5),
+                          ("decode", 2.0)):
+        assert got[(f"aphrodite:request_{name}_time_seconds_count", label)] == 1
+        assert abs(got[(f"aphrodite:request_{name}_time_seconds_sum", label)] - seconds) < 1e-9
+    aborted = SimpleNamespace(index=0, finish_reason="abort", scheduled_time=None,
+                              first_token_time=None, last_token_time=None,
+                              detokenizer=SimpleNamespace(token_ids=[]))
+    m.on_sequence_finished(state, aborted, now=14.0)     # never scheduled: no engine times
+    assert samples(m)[("aphrodite:request_queue_time_seconds_count", label)] == 1

@@ -151,8 +151,14 @@ def test_vllm_metric_families(server):
     # One observation per output token after the first of each sequence (vLLM's count).
     assert tpot_count() - before == usage["completion_tokens"] - 2
     for family in ("iteration_tokens_total_count", "request_params_n_count",
-                   "request_params_max_tokens_count", "request_decode_time_seconds_count"):
+                   "request_params_max_tokens_count", "request_decode_time_seconds_count",
+                   "request_queue_time_seconds_count", "request_prefill_time_seconds_count",
+                   "request_inference_time_seconds_count"):
         assert server.metric(f"aphrodite:{family}") > 0, family
+    # Each finished sequence that reached a batch: queue + inference time fit in its e2e time.
+    spent = sum(server.metric(f"aphrodite:request_{name}_time_seconds_sum")
+                for name in ("queue", "inference"))
+    assert 0 < spent <= server.metric("aphrodite:e2e_request_latency_seconds_sum") + 1e-6
     assert server.metric("aphrodite:request_params_n_sum") >= 2
     assert server.metric("aphrodite:cache_config_info", block_size="16",
                          enable_prefix_caching="True") == 1

@@ -67,6 +67,9 @@ def build(compiler: str, arch: str = "native") -> Path:
     target = folder / LIBRARY
     if target.exists():
         return target
+    # The first start on a machine (or after an upgrade) is silent for this long otherwise.
+    logger.info("Compiling the CPU kernels for -march=%s (once per machine and version: "
+                "seconds to a minute)", arch)
 
     def compile_to(path: str) -> None:
         subprocess.run([compiler, *flags(arch), "-I", str(folder),
