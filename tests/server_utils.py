@@ -227,6 +227,28 @@ def terminate(server: RemoteServer, sig: int = signal.SIGTERM, timeout_s: float 
     return server.wait(timeout_s)
 
 
+# The usage guide's presets (seed-usage.md, "Presets for Different Use Cases"), as it lists them.
+GUIDE_PRESETS = {
+    "Creative Writing": {"temperature": 0.9, "top_p": 0.95, "repetition_penalty": 1.15,
+                         "min_p": 0.05},
+    "Dialogue/Chat": {"temperature": 0.85, "top_p": 0.9, "repetition_penalty": 1.2,
+                      "frequency_penalty": 0.2},
+    "Factual/Precise": {"temperature": 0.3, "top_p": 0.9, "repetition_penalty": 1.1},
+    "Experimental/Wild": {"temperature": 1.2, "top_p": 0.95, "top_k": 100, "min_p": 0.01},
+}
+
+
+def wait_idle(server: RemoteServer, gauges: tuple[str, ...], timeout_s: float = 30
+              ) -> dict[str, float]:
+    """The gauges' values once all are zero, or as they stand after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        values = {name: server.metric(name) for name in gauges}
+        if not any(values.values()) or time.monotonic() > deadline:
+            return values
+        time.sleep(0.25)
+
+
 def shared_server(args: list[str] = E2E_SERVER_ARGS) -> RemoteServer:
     """One server per pytest process for these args, shared by every test file that asks
     (each start costs tens of seconds); killed when the process exits."""

@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from server_utils import E2E_MAX_MODEL_LEN, shared_server
+from server_utils import E2E_MAX_MODEL_LEN, shared_server, wait_idle
 
 pytestmark = pytest.mark.slow   # starts the real server with the default model
 
@@ -55,13 +55,6 @@ def sse_events(response) -> list[dict]:
     return events
 
 
-def wait_idle(server, timeout_s: float = 30) -> dict[str, float]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        values = {name: server.metric(name) for name in IDLE_GAUGES}
-        if not any(values.values()) or time.monotonic() > deadline:
-            return values
-        time.sleep(0.25)
 
 
 def test_sillytavern_connects(server):
@@ -155,7 +148,7 @@ def test_abort_by_genkey_mid_stream_frees_the_request(server):
     assert aborted.json() == {"success": "true", "done": "true"}
     assert done.wait(30), "the stream did not end after the abort"
     assert final["finish_reason"] == "stop" and len(received) < 100
-    assert wait_idle(server) == dict.fromkeys(IDLE_GAUGES, 0)
+    assert wait_idle(server, IDLE_GAUGES) == dict.fromkeys(IDLE_GAUGES, 0)
     # the genkey is forgotten; SillyTavern's empty abort touches nothing
     assert requests.post(api(server, "extra", "generate", "check"), json={"genkey": genkey},
                          timeout=10).json() == {"results": [{"text": ""}]}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from server_utils import REPO_ROOT, RemoteServer, shared_server
+from server_utils import GUIDE_PRESETS, REPO_ROOT, RemoteServer, shared_server
 
 pytestmark = pytest.mark.slow   # starts the real server with the default model
 
@@ -31,15 +31,6 @@ API_KEY = "sk-playground-test"
 # 128 tokens, so a generation is still running when Stop is pressed.
 KEYED_ARGS = ["--api-keys", API_KEY, "--served-model-name", "smollm2", "--max-model-len", "1024",
               "--kv-cache-memory", "64MiB"]
-# As the usage guide (seed-usage.md, "Presets for Different Use Cases") lists them.
-GUIDE_PRESETS = {
-    "Creative Writing": {"temperature": 0.9, "top_p": 0.95, "repetition_penalty": 1.15,
-                         "min_p": 0.05},
-    "Dialogue/Chat": {"temperature": 0.85, "top_p": 0.9, "repetition_penalty": 1.2,
-                      "frequency_penalty": 0.2},
-    "Factual/Precise": {"temperature": 0.3, "top_p": 0.9, "repetition_penalty": 1.1},
-    "Experimental/Wild": {"temperature": 1.2, "top_p": 0.95, "top_k": 100, "min_p": 0.01},
-}
 STATS = re.compile(r"(\d+) prompt · (\d+) completion tokens · [\d.]+ tokens/s · "
                    r"first token [\d.]+ s · finished: (\w+)")
 

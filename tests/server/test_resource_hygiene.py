@@ -4,12 +4,11 @@ the frontend, the engine core or the worker (each counted on /metrics)."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aiohttp
 import pytest
 
-from server_utils import shared_server
+from server_utils import shared_server, wait_idle
 
 pytestmark = pytest.mark.slow   # starts the real server with the default model
 
@@ -24,13 +23,6 @@ def server():
     return shared_server()
 
 
-def wait_idle(server, timeout_s: float = 30) -> dict[str, float]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        values = {name: server.metric(name) for name in IDLE_GAUGES}
-        if not any(values.values()) or time.monotonic() > deadline:
-            return values
-        time.sleep(0.25)
 
 
 async def stream_lines(response):
@@ -58,7 +50,8 @@ def test_state_gauges_count_a_live_request(server):
 
     during = asyncio.run(main())     # leaving the block hung up: the request is aborted
     assert all(value >= 1 for value in during.values()), during
-    assert wait_idle(server) == dict.fromkeys(IDLE_GAUGES, 0), "state left after an abort"
+    assert wait_idle(server, IDLE_GAUGES) == dict.fromkeys(IDLE_GAUGES, 0), \
+        "state left after an abort"
 
 
 def test_a_mixed_burst_leaves_nothing_behind(server):
@@ -105,5 +98,5 @@ def test_a_mixed_burst_leaves_nothing_behind(server):
     outcomes = asyncio.run(main())
     assert outcomes.count("completed") == 8
     assert outcomes.count("dropped") >= 1 and "gave up" in outcomes   # aborts happened
-    assert wait_idle(server) == dict.fromkeys(IDLE_GAUGES, 0)
+    assert wait_idle(server, IDLE_GAUGES) == dict.fromkeys(IDLE_GAUGES, 0)
     assert "Traceback" not in "\n".join(server.log)

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from aphrodite.model_files import load_tokenizer, resolve_model
-from server_utils import shared_server
+from server_utils import GUIDE_PRESETS as PRESETS, shared_server
 
 pytestmark = pytest.mark.slow   # starts the real server with the default model
 
@@ -40,14 +40,6 @@ TABLE_VALUES = {
 NEUTRAL_VALUES = {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0,
                   "frequency_penalty": 0.0, "presence_penalty": 0.0, "min_p": 0.0,
                   "typical_p": 1.0}
-PRESETS = {
-    "Creative Writing": {"temperature": 0.9, "top_p": 0.95, "repetition_penalty": 1.15,
-                         "min_p": 0.05},
-    "Dialogue/Chat": {"temperature": 0.85, "top_p": 0.9, "repetition_penalty": 1.2,
-                      "frequency_penalty": 0.2},
-    "Factual/Precise": {"temperature": 0.3, "top_p": 0.9, "repetition_penalty": 1.1},
-    "Experimental/Wild": {"temperature": 1.2, "top_p": 0.95, "top_k": 100, "min_p": 0.01},
-}
 
 
 @pytest.fixture(scope="module")
